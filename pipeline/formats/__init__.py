@@ -1,0 +1,1 @@
+"""On-disk formats: insightface RecordIO, verification .bin, image folders."""

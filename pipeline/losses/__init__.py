@@ -1,0 +1,1 @@
+"""Loss functions: margin heads, EKD, KD baselines."""
