@@ -1,0 +1,282 @@
+"""The embedded synthetic face benchmark: procedural identities written in the real insightface formats.
+
+`synthesize(out_dir, ...)` writes
+- ``train.rec/.idx/property``: training identities 0..C-1 (insightface header layout, images grouped by
+  identity), ``images_per_identity`` each, or a long-tailed (log-normal, MS1M-like) count per identity;
+- ``val.bin``: an LFW-style verification set over held-out identities: ``val_pairs`` pairs in 10 contiguous
+  folds, each fold half positive then half negative pairs, a fold's pairs drawing only on its own
+  identities; pair k is images 2k and 2k+1. ``val_pairs.csv`` records each pair's identities;
+- ``test.rec/.idx``: other held-out identities (labels 0..T-1) for all-pairs 1:1 evaluation; the defaults
+  (500 identities x 6 images) give 7,500 positive and 4,491,000 negative pairs, enough for TPR at FPR 1e-5;
+- ``synthetic.json`` last: the arguments, counts and sha256 of every file. A folder without it is incomplete.
+
+Every identity and every image has its own generator, seeded by ``np.random.SeedSequence(seed,
+spawn_key=(role, identity, image))``: the output is bit-identical for the same arguments whatever the
+number of workers, and train / val / test identities (roles 0 / 1 / 2) are drawn by the same process from
+disjoint seed streams. Look-alike families (`pipeline.synthetic_identity.FAMILY_SIZE` consecutive
+identities of one split) share part of their latents.
+
+Difficulty (0..1) scales every nuisance (pose, illumination, blur, noise, occluders, expression, JPEG
+quality) and pulls identities together (smaller spread, stronger family resemblance). The default 0.5 is
+meant to leave a large network clearly short of perfect at FPR 1e-4..1e-5 on ``test.rec`` while a small
+one lags it there; the lead tunes the final value against real teacher/student runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.errors import PipelineError
+from pipeline.formats.jpeg import encode_jpeg
+from pipeline.formats.recordio import write_face_recordio
+from pipeline.formats.verification_bin import write_verification_bin
+from pipeline.synthetic_identity import FAMILY_SIZE, Identity, draw_nuisance, make_identity
+from pipeline.synthetic_render import render_face
+
+FORMAT = "ekd-synthetic"
+VERSION = 1
+ROLE_TRAIN, ROLE_VAL, ROLE_TEST = 0, 1, 2
+_FAMILY_ROLE = 10  # family latents: (_FAMILY_ROLE + role, family, 0)
+_VAL_IMAGE_ROLE = 20  # val images: (_VAL_IMAGE_ROLE, pair, side)
+_PLAN_ROLE = 30  # (_PLAN_ROLE, 0, 0): long-tail counts; (_PLAN_ROLE, 1, 0): val pairs
+VAL_FOLDS = 10
+LONG_TAIL_SIGMA = 1.0  # log-normal sigma of the per-identity image count
+TASK_IMAGES = 64  # images per pool task
+
+
+def _generator(seed: int, key: tuple[int, int, int]) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
+
+
+def split_identity(seed: int, role: int, index: int, difficulty: float) -> Identity:
+    """Identity ``index`` of a split (``role`` ROLE_TRAIN/ROLE_VAL/ROLE_TEST), exactly as `synthesize` draws it."""
+    family = _generator(seed, (_FAMILY_ROLE + role, index // FAMILY_SIZE, 0))
+    return make_identity(_generator(seed, (role, index, 0)), family, difficulty)
+
+
+def render_pixels(identity: Identity, seed: int, key: tuple[int, int, int], size: int,
+                  difficulty: float) -> tuple[np.ndarray, int]:
+    """One image of ``identity`` before JPEG, and its JPEG quality; ``key`` seeds nuisance and noise."""
+    rng = _generator(seed, key)
+    nuisance = draw_nuisance(rng, difficulty)
+    return render_face(identity, nuisance, size, rng), nuisance.jpeg_quality
+
+
+def render_image(identity: Identity, seed: int, key: tuple[int, int, int], size: int, difficulty: float) -> bytes:
+    """One JPEG of ``identity`` exactly as written to the files (see `render_pixels`)."""
+    return encode_jpeg(*render_pixels(identity, seed, key, size, difficulty))
+
+
+@dataclass(frozen=True)
+class RenderTask:
+    """A batch of images to render in one worker call: (identity index, image seed key) per image."""
+
+    seed: int
+    size: int
+    difficulty: float
+    role: int
+    items: tuple[tuple[int, tuple[int, int, int]], ...]
+
+
+def render_task(task: RenderTask) -> list[bytes]:
+    """Render a task's images in order (module-level so process pools can pickle it)."""
+    identities: dict[int, Identity] = {}
+    out = []
+    for index, key in task.items:
+        if index not in identities:
+            identities[index] = split_identity(task.seed, task.role, index, task.difficulty)
+        out.append(render_image(identities[index], task.seed, key, task.size, task.difficulty))
+    return out
+
+
+def _chunks(items: Sequence, size: int) -> Iterator[tuple]:
+    for start in range(0, len(items), size):
+        yield tuple(items[start:start + size])
+
+
+def _ordered_map(fn: Callable, tasks: Iterable, workers: int) -> Iterator:
+    """``map(fn, tasks)`` in order, over a spawn-based process pool when workers > 1 (bounded look-ahead)."""
+    if workers <= 1:
+        yield from map(fn, tasks)
+        return
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        pending = []
+        for task in tasks:
+            pending.append(pool.submit(fn, task))
+            if len(pending) >= 4 * workers:
+                yield pending.pop(0).result()
+        for future in pending:
+            yield future.result()
+
+
+def images_per_identity_counts(seed: int, identities: int, mean: int, long_tail: bool) -> np.ndarray:
+    """Images per training identity: ``mean`` each, or log-normal (sigma LONG_TAIL_SIGMA, median below the
+    mean as in MS1M) clipped to [max(2, mean // 5), 10 * mean]."""
+    if not long_tail:
+        return np.full(identities, mean, dtype=np.int64)
+    z = _generator(seed, (_PLAN_ROLE, 0, 0)).standard_normal(identities)
+    counts = np.rint(mean * np.exp(LONG_TAIL_SIGMA * z - LONG_TAIL_SIGMA**2 / 2))
+    return np.clip(counts, max(2, mean // 5), 10 * mean).astype(np.int64)
+
+
+def plan_val_pairs(seed: int, val_identities: int, val_pairs: int) -> np.ndarray:
+    """(val_pairs, 4) int64 rows (fold, first identity, second identity, issame), LFW layout: fold f holds
+    pairs f*n..(f+1)*n-1, positives first; fold f uses only the identities i with i % 10 == f."""
+    rng = _generator(seed, (_PLAN_ROLE, 1, 0))
+    per_fold = val_pairs // VAL_FOLDS
+    rows = []
+    for fold in range(VAL_FOLDS):
+        members = np.arange(fold, val_identities, VAL_FOLDS)
+        for _ in range(per_fold // 2):
+            a = rng.choice(members)
+            rows.append((fold, a, a, 1))
+        for _ in range(per_fold // 2):
+            a, b = rng.choice(members, 2, replace=False)
+            rows.append((fold, a, b, 0))
+    return np.array(rows, dtype=np.int64)
+
+
+def contact_sheet(identities: int = 8, images: int = 10, size: int = 112, seed: int = 0,
+                  difficulty: float = 0.5, role: int = ROLE_TRAIN) -> np.ndarray:
+    """A grid (uint8 RGB) of the first ``images`` images (before JPEG) of the first ``identities`` identities
+    of a split, one identity per row: for looking at what a difficulty means."""
+    sheet = np.zeros((identities * size, images * size, 3), dtype=np.uint8)
+    for i in range(identities):
+        identity = split_identity(seed, role, i, difficulty)
+        for j in range(images):
+            tile, _ = render_pixels(identity, seed, (role, i, j + 1), size, difficulty)
+            sheet[i * size:(i + 1) * size, j * size:(j + 1) * size] = tile
+    return sheet
+
+
+def _validate(identities, images_per_identity, size, difficulty, val_identities, val_pairs, test_identities,
+              test_images_per_identity, workers) -> None:
+    checks = [
+        (identities >= 2, f"identities={identities}: need at least 2"),
+        (images_per_identity >= 1, f"images_per_identity={images_per_identity}: need at least 1"),
+        (size >= 16, f"size={size}: need at least 16 pixels"),
+        (0.0 <= difficulty <= 1.0, f"difficulty={difficulty}: must lie in [0, 1]"),
+        (val_identities >= 2 * VAL_FOLDS, f"val_identities={val_identities}: need at least {2 * VAL_FOLDS} "
+                                          f"(two per fold for negative pairs)"),
+        (val_pairs > 0 and val_pairs % (2 * VAL_FOLDS) == 0,
+         f"val_pairs={val_pairs}: must be a positive multiple of {2 * VAL_FOLDS} (10 folds, half positive)"),
+        (test_identities >= 2, f"test_identities={test_identities}: need at least 2"),
+        (test_images_per_identity >= 2, f"test_images_per_identity={test_images_per_identity}: need at least 2"),
+        (workers >= 1, f"workers={workers}: need at least 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise PipelineError(f"synthesize: {message}")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _labelled_images(tasks: list[RenderTask], workers: int, desc: str) -> Iterator[tuple[bytes, int]]:
+    """Render tasks in order, yielding (jpeg, identity) with a progress bar."""
+    with tqdm(total=sum(len(t.items) for t in tasks), desc=desc, unit="img", disable=None) as bar:
+        for task, images in zip(tasks, _ordered_map(render_task, tasks, workers)):
+            for (index, _), image in zip(task.items, images):
+                yield image, index
+            bar.update(len(images))
+
+
+def _split_tasks(seed, size, difficulty, role, counts: np.ndarray) -> list[RenderTask]:
+    items = [(i, (role, i, j + 1)) for i, n in enumerate(counts.tolist()) for j in range(n)]
+    return [RenderTask(seed, size, difficulty, role, chunk) for chunk in _chunks(items, TASK_IMAGES)]
+
+
+def synthesize(
+    out_dir: str | os.PathLike,
+    identities: int = 2000,
+    images_per_identity: int = 40,
+    size: int = 112,
+    seed: int = 0,
+    difficulty: float = 0.5,
+    val_identities: int = 300,
+    val_pairs: int = 6000,
+    test_identities: int = 500,
+    test_images_per_identity: int = 6,
+    long_tail: bool = False,
+    workers: int = 1,
+) -> dict:
+    """Write the synthetic benchmark into ``out_dir`` (see the module docstring); returns the summary dict
+    (also written as ``synthetic.json``, plus ``seconds`` and ``images_per_second``)."""
+    _validate(identities, images_per_identity, size, difficulty, val_identities, val_pairs, test_identities,
+              test_images_per_identity, workers)
+    args = dict(identities=identities, images_per_identity=images_per_identity, size=size, seed=seed,
+                difficulty=float(difficulty), val_identities=val_identities, val_pairs=val_pairs,
+                test_identities=test_identities, test_images_per_identity=test_images_per_identity,
+                long_tail=bool(long_tail))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "synthetic.json").unlink(missing_ok=True)  # the folder is incomplete until we finish
+    work = out_dir / f".tmp-synthetic-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    started = time.perf_counter()
+    try:
+        counts = images_per_identity_counts(seed, identities, images_per_identity, long_tail)
+        train_tasks = _split_tasks(seed, size, difficulty, ROLE_TRAIN, counts)
+        n_train = write_face_recordio(work, _labelled_images(train_tasks, workers, "train"), prefix="train",
+                                      num_classes=identities, image_size=(size, size))
+
+        plan = plan_val_pairs(seed, val_identities, val_pairs)
+        val_items = [(int(row[1 + side]), (_VAL_IMAGE_ROLE, k, side)) for k, row in enumerate(plan)
+                     for side in (0, 1)]
+        val_tasks = [RenderTask(seed, size, difficulty, ROLE_VAL, c) for c in _chunks(val_items, TASK_IMAGES)]
+        val_images = [image for image, _ in _labelled_images(val_tasks, workers, "val")]
+        write_verification_bin(work / "val.bin", val_images, plan[:, 3].astype(bool))
+        with open(work / "val_pairs.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["pair", "fold", "first_identity", "second_identity", "issame"])
+            writer.writerows([k, *row] for k, row in enumerate(plan.tolist()))
+
+        test_counts = np.full(test_identities, test_images_per_identity, dtype=np.int64)
+        test_tasks = _split_tasks(seed, size, difficulty, ROLE_TEST, test_counts)
+        n_test = write_face_recordio(work, _labelled_images(test_tasks, workers, "test"), prefix="test",
+                                     num_classes=test_identities, image_size=(size, size), write_property=False)
+
+        n_test_pairs = n_test * (n_test - 1) // 2
+        test_positives = test_identities * test_images_per_identity * (test_images_per_identity - 1) // 2
+        summary = {
+            "format": FORMAT,
+            "version": VERSION,
+            "args": args,
+            "train": {"identities": identities, "images": n_train, "min_images": int(counts.min()),
+                      "max_images": int(counts.max())},
+            "val": {"identities": val_identities, "pairs": val_pairs, "folds": VAL_FOLDS,
+                    "positive_pairs": int(plan[:, 3].sum())},
+            "test": {"identities": test_identities, "images": n_test, "positive_pairs": test_positives,
+                     "negative_pairs": n_test_pairs - test_positives},
+            "files": {},
+        }
+        for name in ("train.rec", "train.idx", "property", "val.bin", "val_pairs.csv", "test.rec", "test.idx"):
+            summary["files"][name] = _sha256(work / name)
+            os.replace(work / name, out_dir / name)
+        temporary = work / "synthetic.json"
+        temporary.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(temporary, out_dir / "synthetic.json")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    seconds = time.perf_counter() - started
+    total = n_train + 2 * val_pairs + n_test
+    return {**summary, "seconds": round(seconds, 3), "images_per_second": round(total / seconds, 1)}
