@@ -1,0 +1,61 @@
+"""Under 2-process gloo DDP, gathered KD losses give the single-process loss and gradients exactly."""
+
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import ddp_kd_worker as w
+from pipeline import torch_dist
+
+
+def _spawn(world: int, tmp_path, timeout_s: float = 120.0) -> list[dict]:
+    """Run `world` gloo ranks (rendezvous through a file, so no port to pick) and load their results.
+
+    A fork server (a fresh, single-threaded process) imports torch and DDP's dependencies once and forks
+    the ranks from there: safe like spawn, without paying the imports once per rank.
+    """
+    mp.get_context("forkserver").set_forkserver_preload(["torch._dynamo", "ddp_kd_worker"])
+    context = mp.start_processes(w.worker, args=(world, str(tmp_path / "rendezvous"), str(tmp_path)),
+                                 nprocs=world, join=False, start_method="forkserver")
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("DDP workers did not finish in time")
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+def test_ddp_kd_losses_equal_single_process_on_concatenated_batch(tmp_path):
+    ranks = _spawn(2, tmp_path)
+    for name in w.CASES:
+        single = w.run_case(name)
+        assert any(g.abs().max() > 1e-3 for step in single["grads"] for g in step), name  # non-trivial
+        for result in ranks:
+            ddp = result[name]
+            torch.testing.assert_close(torch.tensor(ddp["losses"]), torch.tensor(single["losses"]),
+                                       rtol=0, atol=1e-6)
+            for step, (got, want) in enumerate(zip(ddp["grads"], single["grads"])):
+                for g_ddp, g_single in zip(got, want):
+                    torch.testing.assert_close(g_ddp, g_single, rtol=0, atol=1e-6, msg=f"{name} step {step}")
+            assert ddp["state"].keys() == single["state"].keys()
+            for key, value in single["state"].items():
+                torch.testing.assert_close(ddp["state"][key], value, rtol=0, atol=1e-9, msg=f"{name} {key}")
+
+
+def test_helpers_without_a_process_group(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert torch_dist.init_from_env() is False and not torch_dist.is_distributed()
+    assert torch_dist.rank() == 0 and torch_dist.world_size() == 1
+    x = torch.randn(3, 2, requires_grad=True)
+    assert torch_dist.all_gather_with_grad(x) is x and torch.equal(torch_dist.all_gather_no_grad(x), x)
+    # scale_for_ddp keeps the value and multiplies the gradient by the world size
+    monkeypatch.setattr(torch_dist, "world_size", lambda: 3)
+    loss = (x ** 2).sum()
+    scaled = torch_dist.scale_for_ddp(loss)
+    assert scaled.item() == loss.item()
+    scaled.backward()
+    torch.testing.assert_close(x.grad, 3 * 2 * x.detach(), rtol=0, atol=0)
