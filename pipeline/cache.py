@@ -1,0 +1,327 @@
+"""The teacher-embedding cache (HDF5): its contract and a validating reader.
+
+One row per training image, in dataset order: `embeddings` (N, views, D) raw teacher outputs (float16 by
+default) with views = (original, horizontally flipped), `labels` (N,) int64, `keys` (N,) int64, and
+attributes that say which teacher, which dataset and which preprocessing produced them. `complete=True` is
+written last, so a file without it is never trusted. The writer lives in `cache_shards.py`/`cache_build.py`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import h5py
+import numpy as np
+
+from pipeline.errors import DataError, PipelineError
+
+FORMAT_VERSION = 1
+VIEW_NAMES = ("original", "flipped")
+DTYPES = ("float16", "float32")
+DATASETS = ("embeddings", "labels", "keys")
+# Written in this order; `complete` is not part of it because it must come after everything else.
+CONTRACT_ATTRS = (
+    "format_version",
+    "teacher_fingerprint",
+    "teacher_name",
+    "dataset_fingerprint",
+    "preprocessing",
+    "rows",
+    "dim",
+    "views",
+    "view_names",
+    "dtype",
+)
+READ_ROWS = 65536  # rows per HDF5 read when streaming
+
+
+def contract_attrs(
+    *,
+    teacher_fingerprint: str,
+    teacher_name: str,
+    dataset_fingerprint: str,
+    preprocessing: dict,
+    rows: int,
+    dim: int,
+    dtype: str,
+) -> dict:
+    """The cache attributes (everything but `complete`) in their on-disk form and order."""
+    if dtype not in DTYPES:
+        raise PipelineError(f"unsupported cache dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    values = {
+        "format_version": FORMAT_VERSION,
+        "teacher_fingerprint": str(teacher_fingerprint),
+        "teacher_name": str(teacher_name),
+        "dataset_fingerprint": str(dataset_fingerprint),
+        "preprocessing": json.dumps(preprocessing, sort_keys=True),
+        "rows": int(rows),
+        "dim": int(dim),
+        "views": len(VIEW_NAMES),
+        "view_names": json.dumps(list(VIEW_NAMES)),
+        "dtype": dtype,
+    }
+    return {name: values[name] for name in CONTRACT_ATTRS}
+
+
+def write_attrs(target: h5py.HLObject, attrs: dict) -> None:
+    """Write attributes in a fixed order (same bytes on every run)."""
+    for name, value in attrs.items():
+        target.attrs[name] = value
+
+
+def mark_complete(target: h5py.HLObject) -> None:
+    """The very last write: from now on readers trust the file."""
+    target.attrs["complete"] = True
+
+
+def is_marked_complete(target: h5py.HLObject) -> bool:
+    return bool(target.attrs.get("complete", False))
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Unit-length rows along the last axis (zero rows stay zero)."""
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norms, eps)
+
+
+def _plain(value):
+    """h5py attribute values as plain Python values."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class TeacherCache:
+    """A validated, read-only teacher cache. Safe to pass to DataLoader workers (reopens per process).
+
+    Use `TeacherCache.open(path)`; `load_all()` keeps the whole array in RAM when it fits.
+    """
+
+    def __init__(self, path: Path, attrs: dict):
+        self.path = Path(path)
+        self.attrs = attrs
+        self.labels: np.ndarray = np.empty(0, np.int64)
+        self.keys: np.ndarray = np.empty(0, np.int64)
+        self._handle: h5py.File | None = None
+        self._pid: int | None = None
+        self._memory: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ opening and validation
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "TeacherCache":
+        """Open and validate `path`; PipelineError/DataError naming the file if it breaks the contract."""
+        path = Path(path)
+        if not path.exists():
+            raise PipelineError(f"{path}: teacher cache not found (run `pipeline extract-teacher` first)")
+        try:
+            handle = h5py.File(path, "r")
+        except OSError as error:
+            raise DataError(f"{path}: not a readable HDF5 teacher cache ({error})") from None
+        with handle:
+            missing = [name for name in DATASETS if name not in handle]
+            missing += [f"attribute {name!r}" for name in CONTRACT_ATTRS if name not in handle.attrs]
+            if missing:
+                raise DataError(f"{path}: not a teacher cache, missing {', '.join(missing)}")
+            if not is_marked_complete(handle):
+                raise PipelineError(
+                    f"{path}: teacher cache is incomplete (interrupted write?); rerun `pipeline extract-teacher`"
+                )
+            attrs = {name: _plain(handle.attrs[name]) for name in CONTRACT_ATTRS}
+            cache = cls(path, attrs)
+            cache._validate_shapes(handle)
+            cache.labels = handle["labels"][()].astype(np.int64, copy=False)
+            cache.keys = handle["keys"][()].astype(np.int64, copy=False)
+        return cache
+
+    def _validate_shapes(self, handle: h5py.File) -> None:
+        if self.attrs["format_version"] != FORMAT_VERSION:
+            raise DataError(
+                f"{self.path}: teacher cache format version {self.attrs['format_version']}, "
+                f"this code reads version {FORMAT_VERSION}; rebuild it with --overwrite"
+            )
+        rows, views, dim = self.attrs["rows"], self.attrs["views"], self.attrs["dim"]
+        expected = {"embeddings": (rows, views, dim), "labels": (rows,), "keys": (rows,)}
+        for name, shape in expected.items():
+            if handle[name].shape != shape:
+                raise DataError(f"{self.path}: dataset {name!r} has shape {handle[name].shape}, expected {shape}")
+        stored = handle["embeddings"].dtype.name
+        if stored != self.attrs["dtype"]:
+            raise DataError(f"{self.path}: embeddings stored as {stored} but the attributes say {self.attrs['dtype']}")
+
+    # ------------------------------------------------------------------ metadata
+    def __len__(self) -> int:
+        return int(self.attrs["rows"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.attrs["dim"])
+
+    @property
+    def views(self) -> int:
+        """Number of views per row (2: original, flipped)."""
+        return int(self.attrs["views"])
+
+    @property
+    def view_names(self) -> tuple[str, ...]:
+        return tuple(json.loads(self.attrs["view_names"]))
+
+    @property
+    def dtype(self) -> str:
+        return str(self.attrs["dtype"])
+
+    @property
+    def teacher_fingerprint(self) -> str:
+        return str(self.attrs["teacher_fingerprint"])
+
+    @property
+    def dataset_fingerprint(self) -> str:
+        return str(self.attrs["dataset_fingerprint"])
+
+    @property
+    def preprocessing(self) -> dict:
+        return json.loads(self.attrs["preprocessing"])
+
+    def check_compatible(self, teacher_fp: str, dataset_fp: str) -> None:
+        """PipelineError printing both fingerprints unless the cache came from this teacher and dataset."""
+        problems = []
+        if teacher_fp != self.teacher_fingerprint:
+            problems.append(f"teacher {self.teacher_fingerprint} (cache) != {teacher_fp} (requested)")
+        if dataset_fp != self.dataset_fingerprint:
+            problems.append(f"dataset {self.dataset_fingerprint} (cache) != {dataset_fp} (requested)")
+        if problems:
+            raise PipelineError(
+                f"{self.path}: teacher cache does not match: {'; '.join(problems)}; "
+                "rerun `pipeline extract-teacher --overwrite` to rebuild it"
+            )
+
+    # ------------------------------------------------------------------ reading
+    def _embeddings_dataset(self) -> h5py.Dataset:
+        """The HDF5 dataset, opened once per process (h5py handles must not cross a fork)."""
+        if self._handle is None or self._pid != os.getpid():
+            self._handle = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._handle["embeddings"]
+
+    def close(self) -> None:
+        if self._handle is not None and self._pid == os.getpid():
+            self._handle.close()
+        self._handle, self._pid = None, None
+
+    def __getstate__(self) -> dict:
+        # Workers reopen the file themselves; the RAM copy is not shipped to them either.
+        state = self.__dict__.copy()
+        state.update(_handle=None, _pid=None, _memory=None)
+        return state
+
+    def _read_sorted(self, rows: np.ndarray) -> np.ndarray:
+        """Stored rows for sorted unique indices: one slab when they are dense, batched point reads otherwise."""
+        if self._memory is not None:
+            return self._memory[rows]
+        dataset = self._embeddings_dataset()
+        if rows.size == 0:
+            return np.empty((0,) + dataset.shape[1:], dataset.dtype)
+        first, last = int(rows[0]), int(rows[-1])
+        if last - first + 1 <= 2 * rows.size + 1024:
+            return dataset[first : last + 1][rows - first]
+        parts = [dataset[rows[i : i + 4096]] for i in range(0, rows.size, 4096)]
+        return np.concatenate(parts)
+
+    def embeddings(
+        self,
+        indices: Sequence[int] | np.ndarray | None = None,
+        views: Sequence[int] = (0, 1),
+        normalize: bool = False,
+    ) -> np.ndarray:
+        """float32 (n, len(views), D) for `indices` (any order, repeats allowed; None = all rows)."""
+        views = list(views)
+        if any(not 0 <= v < self.views for v in views):
+            raise PipelineError(f"{self.path}: views {views} out of range (the cache has {self.views})")
+        if indices is None:
+            rows = np.arange(len(self), dtype=np.int64)
+            gathered = self._read_sorted(rows) if self._memory is None else self._memory
+        else:
+            requested = np.asarray(indices, dtype=np.int64).reshape(-1)
+            if requested.size and (requested.min() < 0 or requested.max() >= len(self)):
+                raise PipelineError(f"{self.path}: row index out of range [0, {len(self)})")
+            rows, inverse = np.unique(requested, return_inverse=True)
+            gathered = self._read_sorted(rows)[inverse]
+        out = gathered[:, views, :].astype(np.float32)
+        return l2_normalize(out) if normalize else out
+
+    def iter_chunks(
+        self, rows: int = READ_ROWS, views: Sequence[int] = (0, 1), normalize: bool = False
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Stream the cache as `(start, float32 (n, len(views), D))` blocks without loading it all."""
+        for start in range(0, len(self), rows):
+            stop = min(start + rows, len(self))
+            yield start, self.embeddings(np.arange(start, stop), views=views, normalize=normalize)
+
+    def nbytes(self) -> int:
+        return len(self) * self.views * self.dim * np.dtype(self.dtype).itemsize
+
+    def load_all(self, max_bytes: int | None = None) -> bool:
+        """Keep the stored array in RAM if it fits in `max_bytes` (default: half the available memory).
+
+        Returns True when the cache is now memory-resident; otherwise reads keep going to disk in chunks.
+        """
+        if self._memory is not None:
+            return True
+        if max_bytes is None:
+            max_bytes = _available_memory() // 2
+        if self.nbytes() > max_bytes:
+            return False
+        dataset = self._embeddings_dataset()
+        memory = np.empty(dataset.shape, dataset.dtype)
+        for start in range(0, len(self), READ_ROWS):
+            stop = min(start + READ_ROWS, len(self))
+            dataset.read_direct(memory, np.s_[start:stop], np.s_[start:stop])
+        self._memory = memory
+        return True
+
+    def to_torch(self, views: Sequence[int] = (0, 1), max_bytes: int | None = None):
+        """The whole cache as a torch tensor (N, len(views), D) in the stored dtype (training targets)."""
+        import torch
+
+        if not self.load_all(max_bytes=max_bytes):
+            raise PipelineError(
+                f"{self.path}: the teacher cache ({self.nbytes() / 2**30:.1f} GiB) does not fit in memory"
+            )
+        return torch.from_numpy(np.ascontiguousarray(self._memory[:, list(views), :]))
+
+    def summary(self, sample: int = 4096) -> dict:
+        """What `pipeline cache-info` prints: shape, provenance and L2-norm statistics on a row sample."""
+        rows = np.unique(np.linspace(0, len(self) - 1, num=min(sample, len(self))).astype(np.int64))
+        norms = np.linalg.norm(self.embeddings(rows), axis=-1) if rows.size else np.empty((0, self.views))
+        stats = {
+            name: {"min": float(norms[:, v].min()), "mean": float(norms[:, v].mean()), "max": float(norms[:, v].max())}
+            for v, name in enumerate(self.view_names)
+            if rows.size
+        }
+        return {
+            "path": str(self.path),
+            "complete": True,
+            "rows": len(self),
+            "views": list(self.view_names),
+            "dim": self.dim,
+            "dtype": self.dtype,
+            "bytes": self.nbytes(),
+            "classes": int(np.unique(self.labels).size),
+            "teacher": {"name": self.attrs["teacher_name"], "fingerprint": self.teacher_fingerprint},
+            "dataset": {"fingerprint": self.dataset_fingerprint},
+            "preprocessing": self.preprocessing,
+            "format_version": self.attrs["format_version"],
+            "norms": {"sampled_rows": int(rows.size), **stats},
+        }
+
+
+def _available_memory() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # psutil ships with dask.distributed; this is only a fallback
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))

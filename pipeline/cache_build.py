@@ -1,0 +1,257 @@
+"""Build the teacher cache: check what exists, run the missing shards (in-process or on Dask), assemble.
+
+A rerun on a complete, matching cache is a no-op; after a crash it keeps every finished shard, redoes the
+rest, and produces the same bytes as an uninterrupted run. A cache or shard folder from another teacher,
+dataset, dim, dtype or shard size is refused (both fingerprints printed) unless `overwrite=True`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from pipeline.cache import DTYPES, FORMAT_VERSION, TeacherCache, contract_attrs
+from pipeline.cache_shards import (
+    SHARD_META,
+    Shard,
+    assemble,
+    plan_shards,
+    read_manifest,
+    remove_shard_dir,
+    remove_temporaries,
+    shard_dir,
+    shard_is_valid,
+    write_manifest,
+)
+from pipeline.errors import DataError, PipelineError
+from pipeline.extraction import ShardJob, default_decode_threads, prepare_teacher, run_shard
+from pipeline.faces import preprocessing_attrs
+from pipeline.formats import open_face_source
+from pipeline.models.teachers import file_sha256, load_teacher
+
+FLIP = "horizontal"
+
+
+@dataclass(frozen=True)
+class ExtractionConfig:
+    """The knobs of `pipeline extract-teacher`."""
+
+    data: Path
+    teacher: Path
+    out: Path
+    arch: str | None = None
+    batch_size: int = 256
+    shard_size: int = 16384
+    dtype: str = "float16"
+    device: str = "auto"
+    decode_threads: int = 0  # 0 = default_decode_threads()
+    overwrite: bool = False
+
+
+def _resolve_device(device: str) -> str:
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise PipelineError(f"unknown device {device!r}; use auto, cpu or cuda")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PipelineError("--device cuda requested but torch sees no CUDA device")
+    return device
+
+
+def _manifest(cfg: ExtractionConfig, teacher, dataset_fp: str, rows: int) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "teacher_fingerprint": teacher.fingerprint,
+        "dataset_fingerprint": dataset_fp,
+        "dim": int(teacher.dim),
+        "dtype": cfg.dtype,
+        "rows": int(rows),
+        "shard_size": int(cfg.shard_size),
+    }
+
+
+def _refuse_mismatch(where: Path, found: dict, wanted: dict) -> None:
+    """PipelineError describing every difference between an existing cache/shard folder and this run."""
+    problems = []
+    if "dim" in wanted and found.get("dim") != wanted["dim"]:
+        problems.append(f"embedding dim {found.get('dim')} (existing) != {wanted['dim']} (teacher)")
+    for what in ("teacher", "dataset"):
+        name = f"{what}_fingerprint"
+        if found.get(name) != wanted[name]:
+            problems.append(f"{what} {found.get(name)} (existing) != {wanted[name]} (requested)")
+    for name in ("dtype", "rows", "shard_size", "format_version"):
+        if name in found and name in wanted and found[name] != wanted[name]:
+            problems.append(f"{name} {found[name]} (existing) != {wanted[name]} (requested)")
+    if problems:
+        raise PipelineError(f"{where}: refusing to reuse it: {'; '.join(problems)}; rerun with --overwrite")
+
+
+def _existing_cache_is_current(cfg: ExtractionConfig, wanted: dict, log: Callable[[str], None]) -> bool:
+    """True if `out` already holds this exact cache; refuses a mismatched complete cache (unless overwrite).
+
+    Decided from fingerprints alone, before any teacher is loaded, so that a no-op rerun takes seconds.
+    """
+    if not cfg.out.exists() or cfg.overwrite:
+        return False
+    try:
+        cache = TeacherCache.open(cfg.out)
+    except PipelineError as error:
+        log(f"{cfg.out}: not a usable cache ({error}); rebuilding it")
+        return False
+    _refuse_mismatch(cfg.out, cache.attrs, wanted)
+    return True
+
+
+def _reusable_shards(cfg: ExtractionConfig, folder: Path, manifest: dict, log) -> list[Shard]:
+    """Prepare the shard folder; return the planned shards that are already finished and valid."""
+    existing = read_manifest(folder)
+    if existing is not None and not cfg.overwrite:
+        _refuse_mismatch(folder, existing, manifest)
+    if existing is None or cfg.overwrite:
+        remove_shard_dir(folder)
+    write_manifest(folder, manifest)
+    stale = remove_temporaries(folder)
+    if stale:
+        log(f"{folder}: removed {stale} half-written shard file(s) from an interrupted run")
+    shards = plan_shards(folder, manifest["rows"], cfg.shard_size)
+    done = [s for s in shards if s.path.exists() and shard_is_valid(s, manifest)]
+    for shard in shards:
+        if shard not in done and shard.path.exists():
+            log(f"{shard.path}: invalid or partial shard, redoing it")
+            shard.path.unlink()
+    return done
+
+
+def _check_config(cfg: ExtractionConfig) -> ExtractionConfig:
+    if cfg.dtype not in DTYPES:
+        raise PipelineError(f"unknown dtype {cfg.dtype!r}; use {' or '.join(DTYPES)}")
+    if cfg.batch_size < 1 or cfg.shard_size < 1:
+        raise PipelineError(f"batch_size ({cfg.batch_size}) and shard_size ({cfg.shard_size}) must be positive")
+    return replace(cfg, out=Path(cfg.out), decode_threads=cfg.decode_threads or default_decode_threads())
+
+
+def _load_checked_teacher(cfg: ExtractionConfig, source, on_dask: bool):
+    """The teacher (on CPU when it only has to describe itself for Dask workers), its input size checked."""
+    device = "cpu" if on_dask else _resolve_device(cfg.device)
+    teacher = prepare_teacher(load_teacher(cfg.teacher, arch=cfg.arch, device=device))
+    _check_image_size(cfg, source, teacher)
+    return teacher
+
+
+def _check_image_size(cfg: ExtractionConfig, source, teacher) -> None:
+    size = teacher.input_size
+    if source.image_size is not None and tuple(source.image_size) != (size, size):
+        raise DataError(f"{cfg.data}: images are {source.image_size[1]}x{source.image_size[0]} but teacher "
+                        f"{cfg.teacher} expects {size}x{size}")
+
+
+def build_teacher_cache(
+    cfg: ExtractionConfig,
+    client=None,
+    teacher=None,
+    shard_task: Callable[[ShardJob], dict] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Make `cfg.out` a complete teacher cache for `cfg.teacher` over `cfg.data`; returns a run summary.
+
+    `client`: a Dask client to run shards on (None = in this process). `teacher`: an already loaded Teacher
+    for the in-process path (else loaded from `cfg.teacher`). `shard_task`: replaces `run_shard` on Dask
+    (instrumentation and fault-injection hook; it must be importable by the workers).
+    """
+    started = time.perf_counter()
+    cfg = _check_config(cfg)
+    source = open_face_source(cfg.data)
+    rows, dataset_fp = len(source), source.fingerprint()
+    if rows == 0:
+        raise DataError(f"{cfg.data}: the dataset has no images")
+    teacher_fp = teacher.fingerprint if teacher is not None else file_sha256(cfg.teacher)
+    wanted = {"teacher_fingerprint": teacher_fp, "dataset_fingerprint": dataset_fp, "dtype": cfg.dtype,
+              "rows": rows, "format_version": FORMAT_VERSION}
+    folder = shard_dir(cfg.out)
+    if _existing_cache_is_current(cfg, wanted, log):
+        remove_shard_dir(folder)  # left over if a previous run was killed right after the final rename
+        log(f"{cfg.out}: teacher cache is complete and up to date ({rows} images, teacher {teacher_fp[:12]}, "
+            f"dataset {dataset_fp[:12]}); nothing to do")
+        return {"status": "up-to-date", "rows": rows, "shards_run": 0, "seconds": time.perf_counter() - started}
+
+    if teacher is None:
+        teacher = _load_checked_teacher(cfg, source, on_dask=client is not None)
+    else:
+        _check_image_size(cfg, source, teacher)
+    manifest = _manifest(cfg, teacher, dataset_fp, rows)
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    done = _reusable_shards(cfg, folder, manifest, log)
+    shards = plan_shards(folder, rows, cfg.shard_size)
+    todo = [s for s in shards if s not in done]
+    if done:
+        log(f"{folder}: resuming, {len(done)}/{len(shards)} shards already finished")
+    meta = {k: manifest[k] for k in SHARD_META}
+    jobs = [ShardJob(str(cfg.data), str(cfg.teacher), cfg.arch, cfg.device, cfg.batch_size, cfg.decode_threads,
+                     shard, meta) for shard in todo]
+    if client is None:
+        _run_in_process(jobs, teacher, source, sum(s.rows for s in done), rows)
+    else:
+        _run_on_dask(client, jobs, shard_task or run_shard)
+
+    attrs = contract_attrs(
+        teacher_fingerprint=teacher.fingerprint, teacher_name=teacher.name, dataset_fingerprint=dataset_fp,
+        preprocessing={**preprocessing_attrs(teacher.input_size), "flip": FLIP}, rows=rows, dim=teacher.dim,
+        dtype=cfg.dtype,
+    )
+    assemble(cfg.out, shards, attrs)
+    remove_shard_dir(folder)
+    seconds = time.perf_counter() - started
+    log(f"{cfg.out}: wrote teacher cache, {rows} images x 2 views x {teacher.dim} ({cfg.dtype}), "
+        f"{len(todo)} shard(s) run, {len(done)} reused, {seconds:.1f}s")
+    return {"status": "built", "rows": rows, "shards_run": len(todo), "shards_reused": len(done), "seconds": seconds}
+
+
+def shard_progress(out: Path) -> dict | None:
+    """For an interrupted extraction: how many of the planned shards are finished (None if no shard folder)."""
+    folder = shard_dir(Path(out))
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return None
+    shards = plan_shards(folder, manifest["rows"], manifest["shard_size"])
+    finished = [s for s in shards if shard_is_valid(s, manifest)]
+    return {"shard_folder": str(folder), "shards_finished": len(finished), "shards_planned": len(shards),
+            "rows_finished": sum(s.rows for s in finished), "rows": manifest["rows"],
+            "teacher_fingerprint": manifest["teacher_fingerprint"],
+            "dataset_fingerprint": manifest["dataset_fingerprint"]}
+
+
+def _run_in_process(jobs: list[ShardJob], teacher, source, already: int, rows: int) -> None:
+    with tqdm(total=rows, initial=already, desc="extract-teacher", unit="img", unit_scale=True, disable=None) as bar:
+        for job in jobs:
+            run_shard(job, teacher=teacher, source=source, on_batch=bar.update)
+
+
+def _run_catching(task: Callable[[ShardJob], dict], job: ShardJob):
+    """Data errors are deterministic: report them instead of raising, so Dask does not retry them."""
+    try:
+        return task(job)
+    except PipelineError as error:
+        return {"error": str(error)}
+
+
+def _run_on_dask(client, jobs: list[ShardJob], task: Callable[[ShardJob], dict]) -> None:
+    from functools import partial
+
+    from pipeline.distributed import run_jobs
+
+    def stop_on_error(job: ShardJob, result: dict) -> None:
+        if "error" in result:
+            raise PipelineError(result["error"])
+
+    try:
+        run_jobs(client, partial(_run_catching, task), jobs, weight=lambda job: job.rows,
+                 desc="extract-teacher", on_result=stop_on_error)
+    except PipelineError:
+        raise
+    except Exception as error:  # KilledWorker, lost scheduler, repeated worker errors
+        raise PipelineError(f"extract-teacher: a shard failed on the Dask cluster: {type(error).__name__}: "
+                            f"{error}") from error

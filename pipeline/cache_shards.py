@@ -1,0 +1,161 @@
+"""Crash-safe pieces of the teacher cache writer: fixed-range shard files, their manifest, the final merge.
+
+Work is split into fixed row ranges. Each shard is written to `shard-00012.h5.tmp-<uuid>` and renamed to
+`shard-00012.h5` only once complete, so any `shard-*.h5` that validates can be trusted after a crash. The
+final cache is always assembled from scratch, in order, from the shards: its bytes do not depend on which
+runs, workers or interruptions produced them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pipeline.cache import VIEW_NAMES, is_marked_complete, mark_complete, write_attrs
+
+MANIFEST = "manifest.json"
+SHARD_META = ("teacher_fingerprint", "dataset_fingerprint", "dim", "dtype")  # what every shard must agree on
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One fixed row range `[start, stop)` and the file it goes to."""
+
+    index: int
+    start: int
+    stop: int
+    path: Path
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+def shard_dir(out: Path) -> Path:
+    """`data/cache.h5` -> `data/cache.h5.shards`."""
+    return out.with_name(out.name + ".shards")
+
+
+def plan_shards(folder: Path, rows: int, shard_size: int) -> list[Shard]:
+    """Fixed ranges: shard i holds rows [i * shard_size, min((i + 1) * shard_size, rows))."""
+    return [
+        Shard(i, start, min(start + shard_size, rows), folder / f"shard-{i:05d}.h5")
+        for i, start in enumerate(range(0, rows, shard_size))
+    ]
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file (or directory entry) to disk so a rename never exposes unwritten data after power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """The shard folder's manifest, or None when there is none (or it cannot be read: start over)."""
+    try:
+        return json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / MANIFEST, manifest)
+
+
+def remove_temporaries(folder: Path) -> int:
+    """Delete half-written shard files left by killed runs; returns how many."""
+    stale = list(folder.glob("shard-*.h5.tmp-*"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
+def write_shard(shard: Shard, embeddings: np.ndarray, labels: np.ndarray, keys: np.ndarray, meta: dict) -> None:
+    """Write one finished shard under a temporary name, mark it complete, fsync, rename into place."""
+    expected = (shard.rows, len(VIEW_NAMES), int(meta["dim"]))
+    if embeddings.shape != expected or embeddings.dtype.name != meta["dtype"]:
+        raise ValueError(f"shard {shard.index}: embeddings {embeddings.shape} {embeddings.dtype}, expected {expected}")
+    tmp = shard.path.with_name(f"{shard.path.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        with h5py.File(tmp, "w") as handle:
+            handle.create_dataset("embeddings", data=embeddings, track_times=False)
+            handle.create_dataset("labels", data=np.asarray(labels, np.int64), track_times=False)
+            handle.create_dataset("keys", data=np.asarray(keys, np.int64), track_times=False)
+            write_attrs(handle, {"start": shard.start, "stop": shard.stop, **{k: meta[k] for k in SHARD_META}})
+            mark_complete(handle)
+        fsync_path(tmp)
+        os.replace(tmp, shard.path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def shard_is_valid(shard: Shard, meta: dict) -> bool:
+    """True if the shard file exists, is complete, covers its range and came from this teacher/dataset."""
+    try:
+        with h5py.File(shard.path, "r") as handle:
+            attrs = handle.attrs
+            return (
+                is_marked_complete(handle)
+                and int(attrs["start"]) == shard.start
+                and int(attrs["stop"]) == shard.stop
+                and all(_same(attrs[k], meta[k]) for k in SHARD_META)
+                and handle["embeddings"].shape == (shard.rows, len(VIEW_NAMES), int(meta["dim"]))
+                and handle["labels"].shape == handle["keys"].shape == (shard.rows,)
+            )
+    except (OSError, KeyError):  # missing, truncated or foreign file: redo it
+        return False
+
+
+def _same(stored, expected) -> bool:
+    stored = stored.decode() if isinstance(stored, bytes) else stored
+    return type(expected)(stored) == expected
+
+
+def assemble(out: Path, shards: list[Shard], attrs: dict) -> None:
+    """Concatenate complete shards into `<out>.tmp`, mark it complete last, then rename it to `out`.
+
+    Always rebuilt from scratch in shard order with fixed (contiguous) layout and no timestamps, so the
+    bytes are identical whatever happened before.
+    """
+    rows, dim, dtype = int(attrs["rows"]), int(attrs["dim"]), attrs["dtype"]
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        with h5py.File(tmp, "w", track_order=True) as handle:  # attribute order readable: `complete` last
+            embeddings = handle.create_dataset(
+                "embeddings", shape=(rows, len(VIEW_NAMES), dim), dtype=dtype, track_times=False
+            )
+            labels = handle.create_dataset("labels", shape=(rows,), dtype=np.int64, track_times=False)
+            keys = handle.create_dataset("keys", shape=(rows,), dtype=np.int64, track_times=False)
+            for shard in shards:
+                with h5py.File(shard.path, "r") as part:
+                    embeddings[shard.start : shard.stop] = part["embeddings"][()]
+                    labels[shard.start : shard.stop] = part["labels"][()]
+                    keys[shard.start : shard.stop] = part["keys"][()]
+            write_attrs(handle, attrs)
+            mark_complete(handle)
+        fsync_path(tmp)
+        os.replace(tmp, out)
+        fsync_path(out.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def remove_shard_dir(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)

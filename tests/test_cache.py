@@ -1,0 +1,214 @@
+"""The teacher-cache reader and the shard/merge pieces, on HDF5 files written by hand with h5py."""
+import hashlib
+import json
+import multiprocessing
+import pickle
+from concurrent.futures import ProcessPoolExecutor
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline.cache import TeacherCache, contract_attrs
+from pipeline.cache_shards import Shard, assemble, plan_shards, shard_is_valid, write_shard
+from pipeline.errors import DataError, PipelineError
+
+TEACHER_FP = "a" * 64
+DATASET_FP = "b" * 64
+
+
+def write_cache_by_hand(path, rows=50, dim=8, seed=0, dtype="float16", complete=True, skip_attr=None):
+    """A cache written directly with h5py from the documented key names (independent of the writer)."""
+    rng = np.random.default_rng(seed)
+    embeddings = (rng.normal(size=(rows, 2, dim)) * 3).astype(dtype)
+    labels = np.arange(rows, dtype=np.int64) // 5
+    keys = np.arange(rows, dtype=np.int64) + 1
+    attrs = {
+        "format_version": 1,
+        "teacher_fingerprint": TEACHER_FP,
+        "teacher_name": "r18",
+        "dataset_fingerprint": DATASET_FP,
+        "preprocessing": json.dumps({"size": 112, "mean": 0.5, "std": 0.5, "flip": "horizontal"}),
+        "rows": rows,
+        "dim": dim,
+        "views": 2,
+        "view_names": json.dumps(["original", "flipped"]),
+        "dtype": dtype,
+    }
+    with h5py.File(path, "w") as f:
+        f["embeddings"], f["labels"], f["keys"] = embeddings, labels, keys
+        for name, value in attrs.items():
+            if name != skip_attr:
+                f.attrs[name] = value
+        if complete:
+            f.attrs["complete"] = True
+    return embeddings, labels, keys
+
+
+def test_open_exposes_the_contract(tmp_path):
+    embeddings, labels, keys = write_cache_by_hand(tmp_path / "c.h5")
+    cache = TeacherCache.open(tmp_path / "c.h5")
+    assert (len(cache), cache.dim, cache.views, cache.dtype) == (50, 8, 2, "float16")
+    assert cache.view_names == ("original", "flipped")
+    assert cache.teacher_fingerprint == TEACHER_FP and cache.dataset_fingerprint == DATASET_FP
+    assert cache.preprocessing == {"size": 112, "mean": 0.5, "std": 0.5, "flip": "horizontal"}
+    np.testing.assert_array_equal(cache.labels, labels)
+    np.testing.assert_array_equal(cache.keys, keys)
+    np.testing.assert_array_equal(cache.embeddings(), embeddings.astype(np.float32))
+
+
+def test_contract_attrs_match_the_documented_names():
+    attrs = contract_attrs(teacher_fingerprint=TEACHER_FP, teacher_name="r18", dataset_fingerprint=DATASET_FP,
+                           preprocessing={"size": 112}, rows=3, dim=8, dtype="float16")
+    assert attrs["views"] == 2 and json.loads(attrs["view_names"]) == ["original", "flipped"]
+    assert {"teacher_fingerprint", "dataset_fingerprint", "preprocessing", "dim", "views", "format_version",
+            "dtype"} <= set(attrs) and "complete" not in attrs
+    with pytest.raises(PipelineError, match="bfloat16"):
+        contract_attrs(teacher_fingerprint="t", teacher_name="x", dataset_fingerprint="d", preprocessing={},
+                       rows=1, dim=1, dtype="bfloat16")
+
+
+def test_embeddings_gather_views_and_normalise(tmp_path):
+    embeddings, _, _ = write_cache_by_hand(tmp_path / "c.h5")
+    cache = TeacherCache.open(tmp_path / "c.h5")
+    reference = embeddings.astype(np.float32)
+    got = cache.embeddings([7, 3, 7, 0], views=(1,))
+    np.testing.assert_array_equal(got, reference[[7, 3, 7, 0]][:, [1]])
+    unit = cache.embeddings([4, 9], views=(0, 1), normalize=True)
+    expected = reference[[4, 9]] / np.sqrt((reference[[4, 9]] ** 2).sum(-1, keepdims=True))
+    np.testing.assert_allclose(unit, expected, rtol=1e-6)
+    with pytest.raises(PipelineError, match="out of range"):
+        cache.embeddings([50])
+    with pytest.raises(PipelineError, match="views"):
+        cache.embeddings([0], views=(2,))
+
+
+def test_sparse_reads_and_ram_copy_agree(tmp_path):
+    # 3000 rows: rows 0 and 2999 alone are too sparse for one slab, the point-read path is taken.
+    embeddings, _, _ = write_cache_by_hand(tmp_path / "c.h5", rows=3000, dim=4)
+    cache = TeacherCache.open(tmp_path / "c.h5")
+    rows = [2999, 0, 1500, 0]
+    np.testing.assert_array_equal(cache.embeddings(rows), embeddings[rows].astype(np.float32))
+    assert cache.load_all(max_bytes=10) is False  # does not fit: stays on disk
+    assert cache.load_all() is True
+    np.testing.assert_array_equal(cache.embeddings(rows), embeddings[rows].astype(np.float32))
+    tensor = cache.to_torch(views=(1,))
+    assert tensor.dtype.itemsize == 2 and tuple(tensor.shape) == (3000, 1, 4)
+    np.testing.assert_array_equal(tensor.numpy(), embeddings[:, [1]])
+    chunks = list(cache.iter_chunks(rows=1024, views=(0,)))
+    assert [start for start, _ in chunks] == [0, 1024, 2048]
+    np.testing.assert_array_equal(np.concatenate([c for _, c in chunks]), embeddings[:, [0]].astype(np.float32))
+
+
+def _read_rows_in_child(cache, rows):
+    return cache.embeddings(rows)
+
+
+def test_cache_survives_pickling_and_fork(tmp_path):
+    embeddings, _, _ = write_cache_by_hand(tmp_path / "c.h5")
+    cache = TeacherCache.open(tmp_path / "c.h5")
+    cache.embeddings([1])  # the parent's h5py handle is now open
+    clone = pickle.loads(pickle.dumps(cache))
+    np.testing.assert_array_equal(clone.embeddings([2, 3]), embeddings[[2, 3]].astype(np.float32))
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+        got = pool.submit(_read_rows_in_child, cache, [5, 6]).result()
+    np.testing.assert_array_equal(got, embeddings[[5, 6]].astype(np.float32))
+
+
+def test_summary_norms_match_brute_force(tmp_path):
+    embeddings, _, _ = write_cache_by_hand(tmp_path / "c.h5", rows=40)
+    summary = TeacherCache.open(tmp_path / "c.h5").summary(sample=1000)
+    norms = np.linalg.norm(embeddings.astype(np.float32), axis=-1)
+    for view, name in enumerate(["original", "flipped"]):
+        stats = summary["norms"][name]
+        assert stats["min"] == pytest.approx(norms[:, view].min())
+        assert stats["mean"] == pytest.approx(norms[:, view].mean())
+        assert stats["max"] == pytest.approx(norms[:, view].max())
+    assert (summary["rows"], summary["dim"], summary["dtype"], summary["classes"]) == (40, 8, "float16", 8)
+    assert summary["teacher"]["fingerprint"] == TEACHER_FP and summary["complete"] is True
+
+
+@pytest.mark.parametrize(
+    "mutation, error, words",
+    [
+        ({"complete": False}, PipelineError, "incomplete"),
+        ({"skip_attr": "dataset_fingerprint"}, DataError, "dataset_fingerprint"),
+    ],
+)
+def test_open_refuses_broken_caches(tmp_path, mutation, error, words):
+    write_cache_by_hand(tmp_path / "c.h5", **mutation)
+    with pytest.raises(error, match=words) as info:
+        TeacherCache.open(tmp_path / "c.h5")
+    assert "c.h5" in str(info.value)
+
+
+def test_open_refuses_missing_garbage_and_inconsistent_files(tmp_path):
+    with pytest.raises(PipelineError, match="not found"):
+        TeacherCache.open(tmp_path / "absent.h5")
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5 at all")
+    with pytest.raises(DataError, match="junk.h5"):
+        TeacherCache.open(tmp_path / "junk.h5")
+    write_cache_by_hand(tmp_path / "c.h5")
+    with h5py.File(tmp_path / "c.h5", "a") as f:
+        f.attrs["dim"] = 16  # the array is (50, 2, 8)
+    with pytest.raises(DataError, match="shape"):
+        TeacherCache.open(tmp_path / "c.h5")
+
+
+def test_check_compatible_prints_both_fingerprints(tmp_path):
+    write_cache_by_hand(tmp_path / "c.h5")
+    cache = TeacherCache.open(tmp_path / "c.h5")
+    cache.check_compatible(TEACHER_FP, DATASET_FP)
+    with pytest.raises(PipelineError) as info:
+        cache.check_compatible("c" * 64, DATASET_FP)
+    message = str(info.value)
+    assert TEACHER_FP in message and "c" * 64 in message and "--overwrite" in message
+    with pytest.raises(PipelineError, match="d" * 64):
+        cache.check_compatible(TEACHER_FP, "d" * 64)
+
+
+# ------------------------------------------------------------------------------------------- shards / merge
+META = {"teacher_fingerprint": TEACHER_FP, "dataset_fingerprint": DATASET_FP, "dim": 4, "dtype": "float16"}
+
+
+def _shard_payload(shard, seed):
+    rng = np.random.default_rng(seed)
+    emb = rng.normal(size=(shard.rows, 2, 4)).astype(np.float16)
+    return emb, np.arange(shard.start, shard.stop) // 3, np.arange(shard.start, shard.stop) + 100
+
+
+def test_plan_shards_covers_rows_in_fixed_ranges(tmp_path):
+    shards = plan_shards(tmp_path, rows=10, shard_size=4)
+    assert [(s.start, s.stop) for s in shards] == [(0, 4), (4, 8), (8, 10)]
+    assert shards[1].path == tmp_path / "shard-00001.h5"
+
+
+def test_shard_validation(tmp_path):
+    shard = Shard(0, 0, 5, tmp_path / "shard-00000.h5")
+    write_shard(shard, *_shard_payload(shard, 0), META)
+    assert shard_is_valid(shard, META)
+    assert not list(tmp_path.glob("*.tmp-*"))  # the temporary was renamed, not left behind
+    assert not shard_is_valid(shard, {**META, "teacher_fingerprint": "e" * 64})
+    assert not shard_is_valid(Shard(0, 0, 6, shard.path), META)  # different range
+    data = shard.path.read_bytes()
+    shard.path.write_bytes(data[: len(data) // 2])  # truncated (e.g. a disk filling up)
+    assert not shard_is_valid(shard, META)
+    assert not shard_is_valid(Shard(1, 5, 10, tmp_path / "shard-00001.h5"), META)  # missing
+
+
+def test_assemble_concatenates_deterministically_with_complete_last(tmp_path):
+    shards = plan_shards(tmp_path, rows=11, shard_size=4)
+    payloads = [_shard_payload(s, s.index) for s in shards]
+    for shard, payload in zip(shards, payloads):
+        write_shard(shard, *payload, META)
+    attrs = contract_attrs(teacher_fingerprint=TEACHER_FP, teacher_name="r18", dataset_fingerprint=DATASET_FP,
+                           preprocessing={"size": 112}, rows=11, dim=4, dtype="float16")
+    assemble(tmp_path / "a.h5", shards, attrs)
+    assemble(tmp_path / "b.h5", shards, attrs)
+    digests = {hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() for n in ("a.h5", "b.h5")}
+    assert len(digests) == 1
+    cache = TeacherCache.open(tmp_path / "a.h5")
+    np.testing.assert_array_equal(cache.embeddings(), np.concatenate([p[0] for p in payloads]).astype(np.float32))
+    np.testing.assert_array_equal(cache.keys, np.arange(11) + 100)
+    with h5py.File(tmp_path / "a.h5", "r") as f:
+        assert list(f.attrs)[-1] == "complete"  # creation order is tracked in the final file
