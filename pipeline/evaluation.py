@@ -226,19 +226,15 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def write_metrics(metrics: dict, out_dir: str | os.PathLike) -> list[Path]:
-    """Write `metrics.json` (everything but `"roc"`) and, when a ROC is present, `roc.csv`
-    (columns fpr,tpr,threshold); a stale roc.csv from an earlier run is removed. Returns the paths written."""
+    """Write `metrics.json` (everything but `"roc"`) and `roc.csv` (columns fpr,tpr,threshold).
+
+    Without a test set (e.g. real data with only `.bin` files) roc.csv holds just its header, so the file a
+    pipeline declares always exists and never shows a stale curve. Returns the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     body = {name: value for name, value in metrics.items() if name != "roc"}
-    written = [out / "metrics.json"]
-    _write_atomic(written[0], json.dumps(body, indent=2) + "\n")
-    roc_path = out / "roc.csv"
-    roc = metrics.get("roc")
-    if roc is None:
-        roc_path.unlink(missing_ok=True)
-        return written
+    _write_atomic(out / "metrics.json", json.dumps(body, indent=2) + "\n")
+    roc = metrics.get("roc") or {"fpr": [], "tpr": [], "threshold": []}
     rows = zip(roc["fpr"], roc["tpr"], roc["threshold"])
-    _write_atomic(roc_path, "fpr,tpr,threshold\n" + "".join(f"{f!r},{t!r},{h!r}\n" for f, t, h in rows))
-    written.append(roc_path)
-    return written
+    _write_atomic(out / "roc.csv", "fpr,tpr,threshold\n" + "".join(f"{f!r},{t!r},{h!r}\n" for f, t, h in rows))
+    return [out / "metrics.json", out / "roc.csv"]

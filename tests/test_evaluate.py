@@ -151,9 +151,9 @@ def test_evaluate_folder_and_written_files_match_direct_computation(folder, tmp_
     assert float(rows[0]["fpr"]) == 0.0 or float(rows[0]["fpr"]) == fpr[fpr > 0].min()
     assert not list(out.glob("*.tmp-*"))
 
-    del metrics["roc"], metrics["test"]  # a rerun without a test set must not leave the old roc.csv behind
-    assert [p.name for p in write_metrics(metrics, out)] == ["metrics.json"]
-    assert not (out / "roc.csv").exists()
+    del metrics["roc"], metrics["test"]  # a rerun without a test set must not leave the old curve behind
+    assert [p.name for p in write_metrics(metrics, out)] == ["metrics.json", "roc.csv"]
+    assert (out / "roc.csv").read_text() == "fpr,tpr,threshold\n"
 
 
 def test_evaluate_folder_without_inputs_raises(tmp_path):

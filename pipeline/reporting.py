@@ -1,0 +1,110 @@
+"""The teacher-vs-students report: one table, the ROC plot, and the FPR thresholds side by side."""
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPORT_FPRS = ("1e-2", "1e-3", "1e-4", "1e-5")
+
+
+@dataclass
+class ModelResult:
+    """What the report shows of one evaluated model."""
+
+    name: str
+    role: str  # "teacher", "baseline" or "student"
+    params: int | None
+    accuracy: dict[str, float]  # verification .bin name -> 10-fold accuracy
+    tpr: dict[str, float]  # "1e-4" -> TPR on the test set
+    thresholds: dict[str, float] = field(default_factory=dict)  # "1e-4" -> score threshold on the test set
+    roc: tuple[list[float], list[float]] | None = None
+
+
+def gap_closed(student: float, baseline: float, teacher: float) -> float:
+    """(student - baseline) / (teacher - baseline); NaN when the teacher does not beat the baseline."""
+    gap = teacher - baseline
+    return (student - baseline) / gap if gap > 0 else math.nan
+
+
+def read_roc_csv(path: Path) -> tuple[list[float], list[float]]:
+    """The (fpr, tpr) columns of a ROC CSV written by `evaluate` (empty lists for a header-only file)."""
+    rows = _roc_rows(path)
+    return [float(r["fpr"]) for r in rows], [float(r["tpr"]) for r in rows]
+
+
+def read_roc_thresholds(path: Path) -> list[float]:
+    """The score-threshold column of a ROC CSV."""
+    return [float(r["threshold"]) for r in _roc_rows(path)]
+
+
+def _roc_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def markdown_table(results: list[ModelResult]) -> str:
+    """Teacher and each student: accuracy per .bin, TPR at each FPR, parameters, gap closed per FPR."""
+    teacher = next((r for r in results if r.role == "teacher"), None)
+    baseline = next((r for r in results if r.role == "baseline"), None)
+    bins = sorted({name for r in results for name in r.accuracy})
+    header = ["model", "params (M)"] + [f"{b} acc" for b in bins] + [f"TPR@{f}" for f in REPORT_FPRS]
+    if teacher and baseline:
+        header += [f"gap closed @{f}" for f in REPORT_FPRS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        row = [f"{r.name} ({r.role})", _fmt(r.params / 1e6, 3) if r.params else "–"]
+        row += [_fmt(r.accuracy.get(b)) for b in bins] + [_fmt(r.tpr.get(f)) for f in REPORT_FPRS]
+        if teacher and baseline:
+            row += [
+                _fmt(gap_closed(r.tpr[f], baseline.tpr[f], teacher.tpr[f]), 3)
+                if f in r.tpr and f in baseline.tpr and f in teacher.tpr
+                else "–"
+                for f in REPORT_FPRS
+            ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def thresholds_table(results: list[ModelResult], teacher_train: dict[str, float]) -> str:
+    """The teacher's exact thresholds over all training negatives beside each model's on the test set."""
+    fprs = [f for f in ("1e-1", "1e-2", "1e-3", "1e-4", "1e-5", "1e-6") if f in teacher_train]
+    header = ["FPR", "teacher (train, build-pools)"] + [f"{r.name} (test)" for r in results]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for f in fprs:
+        lines.append("| " + " | ".join([f, _fmt(teacher_train[f])] + [_fmt(r.thresholds.get(f)) for r in results]) + " |")
+    return "\n".join(lines)
+
+
+def plot_roc(results: list[ModelResult], path: Path) -> None:
+    """All models' test ROC curves on a log-FPR axis, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 5), dpi=120)
+    for r in results:
+        if r.roc is None:
+            continue
+        fpr, tpr = r.roc
+        points = [(f, t) for f, t in zip(fpr, tpr) if f > 0]
+        if points:
+            axis.plot(*zip(*points), label=f"{r.name} ({r.role})", linewidth=2 if r.role == "teacher" else 1.3)
+    axis.set_xscale("log")
+    axis.set_xlim(1e-6, 1)
+    axis.set_xlabel("false positive rate (test, all pairs)")
+    axis.set_ylabel("true positive rate")
+    axis.set_title("1:1 verification ROC: teacher vs students")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

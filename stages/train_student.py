@@ -1,0 +1,125 @@
+"""`pipeline train-student`: a student trained on the cached teacher targets (no teacher weights loaded)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+
+from pipeline.cache import TeacherCache
+from pipeline.errors import PipelineError
+from pipeline.formats import open_face_source
+from pipeline.losses.kd import build_kd_loss
+from pipeline.pools import load_pools, load_thresholds
+from pipeline.samplers import BalancedBatchSampler
+from pipeline.training import Distillation, train
+from stages import training_options as opt
+
+KD_CHOICES = ("none", "l2", "cosine", "rkd", "ekd")
+SAMPLERS = ("random", "balanced", "pool")
+
+
+def command(
+    data: opt.Data,
+    name: Annotated[str, typer.Option("--name", help="Student name; the run folder defaults to data/students/NAME.")],
+    cache: Annotated[Optional[Path], typer.Option("--cache", help="Teacher cache from extract-teacher (needed unless --kd none).")] = None,
+    pools: Annotated[Optional[Path], typer.Option("--pools", help="Folder with pools.h5 and thresholds.json from build-pools.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default data/students/NAME).")] = None,
+    kd: Annotated[str, typer.Option("--kd", help="KD loss: none, l2, cosine, rkd or ekd.")] = "ekd",
+    kd_weight: Annotated[float, typer.Option("--kd-weight", help="Multiplier of the KD loss.")] = 1.0,
+    ekd_mode: Annotated[str, typer.Option("--ekd-mode", help="global (exact teacher thresholds, student queue) or reference (official TFace behaviour).")] = "global",
+    queue_size: Annotated[int, typer.Option("--queue-size", help="EKD global mode: recent student embeddings kept for the student's thresholds.")] = 65536,
+    sampler: Annotated[str, typer.Option("--sampler", help="random (plain batches), balanced (official general+balanced batch) or pool (balanced part from neighbouring identities).")] = "pool",
+    balanced_batch_size: Annotated[int, typer.Option("--balanced-batch-size", help="Balanced part of each batch (identities x --per-identity); --batch-size is the general part.")] = 64,
+    per_identity: Annotated[int, typer.Option("--per-identity", help="Images per identity in the balanced part.")] = 4,
+    margin_on: Annotated[str, typer.Option("--margin-on", help="Margin loss on 'all' samples or only the 'general' part (official EKD).")] = "all",
+    arch: opt.Arch = "mbf",
+    input_size: opt.InputSize = None,
+    width: opt.Width = 1.0,
+    embedding_size: opt.EmbeddingSize = 512,
+    epochs: opt.Epochs = 20,
+    batch_size: opt.BatchSize = 64,
+    lr: opt.LR = 0.1,
+    momentum: opt.Momentum = 0.9,
+    weight_decay: opt.WeightDecay = 5e-4,
+    warmup_epochs: opt.Warmup = 0.0,
+    lr_schedule: opt.Schedule = "poly",
+    lr_milestones: opt.Milestones = "",
+    margin: opt.Margin = "arcface",
+    margin_s: opt.MarginS = 64.0,
+    margin_m: opt.MarginM = None,
+    sample_rate: opt.SampleRate = 1.0,
+    seed: opt.Seed = 0,
+    workers: opt.Workers = 2,
+    preload: opt.Preload = False,
+    device: opt.Device = "auto",
+    amp: opt.Amp = True,
+    resume: opt.Resume = True,
+    stop_after_epochs: opt.StopAfter = None,
+):
+    """Train a student against the teacher cache with EKD (or a KD baseline), reusing one cache for all."""
+    _check_choice("--kd", kd, KD_CHOICES)
+    _check_choice("--sampler", sampler, SAMPLERS)
+    _check_choice("--margin-on", margin_on, ("all", "general"))
+    arguments = locals()  # a comprehension's own locals() would not see them (Python 3.11)
+    knobs = {k: arguments[k] for k in _TRAIN_KNOBS}
+    out = out or Path("data/students") / name
+    source = open_face_source(data)
+    cfg = opt.make_config(out, source, arch, input_size, width, embedding_size, **knobs)
+
+    distill = None
+    if kd != "none":
+        if cache is None:
+            raise PipelineError(f"--kd {kd} needs --cache (the teacher cache from extract-teacher)")
+        distill = _distillation(kd, kd_weight, ekd_mode, queue_size, cache, pools, source, cfg.arch_kwargs["num_features"])
+        if margin_on == "general" and sampler != "random":
+            distill.margin_samples = batch_size
+    if sampler == "pool" and pools is None:
+        raise PipelineError("--sampler pool needs --pools (the folder written by build-pools)")
+    neighbours = load_pools(pools / "pools.h5")["neighbours"] if sampler == "pool" else None
+
+    def batches(world: int, rank: int):
+        if sampler == "random":
+            return None
+        return BalancedBatchSampler(
+            source.labels, batch_size, balanced_batch_size, per_identity=per_identity, seed=seed,
+            neighbours=neighbours, world_size=world, rank=rank,
+        )
+
+    summary = train(cfg, source, source.num_classes, distill=distill,
+                    batch_sampler_factory=None if sampler == "random" else batches)
+    opt.print_summary(out, summary)
+
+
+_TRAIN_KNOBS = (
+    "epochs", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs", "lr_schedule", "lr_milestones",
+    "margin", "margin_s", "margin_m", "sample_rate", "seed", "workers", "preload", "device", "amp", "resume",
+    "stop_after_epochs",
+)
+
+
+def _check_choice(flag: str, value: str, choices: tuple) -> None:
+    if value not in choices:
+        raise PipelineError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
+
+
+def _distillation(kd, kd_weight, ekd_mode, queue_size, cache_path, pools, source, dim) -> Distillation:
+    """Open the cache (checked against the training data) and build the KD loss on its targets."""
+    cache = TeacherCache.open(cache_path)
+    cache.check_compatible(cache.teacher_fingerprint, source.fingerprint())
+    if cache.dim != dim:
+        raise PipelineError(f"{cache_path}: teacher embeddings are {cache.dim}-d but the student's are {dim}-d "
+                            "(set --embedding-size to match)")
+    kwargs = {}
+    if kd == "ekd":
+        kwargs["mode"] = ekd_mode
+        if ekd_mode == "global":
+            if pools is None:
+                raise PipelineError("--ekd-mode global needs --pools (thresholds.json from build-pools)")
+            kwargs.update(teacher_thresholds=load_thresholds(pools / "thresholds.json"), queue_size=queue_size)
+    targets = cache.to_torch()  # (N, 2, D) in the stored dtype, looked up per step by index and flip
+    return Distillation(loss=build_kd_loss(kd, **kwargs), targets=targets, weight=kd_weight)
+
+
+COMMANDS = {"train-student": command}
