@@ -1,0 +1,251 @@
+"""Pools from the teacher cache: identity centres and neighbours, the hardest negative pairs, and the
+teacher's exact global FPR thresholds -- and their files.
+
+`pools.h5`: datasets `centres` (C, D) float32, `class_sizes` (C,) int64, `neighbours` (C, k) int64 (-1 for
+identities without images), `neighbour_sims` (C, k) float32 (NaN there), `neg_pairs` (M, 2) int64 (cache
+rows i < j), `neg_sims` (M,) float32 (order: sim desc, i asc, j asc); attributes describe how it was built
+(k, m, views, cache fingerprints, format version) and `complete=True` is written last.
+`thresholds.json` (a DVC metrics file, numeric leaves only): {"1e-1": t, ..., "tpr": {"1e-1": ...},
+"ranks": {...}, "counts": {...}}; "tpr" is left out when there are no positive pairs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.errors import DataError, PipelineError
+from pipeline.search import DEFAULT_FPRS, identity_neighbours, negative_statistics, sample_rows
+from pipeline.search_knn import accumulate_centres, normalise_centres
+
+FORMAT_VERSION = 1
+VIEWS = {"original": (0,), "flipped": (1,), "both": (0, 1)}
+DATASETS = ("centres", "class_sizes", "neighbours", "neighbour_sims", "neg_pairs", "neg_sims")
+READ_ROWS = 65536
+
+
+@dataclass
+class PoolResults:
+    centres: np.ndarray
+    class_sizes: np.ndarray
+    neighbours: np.ndarray
+    neighbour_sims: np.ndarray
+    neg_pairs: np.ndarray
+    neg_sims: np.ndarray
+    thresholds: dict  # `negative_thresholds` result: thresholds, tpr, ranks, counts, method
+    attrs: dict = field(default_factory=dict)
+
+
+class _ArraySource:
+    """An in-memory (N, V, D) array behind the same reading interface as `TeacherCache`."""
+
+    def __init__(self, emb_views: np.ndarray, labels: np.ndarray):
+        self.array = np.asarray(emb_views)
+        if self.array.ndim == 2:
+            self.array = self.array[:, None, :]
+        if self.array.ndim != 3:
+            raise PipelineError(f"embeddings: expected (N, V, D), got shape {self.array.shape}")
+        self.labels = np.asarray(labels)
+        self.keys = np.arange(self.array.shape[0], dtype=np.int64)
+        self.path = "embeddings"
+
+    def __len__(self) -> int:
+        return self.array.shape[0]
+
+    def embeddings(self, indices=None, views=(0,), normalize=False) -> np.ndarray:
+        rows = self.array if indices is None else self.array[np.asarray(indices)]
+        return rows[:, list(views), :].astype(np.float32)
+
+
+def _views(name: str, option: str) -> tuple[int, ...]:
+    if name not in VIEWS:
+        raise PipelineError(f"{option} {name!r}: use one of {', '.join(VIEWS)}")
+    return VIEWS[name]
+
+
+def read_normalised(source, rows: np.ndarray, views: tuple[int, ...], progress: bool = False):
+    """Yield (chunk start, float32 (n, V, D) unit rows) for `rows`; DataError naming the file, the row
+    and its key on NaN/inf or an all-zero embedding."""
+    for start in tqdm(range(0, rows.size, READ_ROWS), desc="reading cache", unit="chunk",
+                      disable=not progress or None, leave=False):
+        index = rows[start : start + READ_ROWS]
+        chunk = np.asarray(source.embeddings(index, views=views, normalize=False), np.float32)
+        flat = chunk.reshape(chunk.shape[0], -1)
+        bad = ~np.isfinite(flat).all(axis=1)
+        norms = np.linalg.norm(chunk, axis=-1)
+        zero = (norms == 0).any(axis=1)
+        if bad.any() or zero.any():
+            at = int(np.flatnonzero(bad | zero)[0])
+            row = int(index[at])
+            what = "contains NaN or inf" if bad[at] else "is all zeros"
+            raise DataError(f"{source.path}: embedding row {row} (key {int(source.keys[row])}) {what}")
+        yield start, chunk / norms[..., None]
+
+
+def build_pools(emb_views, labels: np.ndarray | None = None, num_classes: int | None = None, k: int = 32,
+                m: int = 100_000, centre_views: str = "original", threshold_view: str = "original",
+                fprs=DEFAULT_FPRS, backend: str = "auto", block_rows: int = 4096, sample: int | None = None,
+                seed: int = 0, pilot_rows: int = 4096, progress: bool = False) -> PoolResults:
+    """Everything in pools.h5 and thresholds.json, from an (N, V, D) array or a `TeacherCache`.
+
+    Centres average the L2-normalised `centre_views` ("original" or "both"); thresholds and negative pairs
+    use `threshold_view`. k / m beyond what the data allows are clamped with a warning. Memory: N x D
+    float32 for the threshold view (or `sample` x D), plus block buffers.
+    """
+    source = emb_views if hasattr(emb_views, "embeddings") else _ArraySource(emb_views, labels)
+    labels = np.asarray(source.labels if labels is None else labels).reshape(-1).astype(np.int64)
+    n = len(source)
+    if labels.size != n:
+        raise PipelineError(f"{source.path}: {n} embedding rows but {labels.size} labels")
+    if labels.size and labels.min() < 0:
+        raise DataError(f"{source.path}: row {int(np.argmin(labels))} has a negative label")
+    num_classes = int(labels.max()) + 1 if num_classes is None else int(num_classes)
+    centre_idx, threshold_idx = _views(centre_views, "centre_views"), _views(threshold_view, "threshold_view")
+    if len(threshold_idx) != 1:
+        raise PipelineError(f"threshold_view {threshold_view!r}: pick one view (original or flipped)")
+
+    sums = np.zeros((num_classes, 0), np.float64)
+    sizes = np.zeros(num_classes, np.int64)
+    every = np.arange(n, dtype=np.int64)
+    chosen = sample_rows(n, sample, seed)
+    pair_rows = every if chosen is None else chosen
+    emb = None
+    wanted = tuple(sorted(set(centre_idx) | set(threshold_idx)))
+    for start, chunk in read_normalised(source, every, wanted, progress):
+        if emb is None:
+            dim = chunk.shape[-1]
+            sums = np.zeros((num_classes, dim), np.float64)
+            emb = np.empty((pair_rows.size, dim), np.float32)
+        part = labels[start : start + chunk.shape[0]]
+        accumulate_centres(sums, sizes, chunk[:, [wanted.index(v) for v in centre_idx]], part)
+        target = chunk[:, wanted.index(threshold_idx[0])]
+        if chosen is None:
+            emb[start : start + chunk.shape[0]] = target
+        else:
+            lo, hi = np.searchsorted(chosen, [start, start + chunk.shape[0]])
+            emb[lo:hi] = target[chosen[lo:hi] - start]
+    if emb is None:
+        raise PipelineError(f"{source.path}: no embeddings")
+    centres = normalise_centres(sums)
+    neighbours, neighbour_sims = identity_neighbours(centres, k, sizes, backend=backend, block_rows=block_rows)
+    result, pairs, sims = negative_statistics(emb, labels[pair_rows], m, fprs=fprs, seed=seed, backend=backend,
+                                              block_rows=block_rows, pilot_rows=pilot_rows, progress=progress)
+    pairs = pair_rows[pairs]
+    result["counts"].update(N_total=n, sampled=int(chosen is not None))
+    attrs = {
+        "format_version": FORMAT_VERSION,
+        "k": int(neighbours.shape[1]), "k_requested": int(k), "m": int(pairs.shape[0]), "m_requested": int(m),
+        "centre_views": centre_views, "threshold_view": threshold_view,
+        "views": json.dumps({"centres": list(centre_idx), "thresholds": list(threshold_idx)}),
+        "teacher_fingerprint": str(getattr(source, "teacher_fingerprint", "")),
+        "dataset_fingerprint": str(getattr(source, "dataset_fingerprint", "")),
+        "cache": str(source.path), "rows": n, "num_classes": num_classes,
+        "sample": int(pair_rows.size if chosen is not None else 0), "seed": int(seed),
+        "engine": result["method"]["engine"], "thresholds": json.dumps(result["thresholds"]),
+    }
+    return PoolResults(centres, sizes, neighbours, neighbour_sims, pairs, sims, result, attrs)
+
+
+def thresholds_document(result: dict) -> dict:
+    """The thresholds.json content: numeric leaves only (no NaN: tpr is omitted without positives)."""
+    doc = {key: float(value) for key, value in result["thresholds"].items()}
+    if result["counts"]["n_pos"] > 0:
+        doc["tpr"] = {key: float(value) for key, value in result["tpr"].items()}
+    doc["ranks"] = {key: int(value) for key, value in result["ranks"].items()}
+    doc["counts"] = {key: int(value) for key, value in result["counts"].items()}
+    return doc
+
+
+def write_pools(out_dir: str | os.PathLike, results: PoolResults) -> tuple[Path, Path]:
+    """Write out_dir/pools.h5 and out_dir/thresholds.json, each to a temporary name first."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pools_path, thresholds_path = out / "pools.h5", out / "thresholds.json"
+    tmp = pools_path.with_name(f"{pools_path.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as handle:
+            for name in DATASETS:
+                handle.create_dataset(name, data=getattr(results, name))
+            for name, value in results.attrs.items():
+                handle.attrs[name] = value
+            handle.attrs["complete"] = True  # last: readers trust nothing without it
+        os.replace(tmp, pools_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    tmp = thresholds_path.with_name(f"{thresholds_path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(thresholds_document(results.thresholds), indent=2, allow_nan=False) + "\n")
+        os.replace(tmp, thresholds_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return pools_path, thresholds_path
+
+
+def load_pools(path: str | os.PathLike) -> dict:
+    """pools.h5 as {dataset name: array, "attrs": dict}; DataError unless complete and well-formed."""
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"{path}: pools file not found (run `pipeline build-pools` first)")
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as error:
+        raise DataError(f"{path}: not a readable HDF5 pools file ({error})") from None
+    with handle:
+        if not bool(handle.attrs.get("complete", False)):
+            raise DataError(f"{path}: pools file is incomplete (interrupted write?); rerun `pipeline build-pools`")
+        missing = [name for name in DATASETS if name not in handle]
+        if missing:
+            raise DataError(f"{path}: pools file lacks dataset(s) {', '.join(missing)}")
+        pools = {name: handle[name][()] for name in DATASETS}
+        pools["attrs"] = {name: _plain(value) for name, value in handle.attrs.items()}
+    _check_shapes(path, pools)
+    return pools
+
+
+def _plain(value):
+    if isinstance(value, bytes):
+        return value.decode()
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _check_shapes(path: Path, pools: dict) -> None:
+    classes, pairs = pools["centres"].shape[0], pools["neg_sims"].shape[0]
+    neighbours = pools["neighbours"]
+    expected = {
+        "class_sizes": (classes,),
+        "neighbours": (classes, neighbours.shape[-1] if neighbours.ndim else 0),
+        "neighbour_sims": neighbours.shape,
+        "neg_pairs": (pairs, 2),
+    }
+    for name, shape in expected.items():
+        if pools[name].shape != shape:
+            raise DataError(f"{path}: dataset {name!r} has shape {pools[name].shape}, expected {shape}")
+
+
+def load_thresholds(path: str | os.PathLike) -> dict[str, float]:
+    """{"1e-1": t, ...} from thresholds.json (the numeric top-level entries); DataError if malformed."""
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"{path}: thresholds file not found (run `pipeline build-pools` first)")
+    try:
+        document = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(document, dict):
+        raise DataError(f"{path}: expected a JSON object of thresholds")
+    thresholds = {}
+    for key, value in document.items():
+        if isinstance(value, dict):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise DataError(f"{path}: threshold {key!r} is not a finite number ({value!r})")
+        thresholds[key] = float(value)
+    if not thresholds:
+        raise DataError(f"{path}: no thresholds in the file")
+    return thresholds
