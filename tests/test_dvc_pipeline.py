@@ -1,0 +1,143 @@
+"""End to end: the real `dvc repro` in a temporary git repository made from this working tree.
+
+Two runs: the embedded synthetic default (shrunk by a params override to a minute's work) and the
+real-data mode (an insightface-format folder and an arcface_torch-layout teacher checkpoint written here,
+`synthetic` and `teacher_training` emptied so those stages disappear).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _project_copy(tmp_path: Path) -> Path:
+    """Tracked and untracked-but-not-ignored files of the working tree, as a fresh git repository."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True, capture_output=True
+    ).stdout.decode().split("\0")
+    work = tmp_path / "project"
+    for name in filter(None, files):
+        source = REPO / name
+        if source.is_file():
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, work / name)
+    for command in (["git", "init", "-q"], ["git", "add", "-A"],
+                    ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
+        subprocess.run(command, cwd=work, check=True)
+    return work
+
+
+def _tiny_params(work: Path, **changes) -> dict:
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["synthetic"]["demo"].update(identities=16, images_per_identity=6, size=16, val_identities=20,
+                                       val_pairs=40, test_identities=12, test_images_per_identity=4, workers=1)
+    params["teacher_training"]["demo"].update(arch="r18", width=0.125, embedding_size=32, epochs=1, batch_size=16,
+                                              workers=0)
+    params["student"].update(width=0.125, embedding_size=32, epochs=1, batch_size=16, balanced_batch_size=16,
+                             queue_size=256, workers=0)
+    params["extract"].update(batch_size=32, shard_size=40)
+    params["pools"].update(k=4, m=200, block_rows=32)
+    params.update(changes)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
+def _dvc(work: Path, *args: str) -> str:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["dvc", *args], cwd=work, capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result.stdout + result.stderr
+
+
+def _check_metrics(path: Path) -> dict:
+    metrics = json.loads(path.read_text())
+    for name in ("val", "test"):
+        assert name in metrics, f"{path}: no {name!r} entry"
+    assert 0.4 <= metrics["val"]["accuracy"] <= 1.0
+    tprs = [metrics["test"][f"tpr@fpr={f}"] for f in ("1e-1", "1e-2", "1e-3")]
+    assert all(0.0 <= t <= 1.0 for t in tprs) and tprs == sorted(tprs, reverse=True)
+    return metrics
+
+
+def test_dvc_repro_embedded_default(tmp_path):
+    work = _project_copy(tmp_path)
+    params = _tiny_params(work)
+    log = _dvc(work, "repro")
+    for stage in ("synthesize@demo", "train-teacher@demo", "extract-teacher", "build-pools", "report"):
+        assert f"Running stage '{stage}'" in log
+
+    students = list(params["students"])
+    assert (work / "data/synthetic/train.rec").is_file() and (work / "data/teacher/model.pt").is_file()
+    thresholds = json.loads((work / "data/pools/thresholds.json").read_text())
+    values = [thresholds[k] for k in ("1e-1", "1e-2", "1e-3")]
+    assert values == sorted(values) and all(-1 <= v <= 1 for v in values)  # lower FPR, higher threshold
+    _check_metrics(work / "data/teacher/metrics.json")
+    for name in students:
+        assert (work / f"data/students/{name}/model.pt").is_file()
+        _check_metrics(work / f"data/students/{name}/metrics.json")
+        assert (work / f"data/students/{name}/roc.csv").read_text().startswith("fpr,tpr,threshold")
+    report = (work / "data/report/report.md").read_text()
+    assert all(name in report for name in students) and "gap closed" in report
+    assert (work / "data/report/roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    again = _dvc(work, "repro")
+    assert "Running stage" not in again, again
+    shown = _dvc(work, "metrics", "show", "--json")
+    assert all(f"data/students/{name}/metrics.json" in shown for name in students)
+
+
+def _write_real_folder(folder: Path, size: int = 16) -> None:
+    """A small MS1M-like folder: train.rec/.idx/property with the insightface header, lfw.bin."""
+    from pipeline.formats.jpeg import encode_jpeg
+    from pipeline.formats.recordio import write_face_recordio
+    from pipeline.formats.verification_bin import write_verification_bin
+
+    rng = np.random.default_rng(0)
+    bases = rng.integers(0, 255, size=(10, size, size, 3))
+
+    def image(identity: int) -> bytes:
+        noise = rng.integers(-20, 20, size=(size, size, 3))
+        return encode_jpeg(np.clip(bases[identity] + noise, 0, 255).astype(np.uint8), quality=95)
+
+    items = [(image(i), i) for i in range(10) for _ in range(5)]
+    write_face_recordio(folder, items, with_header=True, num_classes=10, image_size=(size, size))
+    pairs = [(a, a) for a in range(10)] + [(a, (a + 1) % 10) for a in range(10)]
+    write_verification_bin(folder / "lfw.bin", [image(i) for pair in pairs for i in pair],
+                           np.array([a == b for a, b in pairs]))
+
+
+def test_dvc_repro_real_data_mode(tmp_path):
+    from pipeline.models import get_model
+
+    work = _project_copy(tmp_path)
+    real = tmp_path / "ms1m"
+    _write_real_folder(real)
+    teacher = get_model("r18", input_size=16, width=0.125, num_features=32)
+    state = {f"module.{k}": v for k, v in teacher.state_dict().items()}  # as DDP-trained arcface_torch saves
+    torch.save(state, tmp_path / "backbone.pth")
+    params = _tiny_params(work, synthetic={}, teacher_training={})
+    params["data"]["dir"] = str(real)
+    params["teacher"]["checkpoint"] = str(tmp_path / "backbone.pth")
+    params["students"] = {k: params["students"][k] for k in ("baseline", "ekd_global")}
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    log = _dvc(work, "repro")
+    assert "synthesize" not in log and "train-teacher" not in log
+    for stage in ("extract-teacher", "build-pools", "train-student@ekd_global", "evaluate-teacher", "report"):
+        assert f"Running stage '{stage}'" in log
+    metrics = json.loads((work / "data/teacher/metrics.json").read_text())
+    assert 0.0 <= metrics["lfw"]["accuracy"] <= 1.0 and "test" not in metrics
+    assert (work / "data/students/ekd_global/model.pt").is_file()
+    assert "lfw acc" in (work / "data/report/report.md").read_text()
