@@ -43,7 +43,7 @@ def command(
     block_rows: int = typer.Option(4096, "--block-rows", help="Rows per block: peak memory ~ 3 x block_rows^2 "
                                    "x 4 B, plus N x D x 4 B for the embeddings."),
     sample: Optional[int] = typer.Option(None, "--sample", help="Use a uniform sample of this many rows for the "
-                                         "thresholds and negative pairs (when all N^2/2 pairs are too many)."),
+                                         "thresholds and negative pairs (when all N^2/2 pairs are too many; 0 = all rows)."),
     seed: int = typer.Option(0, "--seed", help="Seed of --sample and of the threshold pilot."),
 ) -> None:
     """Build identity-neighbour and hard-negative pools and the teacher's exact FPR thresholds."""
@@ -51,6 +51,7 @@ def command(
         raise PipelineError(f"--centre-views {centre_views!r}: use original or both")
     if backend not in BACKENDS:
         raise PipelineError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    sample = sample or None  # 0 (what params.yaml can hold) means every row
     started = time.perf_counter()
     source = TeacherCache.open(cache)
     try:

@@ -77,7 +77,8 @@ def command(
             distill.margin_samples = batch_size
     if sampler == "pool" and pools is None:
         raise PipelineError("--sampler pool needs --pools (the folder written by build-pools)")
-    neighbours = load_pools(pools / "pools.h5")["neighbours"] if sampler == "pool" else None
+    tables = _checked_pools(pools, source, cache) if pools is not None else None
+    neighbours = tables["neighbours"] if sampler == "pool" else None
 
     def batches(world: int, rank: int):
         if sampler == "random":
@@ -102,6 +103,22 @@ _TRAIN_KNOBS = (
 def _check_choice(flag: str, value: str, choices: tuple) -> None:
     if value not in choices:
         raise PipelineError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
+
+
+def _checked_pools(pools: Path, source, cache: Path | None) -> dict:
+    """pools.h5, refused (fingerprints named) unless built from this dataset and, given --cache, its teacher:
+    thresholds.json is written with it, so this also vouches for the thresholds."""
+    path = pools / "pools.h5"
+    tables = load_pools(path)
+    wanted = {"dataset": source.fingerprint()}
+    if cache is not None:
+        wanted["teacher"] = TeacherCache.open(cache).teacher_fingerprint
+    problems = [f"{what} {tables['attrs'].get(f'{what}_fingerprint')} (pools) != {fp} (this run)"
+                for what, fp in wanted.items() if tables["attrs"].get(f"{what}_fingerprint") != fp]
+    if problems:
+        raise PipelineError(f"{path}: pools come from another teacher cache: {'; '.join(problems)}; "
+                            "rerun `pipeline build-pools` on this run's cache")
+    return tables
 
 
 def _distillation(kd, kd_weight, ekd_mode, queue_size, cache_path, pools, source, dim) -> Distillation:

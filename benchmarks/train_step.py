@@ -1,0 +1,254 @@
+"""Benchmark: what distilling from cached teacher targets costs per training step, relative to a plain
+student step and to the same EKD step with the teacher run online (the official EKD setup).
+
+Every variant runs train()'s per-step work (pipeline/training.py: FaceTrainee forward with the margin head,
+`_teacher_targets`, `_kd_term`, backward, SGD step, the loss read back) on the same batches, in the same
+process, interleaved round by round (the order rotating), `--warmup` rounds discarded; each ratio is the
+median over `--repeats` rounds of the ratio measured within the round:
+  plain                 - student + ArcFace head, no KD (train-teacher --arch mbf);
+  ekd_cached_global     - + targets[index, flip] from an (N, 2, 512) float16 cache tensor + EKD global mode
+                          (exact teacher thresholds, student queue prefilled to --queue rows: steady state);
+  ekd_cached_reference  - + the same lookup + EKD reference mode (official per-batch EMA thresholds);
+  ekd_online_global     - the teacher (--teacher, eval, no grad) run on every batch instead of the lookup.
+Parts, timed in the same rounds to explain the ratios: `teacher_forward` (the online extra) and
+`ekd_loss_<mode>` (the loss and its backward on a leaf embedding tensor, i.e. EKD's own cost).
+Batches come from BalancedBatchSampler (half general, half 4 images per identity), images are random tensors
+(convolution cost does not depend on pixel values), targets are clustered per identity like real embeddings.
+
+Issue targets: ekd_cached_over_plain <= 1.15 (the paper's online EKD costs 2.16x a plain step) and
+ekd_cached_over_online <= 0.25.
+
+    python benchmarks/train_step.py                       # mbf student, r50 teacher, 112x112, batch 128
+    python benchmarks/train_step.py --batch 64 --threads 1 # steadier on a small, shared CPU
+    python benchmarks/train_step.py --device cuda          # AMP + channels_last, as train() does on a GPU
+
+Prints one JSON line (progress goes to stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.losses.ekd import DEFAULT_ANCHORS, EKDLoss
+from pipeline.losses.margin import MarginHead
+from pipeline.losses.rank import order_statistic_thresholds
+from pipeline.models import get_model
+from pipeline.models.teachers import Teacher
+from pipeline.optim import sgd_without_bn_decay
+from pipeline.samplers import BalancedBatchSampler
+from pipeline.training import Distillation, FaceTrainee, _kd_term, _teacher_targets, resolve_device
+
+DIM = 512
+TARGETS = {"ekd_cached_over_plain": 1.15, "ekd_cached_over_online": 0.25}
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+    flips: torch.Tensor
+
+
+@dataclass
+class Variant:
+    """One student with its own optimiser and KD state, stepped like train() steps it."""
+
+    name: str
+    trainee: FaceTrainee
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    distill: Distillation | None
+
+    def step(self, batch: Batch, device: torch.device) -> None:
+        """train()'s per-step work (pipeline/training.py `_run_epoch`), minus the data loading."""
+        autocast = torch.autocast("cuda", dtype=torch.float16) if self.scaler.is_enabled() else contextlib.nullcontext()
+        with autocast:
+            embeddings, margin_loss = self.trainee(batch.images, batch.labels, None)
+        loss = margin_loss.float()
+        kd_loss = torch.zeros((), device=device)
+        if self.distill is not None:
+            targets = _teacher_targets(self.distill, batch.images, batch.indices, batch.flips, device)
+            kd_loss = _kd_term(self.distill, embeddings, targets, batch.labels)
+            loss = loss + kd_loss
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        loss.item(), margin_loss.item(), kd_loss.item()  # train() reads these back every step
+
+
+def clustered_targets(labels: np.ndarray, seed: int) -> torch.Tensor:
+    """(N, 2, DIM) float16 raw 'teacher' embeddings: identity centre + per-image noise, flip = small change."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((labels.max() + 1, DIM), dtype=np.float32)
+    original = centres[labels] + rng.standard_normal((labels.size, DIM), dtype=np.float32)
+    flipped = original + 0.3 * rng.standard_normal((labels.size, DIM), dtype=np.float32)
+    return torch.from_numpy(np.stack([original, flipped], axis=1) * 3.0).half()  # raw norms ~ 60-90, like arcface
+
+
+def teacher_thresholds(targets: torch.Tensor, labels: np.ndarray, sample: int = 4096) -> list[float]:
+    """Exact thresholds over the negative pairs of a sample of the targets (stand-in for thresholds.json)."""
+    rows = torch.arange(min(sample, targets.shape[0]))
+    t = F.normalize(targets[rows, 0].float(), dim=1)
+    i, j = torch.triu_indices(rows.numel(), rows.numel(), offset=1)
+    lab = torch.from_numpy(labels[rows.numpy()])
+    negatives = (t @ t.t())[i, j][lab[i] != lab[j]]
+    return order_statistic_thresholds(negatives, DEFAULT_ANCHORS).tolist()
+
+
+def make_variant(name: str, args, num_classes: int, device: torch.device, distill: Distillation | None) -> Variant:
+    torch.manual_seed(args.seed)  # every variant starts from the same student
+    backbone = get_model(args.student, input_size=args.size, num_features=DIM)
+    trainee = FaceTrainee(backbone, MarginHead(num_classes, DIM)).to(device).train()
+    if device.type == "cuda":
+        trainee = trainee.to(memory_format=torch.channels_last)
+    extra = [distill.loss.to(device)] if distill is not None else []
+    optimizer = sgd_without_bn_decay([trainee, *extra], lr=0.01, momentum=0.9, weight_decay=5e-4)
+    return Variant(name, trainee, optimizer, torch.amp.GradScaler("cuda", enabled=device.type == "cuda"), distill)
+
+
+def ekd_loss(mode: str, thresholds: list[float], queue: int, device: torch.device, seed: int) -> EKDLoss:
+    """EKD as train-student builds it; global mode's queue prefilled, as it is after the first steps."""
+    if mode == "reference":
+        return EKDLoss(mode="reference").to(device)
+    loss = EKDLoss(mode="global", teacher_thresholds=thresholds, queue_size=queue).to(device)
+    g = torch.Generator().manual_seed(seed)
+    loss.queue.push(F.normalize(torch.randn(queue, DIM, generator=g), dim=1).to(device),
+                    torch.randint(0, 10**6, (queue,), generator=g).to(device))
+    return loss
+
+
+def make_batches(sampler: BalancedBatchSampler, labels: np.ndarray, args, device: torch.device) -> list[Batch]:
+    g = torch.Generator().manual_seed(args.seed)
+    out = []
+    for indices in sampler:
+        idx = torch.tensor(indices, dtype=torch.int64)
+        images = torch.randn(len(indices), 3, args.size, args.size, generator=g).to(device)
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        flips = torch.rand(len(indices), generator=g) < 0.5
+        out.append(Batch(images, torch.from_numpy(labels[idx.numpy()]).to(device), idx, flips))
+    return out
+
+
+def timed(function: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    function()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
+def loss_alone(loss: EKDLoss, batch: Batch, targets: torch.Tensor, device: torch.device) -> Callable[[], None]:
+    """EKD's own cost: the loss and its backward on a leaf (B, DIM) embedding tensor."""
+    def run():
+        emb = torch.randn(batch.labels.shape[0], DIM, device=device, requires_grad=True)
+        t = targets[batch.indices, batch.flips.long()].to(device).float()
+        loss(emb, t, batch.labels).backward()
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--student", default="mbf")
+    parser.add_argument("--teacher", default="r50")
+    parser.add_argument("--size", type=int, default=112)
+    parser.add_argument("--batch", type=int, default=128, help="global batch: half general, half balanced")
+    parser.add_argument("--classes", type=int, default=2000, help="identities (margin head rows)")
+    parser.add_argument("--rows", type=int, default=100_000, help="training images (cache rows)")
+    parser.add_argument("--queue", type=int, default=65536, help="EKD global mode queue (train-student default)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default); 1 is "
+                        "steadier on a machine shared with other jobs")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+
+    labels = np.sort(np.random.default_rng(args.seed).integers(0, args.classes, args.rows)).astype(np.int64)
+    targets = clustered_targets(labels, args.seed)
+    thresholds = teacher_thresholds(targets, labels)
+    sampler = BalancedBatchSampler(labels, args.batch // 2, args.batch - args.batch // 2, per_identity=4,
+                                   seed=args.seed, epoch_size=args.warmup + args.repeats)
+    batches = make_batches(sampler, labels, args, device)
+    torch.manual_seed(args.seed)
+    teacher_module = get_model(args.teacher, input_size=args.size, num_features=DIM).to(device).eval()
+    if device.type == "cuda":
+        teacher_module = teacher_module.to(memory_format=torch.channels_last)
+    teacher = Teacher(teacher_module, kind="module", name=args.teacher, dim=DIM, input_size=args.size,
+                      device=device, fingerprint="random-init", path=Path(f"<{args.teacher} in memory>"),
+                      module=teacher_module)
+
+    def kd(mode, **source):
+        return Distillation(loss=ekd_loss(mode, thresholds, args.queue, device, args.seed), **source)
+
+    variants = [
+        make_variant("plain", args, args.classes, device, None),
+        make_variant("ekd_cached_global", args, args.classes, device, kd("global", targets=targets)),
+        make_variant("ekd_cached_reference", args, args.classes, device, kd("reference", targets=targets)),
+        make_variant("ekd_online_global", args, args.classes, device, kd("global", teacher=teacher)),
+    ]
+    parts_losses = {mode: ekd_loss(mode, thresholds, args.queue, device, args.seed) for mode in ("global", "reference")}
+    seconds: dict[str, list[float]] = {}
+    for r, batch in enumerate(batches):
+        jobs = [(v.name, lambda v=v: v.step(batch, device)) for v in variants]
+        jobs.append(("teacher_forward", lambda: teacher(batch.images)))
+        jobs += [(f"ekd_loss_{mode}", loss_alone(loss, batch, targets, device)) for mode, loss in parts_losses.items()]
+        for name, job in jobs[r % len(jobs):] + jobs[: r % len(jobs)]:  # rotate: no variant always goes first
+            spent = timed(job, device)
+            if r >= args.warmup:
+                seconds.setdefault(name, []).append(spent)
+            print(f"round {r + 1}/{len(batches)} {name}: {spent:.3f}s", file=sys.stderr, flush=True)
+
+    median = {name: statistics.median(values) for name, values in seconds.items()}
+
+    def ratio(a: str, b: str) -> float:
+        """Median over rounds of a/b measured in the same round (robust to slow drifts of background load)."""
+        return statistics.median(x / y for x, y in zip(seconds[a], seconds[b]))
+
+    ratios = {
+        "ekd_cached_over_plain": {m: ratio(f"ekd_cached_{m}", "plain") for m in ("global", "reference")},
+        "ekd_cached_over_online": ratio("ekd_cached_global", "ekd_online_global"),
+        "ekd_online_over_plain": ratio("ekd_online_global", "plain"),
+        "teacher_forward_over_plain": ratio("teacher_forward", "plain"),
+    }
+    met = {
+        "ekd_cached_over_plain": {m: r <= TARGETS["ekd_cached_over_plain"]
+                                  for m, r in ratios["ekd_cached_over_plain"].items()},
+        "ekd_cached_over_online": ratios["ekd_cached_over_online"] <= TARGETS["ekd_cached_over_online"],
+    }
+    print(json.dumps({
+        "benchmark": "train-step",
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "threads": torch.get_num_threads(),
+        "student": f"{args.student} {args.size}x{args.size}",
+        "teacher": f"{args.teacher} {args.size}x{args.size}",
+        "batch": args.batch, "classes": args.classes, "rows": args.rows, "queue": args.queue,
+        "repeats": args.repeats, "warmup": args.warmup,
+        "median_s": {k: round(v, 4) for k, v in median.items()},
+        "min_s": {k: round(min(v), 4) for k, v in seconds.items()},
+        **{k: (round(v, 3) if isinstance(v, float) else {m: round(x, 3) for m, x in v.items()})
+           for k, v in ratios.items()},
+        "targets": TARGETS, "met": met,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""`pipeline export`: the ONNX file computes the torch model's embeddings (checked here with onnxruntime
+directly, on other inputs and batch sizes than the stage's own check), and nothing is written when the check
+fails or the run breaks half-way."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import stages.export as export_stage
+from pipeline.cli import app
+from pipeline.errors import DataError
+from pipeline.models import get_model
+from pipeline.models.checkpoint import load_model, save_model
+from pipeline.models.teachers import export_onnx
+
+SIZE = 32
+MODELS = {
+    "mbf": {"input_size": SIZE, "width": 0.125, "num_features": 16},
+    "r18": {"input_size": SIZE, "width": 0.125, "num_features": 24},
+}
+
+
+def make_run(folder, arch, seed=0):
+    """A run folder with a model.pt whose BatchNorm statistics are random (so every layer matters)."""
+    torch.manual_seed(seed)
+    model = get_model(arch, **MODELS[arch])
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+            if module.affine:
+                module.weight.data.uniform_(0.5, 1.5)
+                module.bias.data.uniform_(-0.2, 0.2)
+    return save_model(folder / "model.pt", model.eval(), arch, MODELS[arch])
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("arch", MODELS)
+def test_onnx_embeddings_equal_torch(tmp_path, arch):
+    model_path = make_run(tmp_path, arch)
+    onnx_path = tmp_path / "deploy" / "x.onnx"
+    result = invoke("export", "--model", model_path, "--onnx", onnx_path)
+    assert result.exit_code == 0, result.output
+    assert f"wrote {onnx_path}" in result.output
+    assert sorted(p.name for p in onnx_path.parent.iterdir()) == ["x.onnx"]  # no temporary left behind
+
+    net, _ = load_model(model_path)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    (inp,), (out,) = session.get_inputs(), session.get_outputs()
+    assert inp.shape[1:] == [3, SIZE, SIZE] and not isinstance(inp.shape[0], int)  # dynamic batch
+    rng = np.random.default_rng(123)
+    for batch in (1, 5):
+        pixels = rng.integers(0, 256, size=(batch, SIZE, SIZE, 3)).astype(np.float32)
+        images = ((pixels / 255.0 - 0.5) / 0.5).transpose(0, 3, 1, 2).copy()  # the project's preprocessing
+        got = session.run([out.name], {inp.name: images})[0]
+        with torch.no_grad():
+            expected = net(torch.from_numpy(images)).numpy()
+        assert got.shape == (batch, MODELS[arch]["num_features"])
+        assert np.abs(got - expected).max() <= 1e-4
+        assert np.abs(expected).max() > 1e-2  # not a degenerate all-zero comparison
+
+
+def test_failed_parity_writes_nothing(tmp_path, monkeypatch):
+    """An ONNX graph that does not compute the model (here: from perturbed weights) is refused."""
+    model_path = make_run(tmp_path, "mbf")
+    onnx_path = tmp_path / "x.onnx"
+    onnx_path.write_bytes(b"previous export")
+
+    def export_perturbed(net, path, size):
+        wrong = copy.deepcopy(net)
+        with torch.no_grad():
+            for param in wrong.parameters():
+                param.mul_(1.05)
+        return export_onnx(wrong, path, size)
+
+    monkeypatch.setattr(export_stage, "export_onnx", export_perturbed)
+    result = invoke("export", "--model", model_path, "--onnx", onnx_path)
+    assert result.exit_code == 2
+    assert f"{onnx_path}: onnxruntime differs from torch" in result.output and "not written" in result.output
+    assert onnx_path.read_bytes() == b"previous export"  # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "x.onnx"]
+
+
+def test_broken_check_leaves_no_temporary(tmp_path, monkeypatch):
+    model_path = make_run(tmp_path, "mbf")
+
+    def unloadable(path, *args, **kwargs):
+        raise DataError(f"{path}: onnxruntime cannot load the model: simulated")
+
+    monkeypatch.setattr(export_stage, "load_teacher", unloadable)
+    result = invoke("export", "--model", model_path, "--onnx", tmp_path / "x.onnx")
+    assert result.exit_code == 2 and "simulated" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_not_a_model_file_is_a_clear_error(tmp_path):
+    bogus = tmp_path / "model.pt"
+    torch.save({"weights": torch.zeros(3)}, bogus)
+    result = invoke("export", "--model", bogus, "--onnx", tmp_path / "x.onnx")
+    assert result.exit_code == 2
+    assert f"{bogus}: not an ekd-pipeline-model file" in result.output
+    assert not (tmp_path / "x.onnx").exists()
