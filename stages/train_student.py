@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Optional
 
-import torch
 import typer
 
 from pipeline.cache import TeacherCache
@@ -20,7 +19,7 @@ KD_CHOICES = ("none", "l2", "cosine", "rkd", "ekd")
 SAMPLERS = ("random", "balanced", "pool")
 
 
-def command(
+def train_student(
     data: opt.Data,
     name: Annotated[str, typer.Option("--name", help="Student name; the run folder defaults to data/students/NAME.")],
     cache: Annotated[Optional[Path], typer.Option("--cache", help="Teacher cache from extract-teacher (needed unless --kd none).")] = None,
@@ -34,39 +33,16 @@ def command(
     balanced_batch_size: Annotated[int, typer.Option("--balanced-batch-size", help="Balanced part of each batch (identities x --per-identity); --batch-size is the general part.")] = 64,
     per_identity: Annotated[int, typer.Option("--per-identity", help="Images per identity in the balanced part.")] = 4,
     margin_on: Annotated[str, typer.Option("--margin-on", help="Margin loss on 'all' samples or only the 'general' part (official EKD).")] = "all",
-    arch: opt.Arch = "mbf",
-    input_size: opt.InputSize = None,
-    width: opt.Width = 1.0,
-    embedding_size: opt.EmbeddingSize = 512,
-    epochs: opt.Epochs = 20,
-    batch_size: opt.BatchSize = 64,
-    lr: opt.LR = 0.1,
-    momentum: opt.Momentum = 0.9,
-    weight_decay: opt.WeightDecay = 5e-4,
-    warmup_epochs: opt.Warmup = 0.0,
-    lr_schedule: opt.Schedule = "poly",
-    lr_milestones: opt.Milestones = "",
-    margin: opt.Margin = "arcface",
-    margin_s: opt.MarginS = 64.0,
-    margin_m: opt.MarginM = None,
-    sample_rate: opt.SampleRate = 1.0,
-    seed: opt.Seed = 0,
-    workers: opt.Workers = 2,
-    preload: opt.Preload = False,
-    device: opt.Device = "auto",
-    amp: opt.Amp = True,
-    resume: opt.Resume = True,
-    stop_after_epochs: opt.StopAfter = None,
+    **options,
 ):
     """Train a student against the teacher cache with EKD (or a KD baseline), reusing one cache for all."""
     _check_choice("--kd", kd, KD_CHOICES)
     _check_choice("--sampler", sampler, SAMPLERS)
     _check_choice("--margin-on", margin_on, ("all", "general"))
-    arguments = locals()  # a comprehension's own locals() would not see them (Python 3.11)
-    knobs = {k: arguments[k] for k in _TRAIN_KNOBS}
     out = out or Path("data/students") / name
     source = open_face_source(data)
-    cfg = opt.make_config(out, source, arch, input_size, width, embedding_size, **knobs)
+    cfg = opt.make_config(out, source, options)
+    batch_size, seed = options["batch_size"], options["seed"]
 
     distill = None
     if kd != "none":
@@ -91,13 +67,6 @@ def command(
     summary = train(cfg, source, source.num_classes, distill=distill,
                     batch_sampler_factory=None if sampler == "random" else batches)
     opt.print_summary(out, summary)
-
-
-_TRAIN_KNOBS = (
-    "epochs", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs", "lr_schedule", "lr_milestones",
-    "margin", "margin_s", "margin_m", "sample_rate", "seed", "workers", "preload", "device", "amp", "resume",
-    "stop_after_epochs",
-)
 
 
 def _check_choice(flag: str, value: str, choices: tuple) -> None:
@@ -139,4 +108,6 @@ def _distillation(kd, kd_weight, ekd_mode, queue_size, cache_path, pools, source
     return Distillation(loss=build_kd_loss(kd, **kwargs), targets=targets, weight=kd_weight)
 
 
-COMMANDS = {"train-student": command}
+COMMANDS = {
+    "train-student": opt.with_training_options(train_student, arch="mbf", batch_size=64),
+}

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from fixtures.arcface_reference import expected_entries, functional_forward, program, random_state_dict
-from fixtures.threads import single_torch_thread  # noqa: F401  (autouse)
 from pipeline.models import MODEL_NAMES, count_parameters, get_model
 
 

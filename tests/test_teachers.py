@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from fixtures.arcface_reference import functional_forward, program, random_state_dict
-from fixtures.threads import single_torch_thread  # noqa: F401  (autouse)
 from pipeline.errors import PipelineError
 from pipeline.models import get_model
 from pipeline.models.checkpoint import load_model, save_model
