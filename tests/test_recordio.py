@@ -290,3 +290,13 @@ def test_reader_in_dataloader_workers_gives_identical_bytes(tmp_path):
     worker_pids = {pid for _, _, pid, _ in seen}
     assert len(worker_pids) == 2 and os.getpid() not in worker_pids
     assert all(fd_pid == pid for _, _, pid, fd_pid in seen)  # each worker opened its own handle
+
+
+def test_test_set_beside_train_set_ignores_train_property(tmp_path):
+    """`property` describes train.rec; a test.rec in the same folder has its own identities."""
+    write_face_recordio(tmp_path, [(jpeg(i), i // 2) for i in range(8)], num_classes=4)
+    write_face_recordio(tmp_path, [(jpeg(20 + i), i // 2) for i in range(4)], prefix="test")
+
+    test = FaceRecordIO(tmp_path / "test", require_property=False)
+    assert test.num_classes == 2 and test.labels.tolist() == [0, 0, 1, 1]
+    assert test.fingerprint() != FaceRecordIO(tmp_path).fingerprint()
