@@ -172,6 +172,9 @@ def train(
         collate_fn=collate,
         pin_memory=device.type == "cuda",
         persistent_workers=cfg.workers > 0,
+        # its own generator: drawing worker seeds from the global RNG would shift the partial-FC stream
+        # on resume (persistent workers draw once per process, not once per epoch)
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
     live = _open_live(out) if rank == 0 else None
     last_epoch = cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, start_epoch + cfg.stop_after_epochs)
@@ -182,6 +185,8 @@ def train(
         stats = _run_epoch(model, loader, optimizer, scheduler, scaler, distill, device, use_amp, epoch, cfg, rank)
         history.append(stats)
         if rank == 0:
+            print(f"epoch {epoch + 1}/{cfg.epochs}: loss {stats['loss']:.4f} (margin {stats['margin_loss']:.4f}, "
+                  f"kd {stats['kd_loss']:.4f}), lr {stats['lr']:.4g}, {stats['images_per_s']:.0f} img/s", flush=True)
             save_train_state(state_path, trainee, optimizer, scheduler, scaler, extra_modules, epoch + 1, _config_key(cfg))
             if live is not None:
                 for key, value in stats.items():

@@ -1,0 +1,177 @@
+"""The training loop on CPU: exact resume, determinism, refused resumes, flips reaching model and targets,
+margin_samples. (The DDP run is in test_training_ddp.py.)"""
+import numpy as np
+import pytest
+import torch
+
+import ddp_train_worker as w
+from pipeline import training
+from pipeline.batches import ShuffledBatchSampler
+from pipeline.errors import PipelineError
+from pipeline.faces import FaceDataset
+from pipeline.formats.recordio import FaceRecordIO
+from pipeline.models import get_model
+from pipeline.models.checkpoint import safe_torch_load
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    """16 classes x 3 random 16 x 16 JPEGs: 48 images, 6 steps of 8 per epoch."""
+    return FaceRecordIO(w.write_random_faces(tmp_path_factory.mktemp("faces")))
+
+
+def _weights(run_dir):
+    return safe_torch_load(run_dir / "model.pt")["state_dict"]
+
+
+def _assert_same_tensors(got: dict, want: dict):
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
+RESUME_CASES = {
+    # partial FC draws classes from the global torch RNG; a DataLoader worker must not shift that stream
+    "margin-partial-fc-worker": (dict(sample_rate=0.5, workers=1), False),
+    # the EKD threshold EMA lives in loss buffers: a resume must restore them
+    "margin-ekd-reference": (dict(), True),
+}
+
+
+@pytest.mark.parametrize("case", RESUME_CASES)
+def test_resume_reproduces_the_uninterrupted_run_exactly(faces, tmp_path, case):
+    overrides, kd = RESUME_CASES[case]
+
+    def run(out, **more):
+        distill = w.ekd_reference_distillation(len(faces)) if kd else None  # fresh loss, as in a new process
+        return training.train(w.tiny_config(out, **overrides, **more), faces, faces.num_classes, distill)
+
+    straight = run(tmp_path / "straight")
+    first = run(tmp_path / "resumed", stop_after_epochs=1)
+    assert first["epochs_done"] == 1 and not first["finished"]
+    assert not (tmp_path / "resumed" / "model.pt").exists()  # nothing that looks finished
+    second = run(tmp_path / "resumed")
+    assert second["epochs_done"] == 2 and second["finished"] and len(second["history"]) == 1
+    assert second["history"][0]["loss"] == straight["history"][1]["loss"]
+    _assert_same_tensors(_weights(tmp_path / "resumed"), _weights(tmp_path / "straight"))
+    states = [safe_torch_load(tmp_path / run_dir / "checkpoint.pt") for run_dir in ("resumed", "straight")]
+    _assert_same_tensors(states[0]["trainee"], states[1]["trainee"])  # the head too
+    for got, want in zip(states[0]["extra_modules"], states[1]["extra_modules"]):
+        _assert_same_tensors(got, want)
+    if kd:
+        assert states[1]["extra_modules"][0]["ema_student_thresholds"].abs().sum() > 0
+
+
+def test_same_seed_same_weights_other_seed_other_weights(faces, tmp_path):
+    def run(name, seed):
+        training.train(w.tiny_config(tmp_path / name, epochs=1, seed=seed), faces, faces.num_classes)
+        return _weights(tmp_path / name)
+
+    first, again, other = run("a", 0), run("b", 0), run("c", 1)
+    _assert_same_tensors(again, first)
+    assert any(not torch.equal(other[k], first[k]) for k in first if other[k].is_floating_point())
+
+
+def test_resume_with_changed_settings_is_refused(faces, tmp_path):
+    training.train(w.tiny_config(tmp_path, stop_after_epochs=1), faces, faces.num_classes)
+    with pytest.raises(PipelineError, match=r"different settings \(lr\)"):
+        training.train(w.tiny_config(tmp_path, lr=0.2), faces, faces.num_classes)
+    with pytest.raises(PipelineError, match=r"different settings \(arch_kwargs, margin\)"):
+        training.train(w.tiny_config(tmp_path, margin="cosface", arch_kwargs={**w.TINY_MBF, "width": 0.25}),
+                       faces, faces.num_classes)
+    # run-length and machine knobs may change
+    summary = training.train(w.tiny_config(tmp_path, workers=1, stop_after_epochs=5), faces, faces.num_classes)
+    assert summary["epochs_done"] == 2 and summary["finished"]
+
+
+def test_torn_checkpoint_is_refused(faces, tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(PipelineError, match="checkpoint.pt: cannot read training checkpoint"):
+        training.train(w.tiny_config(tmp_path), faces, faces.num_classes)
+
+
+def test_flipped_item_is_the_mirrored_image(faces):
+    dataset = FaceDataset(faces)
+    for i in (0, 17, 47):
+        image, label, index, flip = dataset[(i, True)]
+        reference = (np.ascontiguousarray(faces.decode(i)[:, ::-1]).astype(np.float32) / 255 - 0.5) / 0.5
+        torch.testing.assert_close(image, torch.from_numpy(reference).permute(2, 0, 1), rtol=0, atol=1e-6)
+        assert torch.equal(image, torch.flip(dataset[(i, False)][0], dims=[2]))
+        assert (label, index, flip) == (int(faces.labels[i]), i, True)
+        assert not torch.equal(image, dataset[(i, False)][0])
+
+
+def test_teacher_targets_follow_the_flip_view():
+    targets = torch.arange(5 * 2 * 3, dtype=torch.float16).reshape(5, 2, 3)
+    indices, flips = torch.tensor([4, 0, 2, 2]), torch.tensor([True, False, False, True])
+    got = training._teacher_targets(training.Distillation(loss=None, targets=targets), None, indices, flips, "cpu")
+    want = torch.stack([targets[4, 1], targets[0, 0], targets[2, 0], targets[2, 1]]).float()
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    single_view = training.Distillation(loss=None, targets=targets[:, :1])
+    assert torch.equal(training._teacher_targets(single_view, None, indices, flips, "cpu"), targets[indices, 0].float())
+
+
+class _RecordingKD(torch.nn.Module):
+    """A KD loss that records the teacher rows it is given; contributes nothing to the gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.teacher_rows, self.batch_sizes = [], []
+
+    def forward(self, student, teacher, labels):
+        self.teacher_rows.append(teacher.clone())
+        self.batch_sizes.append(student.shape[0])
+        return student.sum() * 0.0
+
+
+def _recording_backbone(inputs: list, outputs: list):
+    """A get_model replacement whose backbones record every input batch and embedding batch."""
+    def record(module, args, out):
+        inputs.append(args[0].clone())
+        outputs.append(out.detach().clone())
+
+    def build(name, **kwargs):
+        backbone = get_model(name, **kwargs)
+        backbone.register_forward_hook(record)
+        return backbone
+    return build
+
+
+def test_each_sample_meets_the_teacher_view_of_its_own_flip(faces, tmp_path, monkeypatch):
+    """End to end: the image the backbone sees and the target the KD loss sees agree on every flip."""
+    n, dim = len(faces), w.DIM
+    code = torch.arange(n * 2, dtype=torch.float32).reshape(n, 2, 1).expand(n, 2, dim)  # row = 2 * index + view
+    seen = []
+    monkeypatch.setattr(training, "get_model", _recording_backbone(seen, []))
+    kd = _RecordingKD()
+    training.train(w.tiny_config(tmp_path, epochs=1), faces, faces.num_classes,
+                   training.Distillation(loss=kd, targets=code.contiguous()))
+    dataset = FaceDataset(faces)
+    views = []
+    for images, rows in zip(seen, kd.teacher_rows, strict=True):
+        for image, row in zip(images, rows, strict=True):
+            index, view = divmod(int(row[0]), 2)
+            assert torch.equal(image, dataset[(index, bool(view))][0])
+            views.append(view)
+    assert len(views) == n and 0 < sum(views) < n  # one epoch, both views used
+
+
+def test_margin_loss_sees_only_the_first_margin_samples(faces, tmp_path, monkeypatch):
+    head_inputs, backbone_outputs = [], []
+
+    class RecordingHead(training.MarginHead):
+        def forward(self, embeddings, labels):
+            head_inputs.append((embeddings.detach().clone(), labels.clone()))
+            return super().forward(embeddings, labels)
+
+    monkeypatch.setattr(training, "MarginHead", RecordingHead)
+    monkeypatch.setattr(training, "get_model", _recording_backbone([], backbone_outputs))
+    kd = _RecordingKD()
+    training.train(w.tiny_config(tmp_path, epochs=1), faces, faces.num_classes,
+                   training.Distillation(loss=kd, targets=torch.zeros(len(faces), 2, w.DIM), margin_samples=3))
+    assert kd.batch_sizes == [8] * 6  # the KD loss sees whole batches
+    batches = list(ShuffledBatchSampler(len(faces), 8, seed=0))  # the default sampler's epoch 0
+    for (head_embeddings, head_labels), batch_embeddings, batch in zip(head_inputs, backbone_outputs, batches,
+                                                                              strict=True):
+        assert torch.equal(head_embeddings, batch_embeddings[:3])
+        assert torch.equal(head_labels, torch.from_numpy(faces.labels[batch[:3]]))
