@@ -1,6 +1,7 @@
 """Distillation quality over seeds: every default student trained with 3 seeds on the same teacher cache.
 
-Run after `dvc repro` (it reuses data/: the synthetic set, the teacher, its cache and pools). Each student's
+Run after `dvc repro` (it reuses data/: the synthetic set, the teacher, its cache and pools, and the students
+of params.yaml's seed). Each student's
 command is the one DVC renders from dvc.yaml + params.yaml, with `--seed S --out DIR` appended (the last
 occurrence of an option wins), so this measures exactly what the pipeline trains. Prints ONE JSON line:
 per KD method, mean/std over seeds of TPR@FPR=1e-4 on test and of the gap closed
@@ -58,6 +59,8 @@ def main() -> None:
     for seed in (int(s) for s in args.seeds.split(",")):
         for name in names:
             out = Path(args.work) / f"seed{seed}" / name
+            if seed == params["student"]["seed"] and (Path("data/students") / name / "metrics.json").is_file():
+                out = Path("data/students") / name  # the pipeline's own run is this seed's run
             if not (out / "metrics.json").is_file():
                 run(f"{commands[name]} --seed {seed} --out {out} --no-resume")
                 run(f"pipeline evaluate --model {out / 'model.pt'} --data {data_dir} --out {out}")
