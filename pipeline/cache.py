@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 
 from pipeline.errors import DataError, PipelineError
+from pipeline.hdf5 import open_artifact
 
 FORMAT_VERSION = 1
 VIEW_NAMES = ("original", "flipped")
@@ -115,13 +116,7 @@ class TeacherCache:
     def open(cls, path: str | os.PathLike) -> "TeacherCache":
         """Open and validate `path`; PipelineError/DataError naming the file if it breaks the contract."""
         path = Path(path)
-        if not path.exists():
-            raise PipelineError(f"{path}: teacher cache not found (run `pipeline extract-teacher` first)")
-        try:
-            handle = h5py.File(path, "r")
-        except OSError as error:
-            raise DataError(f"{path}: not a readable HDF5 teacher cache ({error})") from None
-        with handle:
+        with open_artifact(path, "teacher cache", "extract-teacher") as handle:
             missing = [name for name in DATASETS if name not in handle]
             missing += [f"attribute {name!r}" for name in CONTRACT_ATTRS if name not in handle.attrs]
             if missing:

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.errors import DataError, PipelineError
+from pipeline.hdf5 import open_artifact
 from pipeline.search import DEFAULT_FPRS, identity_neighbours, negative_statistics, sample_rows
 from pipeline.search_knn import accumulate_centres, normalise_centres
 
@@ -190,13 +191,7 @@ def write_pools(out_dir: str | os.PathLike, results: PoolResults) -> tuple[Path,
 def load_pools(path: str | os.PathLike) -> dict:
     """pools.h5 as {dataset name: array, "attrs": dict}; DataError unless complete and well-formed."""
     path = Path(path)
-    if not path.exists():
-        raise PipelineError(f"{path}: pools file not found (run `pipeline build-pools` first)")
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as error:
-        raise DataError(f"{path}: not a readable HDF5 pools file ({error})") from None
-    with handle:
+    with open_artifact(path, "pools file", "build-pools") as handle:
         if not bool(handle.attrs.get("complete", False)):
             raise DataError(f"{path}: pools file is incomplete (interrupted write?); rerun `pipeline build-pools`")
         missing = [name for name in DATASETS if name not in handle]
