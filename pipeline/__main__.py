@@ -1,3 +1,4 @@
-from pipeline.cli import app
+"""`python -m pipeline`: the same entry point as the `pipeline` command (the top of the import graph)."""
+from pipeline import cli
 
-app(prog_name="pipeline")
+cli.app(prog_name="pipeline")
