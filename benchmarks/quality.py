@@ -36,7 +36,7 @@ def student_commands(repo: Path) -> dict[str, str]:
 
 def run(command: str) -> None:
     print(f"$ {command}", file=sys.stderr, flush=True)
-    subprocess.run(shlex.split(command), check=True)
+    subprocess.run(shlex.split(command), check=True, stdout=sys.stderr)  # stdout keeps only the JSON line
 
 
 def main() -> None:
