@@ -285,7 +285,10 @@ class TeacherCache:
             raise PipelineError(
                 f"{self.path}: the teacher cache ({self.nbytes() / 2**30:.1f} GiB) does not fit in memory"
             )
-        return torch.from_numpy(np.ascontiguousarray(self._memory[:, list(views), :]))
+        views = list(views)
+        if views == list(range(self._memory.shape[1])):
+            return torch.from_numpy(self._memory)  # shares the RAM copy: no second 12 GB array at MS1M scale
+        return torch.from_numpy(np.ascontiguousarray(self._memory[:, views, :]))
 
     def summary(self, sample: int = 4096) -> dict:
         """What `pipeline cache-info` prints: shape, provenance and L2-norm statistics on a row sample."""
