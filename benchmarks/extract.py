@@ -25,14 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.cache_build import ExtractionConfig, build_teacher_cache
-from pipeline.extraction import prepare_teacher, preprocess_views
+from pipeline.cache.build import ExtractionConfig, build_teacher_cache
+from pipeline.cache.worker import prepare_teacher, preprocess_views
 from pipeline.formats import open_face_source
 from pipeline.formats.jpeg import encode_jpeg
 from pipeline.formats.recordio import write_face_recordio
 from pipeline.models import get_model
-from pipeline.models.checkpoint import save_model
-from pipeline.models.teachers import load_teacher
+from pipeline.models.model_file import save_model
+from pipeline.models.loading import load_teacher
 
 
 def synthetic_rec(folder: Path, images: int, size: int, seed: int = 0) -> None:

@@ -44,10 +44,10 @@ from pipeline.losses.ekd import DEFAULT_ANCHORS, EKDLoss
 from pipeline.losses.margin import MarginHead
 from pipeline.losses.rank import order_statistic_thresholds
 from pipeline.models import get_model
-from pipeline.models.teachers import Teacher
-from pipeline.optim import sgd_without_bn_decay
-from pipeline.samplers import BalancedBatchSampler
-from pipeline.training import Distillation, FaceTrainee, _kd_term, _teacher_targets, resolve_device
+from pipeline.models.loading import Teacher
+from pipeline.training.optim import sgd_without_bn_decay
+from pipeline.training.samplers import BalancedBatchSampler
+from pipeline.training.loop import Distillation, FaceTrainee, _kd_term, _teacher_targets, resolve_device
 
 DIM = 512
 TARGETS = {"ekd_cached_over_plain": 1.15, "ekd_cached_over_online": 0.25}

@@ -8,9 +8,9 @@ from typing import Optional
 
 import typer
 
-from pipeline.cache import TeacherCache
-from pipeline.pools import VIEWS, build_pools, write_pools
-from pipeline.search import BACKENDS
+from pipeline.cache.format import TeacherCache
+from pipeline.search.pools import VIEWS, build_pools, write_pools
+from pipeline.search.statistics import BACKENDS
 from pipeline.errors import PipelineError
 
 

@@ -9,8 +9,8 @@ import torch
 import typer
 
 from pipeline.errors import PipelineError
-from pipeline.evaluation import DEFAULT_FPRS, evaluate_folder, write_metrics
-from pipeline.models.teachers import load_teacher
+from pipeline.evaluation.verification import DEFAULT_FPRS, evaluate_folder, write_metrics
+from pipeline.models.loading import load_teacher
 
 Model = Annotated[Path, typer.Option(
     "--model", help="Model file: this project's model.pt, an arcface_torch .pt, TorchScript or ONNX.")]

@@ -9,8 +9,8 @@ import torch
 import typer
 
 from pipeline.errors import PipelineError
-from pipeline.models.checkpoint import load_model
-from pipeline.models.teachers import export_onnx, load_teacher
+from pipeline.models.model_file import load_model
+from pipeline.models.loading import export_onnx, load_teacher
 
 
 def command(

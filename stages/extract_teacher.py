@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from pipeline.cache import TeacherCache
-from pipeline.cache_build import ExtractionConfig, build_teacher_cache, shard_progress
+from pipeline.cache.format import TeacherCache
+from pipeline.cache.build import ExtractionConfig, build_teacher_cache, shard_progress
 from pipeline.errors import PipelineError
 
 
@@ -34,7 +34,7 @@ def command(
     if workers == 0 and not scheduler:
         build_teacher_cache(cfg)
         return
-    from pipeline.distributed import make_client
+    from pipeline.cache.dask_cluster import make_client
 
     client = make_client(scheduler=scheduler, n_workers=workers if workers > 0 else None)
     try:

@@ -10,9 +10,9 @@ import numpy as np
 import typer
 
 from pipeline.errors import PipelineError
-from pipeline.models.checkpoint import load_model
+from pipeline.models.model_file import load_model
 from pipeline.models import count_parameters
-from pipeline.reporting import (
+from pipeline.evaluation.report import (
     REPORT_FPRS, ModelResult, markdown_table, plot_roc, read_roc_csv, read_roc_thresholds, thresholds_table,
 )
 

@@ -6,13 +6,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.cache import TeacherCache
+from pipeline.cache.format import TeacherCache
 from pipeline.errors import PipelineError
 from pipeline.formats import open_face_source
 from pipeline.losses.kd import build_kd_loss
-from pipeline.pools import load_pools, load_thresholds
-from pipeline.samplers import BalancedBatchSampler
-from pipeline.training import Distillation, train
+from pipeline.search.pools import load_pools, load_thresholds
+from pipeline.training.samplers import BalancedBatchSampler
+from pipeline.training.loop import Distillation, train
 from stages import training_options as opt
 
 KD_CHOICES = ("none", "l2", "cosine", "rkd", "ekd")

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from pipeline.formats import open_face_source
-from pipeline.training import train
+from pipeline.training.loop import train
 from stages import training_options as opt
 
 

@@ -9,7 +9,7 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from pipeline.errors import PipelineError
-from pipeline.training import TrainConfig
+from pipeline.training.loop import TrainConfig
 
 Data = Annotated[Path, typer.Option("--data", help="Training folder: train.rec/.idx/property (or an image folder).")]
 # (name, annotation, default): the options every training command has, in --help order. Commands take

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.losses.kd import build_kd_loss
-from pipeline.torch_dist import gather_kd_inputs, scale_for_ddp
+from pipeline.training.ddp import gather_kd_inputs, scale_for_ddp
 
 GLOBAL_BATCH, IN_DIM, EMB_DIM, STEPS = 16, 5, 4, 3
 CASES = {

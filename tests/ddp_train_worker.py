@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import torch_dist, training
+from pipeline.training import ddp
+from pipeline.training import loop as training
 from pipeline.formats.jpeg import encode_jpeg
 from pipeline.formats.recordio import FaceRecordIO, write_face_recordio
 from pipeline.losses.kd import build_kd_loss
@@ -100,7 +101,7 @@ def train_linear_on_mirrored(out_dir: Path, global_batch: int = 8, kd: bool = Tr
     """Margin (+ EKD) training of the linear backbone on MirroredFaces with `global_batch` images per step
     over all ranks; returns the trained parameters."""
     source = MirroredFaces()
-    cfg = tiny_config(out_dir, batch_size=global_batch // torch_dist.world_size(), epochs=1, warmup_epochs=0.0)
+    cfg = tiny_config(out_dir, batch_size=global_batch // ddp.world_size(), epochs=1, warmup_epochs=0.0)
     distill = ekd_reference_distillation(len(source), views_differ=False) if kd else None
     with capture_trainees(linear_backbone) as built:
         training.train(cfg, source, source.num_classes, distill)
@@ -119,7 +120,7 @@ def main(data: Path, out: Path) -> None:
                 "initial": trainee.initial, "buffers": dict(trainee.named_buffers())},
                out / f"mbf_rank{rank}.pt")
     torch.save(train_linear_on_mirrored(out / "linear"), out / f"linear_rank{rank}.pt")
-    torch_dist.cleanup()
+    ddp.cleanup()
 
 
 if __name__ == "__main__":

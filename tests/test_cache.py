@@ -9,8 +9,8 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.cache import TeacherCache, contract_attrs
-from pipeline.cache_shards import Shard, assemble, plan_shards, shard_is_valid, write_shard
+from pipeline.cache.format import TeacherCache, contract_attrs
+from pipeline.cache.shards import Shard, assemble, plan_shards, shard_is_valid, write_shard
 from pipeline.errors import DataError, PipelineError
 
 TEACHER_FP = "a" * 64

@@ -7,7 +7,7 @@ import torch
 import torch.multiprocessing as mp
 
 import ddp_kd_worker as w
-from pipeline import torch_dist
+from pipeline.training import ddp
 
 
 def _spawn(world: int, tmp_path, timeout_s: float = 120.0) -> list[dict]:
@@ -48,14 +48,14 @@ def test_ddp_kd_losses_equal_single_process_on_concatenated_batch(tmp_path):
 def test_helpers_without_a_process_group(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert torch_dist.init_from_env() is False and not torch_dist.is_distributed()
-    assert torch_dist.rank() == 0 and torch_dist.world_size() == 1
+    assert ddp.init_from_env() is False and not ddp.is_distributed()
+    assert ddp.rank() == 0 and ddp.world_size() == 1
     x = torch.randn(3, 2, requires_grad=True)
-    assert torch_dist.all_gather_with_grad(x) is x and torch.equal(torch_dist.all_gather_no_grad(x), x)
+    assert ddp.all_gather_with_grad(x) is x and torch.equal(ddp.all_gather_no_grad(x), x)
     # scale_for_ddp keeps the value and multiplies the gradient by the world size
-    monkeypatch.setattr(torch_dist, "world_size", lambda: 3)
+    monkeypatch.setattr(ddp, "world_size", lambda: 3)
     loss = (x ** 2).sum()
-    scaled = torch_dist.scale_for_ddp(loss)
+    scaled = ddp.scale_for_ddp(loss)
     assert scaled.item() == loss.item()
     scaled.backward()
     torch.testing.assert_close(x.grad, 3 * 2 * x.detach(), rtol=0, atol=0)

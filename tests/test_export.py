@@ -15,8 +15,8 @@ import stages.export as export_stage
 from pipeline.cli import app
 from pipeline.errors import DataError
 from pipeline.models import get_model
-from pipeline.models.checkpoint import load_model, save_model
-from pipeline.models.teachers import export_onnx
+from pipeline.models.model_file import load_model, save_model
+from pipeline.models.loading import export_onnx
 
 SIZE = 32
 MODELS = {

@@ -17,12 +17,12 @@ import typer
 from typer.testing import CliRunner
 
 from helpers.extract_tools import FailingTeacher, exit_once_then_run, make_face_rec, make_teacher
-from pipeline.cache import TeacherCache
-from pipeline.cache_build import ExtractionConfig, build_teacher_cache, shard_progress
-from pipeline.cache_shards import shard_dir
+from pipeline.cache.format import TeacherCache
+from pipeline.cache.build import ExtractionConfig, build_teacher_cache, shard_progress
+from pipeline.cache.shards import shard_dir
 from pipeline.errors import DataError, PipelineError
 from pipeline.formats import open_face_source
-from pipeline.models.teachers import load_teacher
+from pipeline.models.loading import load_teacher
 from stages.extract_teacher import COMMANDS
 
 ROWS, SHARD, BATCH = 150, 32, 16  # 5 shards of 2 batches (the last shard is shorter)
@@ -96,7 +96,7 @@ def test_rerun_on_complete_cache_is_a_no_op(setup, monkeypatch):
     def no_loading(*args, **kwargs):
         raise AssertionError("an up-to-date cache must not load the teacher")
 
-    monkeypatch.setattr("pipeline.cache_build.load_teacher", no_loading)
+    monkeypatch.setattr("pipeline.cache.build.load_teacher", no_loading)
     summary = build_teacher_cache(config(setup["data"], setup["teacher"], setup["reference"]), log=messages.append)
     assert summary["status"] == "up-to-date" and "up to date" in messages[-1]
     assert (sha256(setup["reference"]), setup["reference"].stat().st_mtime_ns) == before
@@ -218,7 +218,7 @@ def test_cli_commands(setup, tmp_path):
 # ------------------------------------------------------------------------------------------------ Dask
 @pytest.fixture(scope="module")
 def dask_client():
-    from pipeline.distributed import make_client
+    from pipeline.cache.dask_cluster import make_client
 
     client = make_client(n_workers=2, threads_per_worker=1, processes=True)
     yield client

@@ -1,4 +1,4 @@
-"""pipeline.metrics against loop-based re-computations of the insightface / sklearn procedures."""
+"""pipeline.evaluation.metrics against loop-based re-computations of the insightface / sklearn procedures."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.metrics import (
+from pipeline.evaluation.metrics import (
     contiguous_folds,
     downsample_roc,
     fpr_key,

@@ -8,7 +8,7 @@ from torch import nn
 
 from pipeline.losses.margin import MarginHead
 from pipeline.models import get_model
-from pipeline.optim import lr_factor, sgd_without_bn_decay
+from pipeline.training.optim import lr_factor, sgd_without_bn_decay
 
 
 def _decay_of(optimizer) -> dict[int, float]:

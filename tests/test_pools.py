@@ -1,4 +1,4 @@
-"""pipeline.pools and the build-pools stage: contents against brute force, the files' contract, bad input."""
+"""pipeline.search.pools and the build-pools stage: contents against brute force, the files' contract, bad input."""
 import json
 import logging
 
@@ -8,9 +8,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from pipeline.cache import TeacherCache, contract_attrs
+from pipeline.cache.format import TeacherCache, contract_attrs
 from pipeline.errors import DataError
-from pipeline.pools import DATASETS, build_pools, load_pools, load_thresholds, write_pools
+from pipeline.search.pools import DATASETS, build_pools, load_pools, load_thresholds, write_pools
 from stages.build_pools import COMMANDS
 
 FPR_KEYS = ["1e-1", "1e-2", "1e-3", "1e-4", "1e-5", "1e-6"]

@@ -12,12 +12,12 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from pipeline import synthetic
+from pipeline.synthetic import writer as synthetic
 from pipeline.errors import PipelineError
 from pipeline.formats.jpeg import decode_jpeg
 from pipeline.formats.recordio import FaceRecordIO
 from pipeline.formats.verification_bin import load_verification_bin
-from pipeline.synthetic import (
+from pipeline.synthetic.writer import (
     ROLE_TEST,
     ROLE_TRAIN,
     ROLE_VAL,

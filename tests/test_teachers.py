@@ -11,8 +11,8 @@ from torch import nn
 from fixtures.arcface_reference import functional_forward, program, random_state_dict
 from pipeline.errors import PipelineError
 from pipeline.models import get_model
-from pipeline.models.checkpoint import load_model, save_model
-from pipeline.models.teachers import export_onnx, file_sha256, load_teacher
+from pipeline.models.model_file import load_model, save_model
+from pipeline.models.loading import export_onnx, file_sha256, load_teacher
 
 TINY = dict(width=0.25, input_size=32, num_features=128)
 

@@ -20,20 +20,20 @@ from typer.testing import CliRunner
 
 import stages.train_student as train_student_stage
 from helpers.extract_tools import TEACHER_KWARGS, make_face_rec, make_teacher
-from pipeline.batches import FlipAugment
-from pipeline.cache import TeacherCache
-from pipeline.cache_build import ExtractionConfig, build_teacher_cache
+from pipeline.training.data import FlipAugment
+from pipeline.cache.format import TeacherCache
+from pipeline.cache.build import ExtractionConfig, build_teacher_cache
 from pipeline.cli import app
-from pipeline.faces import to_tensor
+from pipeline.models.preprocess import to_tensor
 from pipeline.formats import open_face_source
 from pipeline.losses.ekd import DEFAULT_ANCHORS
 from pipeline.losses.kd import build_kd_loss
 from pipeline.models import get_model
-from pipeline.models.checkpoint import load_model, safe_torch_load, save_model
-from pipeline.models.teachers import load_teacher
-from pipeline.pools import load_pools
-from pipeline.samplers import BalancedBatchSampler
-from pipeline.training import Distillation, TrainConfig, train
+from pipeline.models.model_file import load_model, safe_torch_load, save_model
+from pipeline.models.loading import load_teacher
+from pipeline.search.pools import load_pools
+from pipeline.training.samplers import BalancedBatchSampler
+from pipeline.training.loop import Distillation, TrainConfig, train
 
 ROWS, CLASSES = 96, 8
 STUDENT_KWARGS = {"input_size": 32, "width": 0.125, "num_features": TEACHER_KWARGS["num_features"]}
@@ -204,8 +204,8 @@ def forbid_teacher(monkeypatch):
     """From now on, any attempt to load or run a teacher fails the test."""
     def forbidden(*args, **kwargs):
         raise AssertionError("train-student must not load or run a teacher")
-    monkeypatch.setattr("pipeline.models.teachers.load_teacher", forbidden)
-    monkeypatch.setattr("pipeline.models.teachers.Teacher.__call__", forbidden)
+    monkeypatch.setattr("pipeline.models.loading.load_teacher", forbidden)
+    monkeypatch.setattr("pipeline.models.loading.Teacher.__call__", forbidden)
 
 
 @pytest.fixture

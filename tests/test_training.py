@@ -5,13 +5,13 @@ import pytest
 import torch
 
 import ddp_train_worker as w
-from pipeline import training
-from pipeline.batches import ShuffledBatchSampler
+from pipeline.training import loop as training
+from pipeline.training.samplers import ShuffledBatchSampler
 from pipeline.errors import PipelineError
-from pipeline.faces import FaceDataset
+from pipeline.training.data import FaceDataset
 from pipeline.formats.recordio import FaceRecordIO
 from pipeline.models import get_model
-from pipeline.models.checkpoint import safe_torch_load
+from pipeline.models.model_file import safe_torch_load
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import ddp_train_worker as w
-from pipeline.models.checkpoint import load_model
+from pipeline.models.model_file import load_model
 
 
 def _torchrun(data: Path, out: Path) -> None:

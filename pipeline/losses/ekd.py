@@ -27,7 +27,7 @@ mode="global" (default) uses exact thresholds instead of per-batch estimates:
   * loss = pos_weight * rank MSE over critical positives + neg_weight * rank MSE over the selected negatives;
   * after the loss, the batch's detached, normalised student embeddings and labels enter the queue (a ring
     buffer kept in buffers, so state_dict/resume reproduces). Under DDP pass the gathered batch: every rank
-    then holds the same queue and computes the same loss (see pipeline/torch_dist.py for the gradient).
+    then holds the same queue and computes the same loss (see pipeline/training/ddp.py for the gradient).
   Cost: the student thresholds need B x queue similarities per step (B = global batch).
 
 Both modes update their state on every call (like the official code), training or not.

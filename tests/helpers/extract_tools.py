@@ -17,7 +17,7 @@ import torch
 from pipeline.formats.jpeg import encode_jpeg
 from pipeline.formats.recordio import write_face_recordio
 from pipeline.models import get_model
-from pipeline.models.checkpoint import save_model
+from pipeline.models.model_file import save_model
 
 TEACHER_KWARGS = {"input_size": 32, "width": 0.125, "num_features": 32}
 
@@ -66,7 +66,7 @@ class FailingTeacher:
 
 def exit_once_then_run(marker: str, job):
     """Dask shard task that kills its worker process (os._exit) the first time it runs shard 1."""
-    from pipeline.extraction import run_shard
+    from pipeline.cache.worker import run_shard
 
     if job.shard.index == 1 and not os.path.exists(marker):
         Path(marker).write_text(str(os.getpid()))
@@ -77,9 +77,9 @@ def exit_once_then_run(marker: str, job):
 
 
 def _slow_main(data: str, teacher: str, out: str, shard_size: int, batch_size: int, delay: float) -> None:
-    import pipeline.cache_build as build
-    import pipeline.cache_shards as shards
-    import pipeline.extraction as extraction
+    import pipeline.cache.build as build
+    import pipeline.cache.shards as shards
+    import pipeline.cache.worker as extraction
 
     forward, assemble, real_file = extraction.forward_views, build.assemble, shards.h5py.File
     assembling = []

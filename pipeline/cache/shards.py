@@ -17,7 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.cache import VIEW_NAMES, is_marked_complete, mark_complete, write_attrs
+from pipeline.cache.format import VIEW_NAMES, is_marked_complete, mark_complete, write_attrs
 
 MANIFEST = "manifest.json"
 SHARD_META = ("teacher_fingerprint", "dataset_fingerprint", "dim", "dtype")  # what every shard must agree on

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.synthetic_identity import Nuisance
+from pipeline.synthetic.identity import Nuisance
 
 HEAD_DEPTH = 0.32  # ellipsoid half-depth in image-width units
 

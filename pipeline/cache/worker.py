@@ -18,9 +18,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline.cache_shards import Shard, write_shard
+from pipeline.cache.shards import Shard, write_shard
 from pipeline.errors import DataError, PipelineError
-from pipeline.faces import MEAN, STD
+from pipeline.models.preprocess import MEAN, STD
 from pipeline.formats import open_face_source
 
 PREFETCH_BATCHES = 2  # batches being decoded while the current one is in the teacher
@@ -57,7 +57,7 @@ _POOLS: dict = {}
 
 def cached_teacher(path: str, arch: str | None, device: str, fingerprint: str):
     """The teacher, loaded once per process; PipelineError if the file no longer has `fingerprint`."""
-    from pipeline.models.teachers import load_teacher
+    from pipeline.models.loading import load_teacher
 
     key = (path, arch, device)
     teacher = _TEACHERS.get(key)
@@ -214,7 +214,7 @@ def run_shard(job: ShardJob, teacher=None, source=None, on_batch: Callable[[int]
     started = time.perf_counter()
     source = source if source is not None else cached_source(job.data, job.meta["dataset_fingerprint"])
     if teacher is None:
-        from pipeline.distributed import pick_device  # Dask is only imported where jobs run on it
+        from pipeline.cache.dask_cluster import pick_device  # Dask is only imported where jobs run on it
 
         teacher = cached_teacher(job.teacher, job.arch, pick_device(job.device), job.meta["teacher_fingerprint"])
     size = teacher.input_size

@@ -1,7 +1,7 @@
 """Load a face-recognition teacher from whatever file the user has, behind one `Teacher` interface.
 
 Supported files: an arcface_torch state dict (.pt/.pth, optionally with a DDP `module.` prefix; the
-architecture is inferred from the keys and shapes), this project's own checkpoint (checkpoint.py), a
+architecture is inferred from the keys and shapes), this project's own model.pt (model_file.py), a
 TorchScript archive, and an ONNX model (insightface model-zoo convention, run with onnxruntime). Every
 Teacher maps a float32 NCHW batch normalised as (x/255 - 0.5) / 0.5 to (B, D) float32 raw embeddings.
 """
@@ -23,7 +23,7 @@ from torch import nn
 
 from pipeline.errors import DataError, PipelineError
 from pipeline.models import MODEL_NAMES, get_model
-from pipeline.models.checkpoint import (
+from pipeline.models.model_file import (
     is_pipeline_checkpoint,
     load_state_dict_strict,
     model_from_checkpoint,

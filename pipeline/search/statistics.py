@@ -11,19 +11,19 @@ bit of a product; results agree wherever that cannot change the order).
 Tie rules: kNN - similarity desc, then index asc. Top-M pairs - similarity desc, then i asc, then j asc
 (original row indices, i < j). Thresholds are order statistics (values), so ties do not matter there.
 
-The pieces: `search_backends` (engines), `search_layout` (label-sorted blocks), `search_select` (exact
-order statistics), `search_thresholds`, `search_pairs`, `search_knn`.
+The pieces (this package): `backends` (engines), `layout` (label-sorted blocks), `select` (exact order
+statistics), `thresholds`, `pairs`, `knn`.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.search_backends import BACKENDS, check_rows, scan_engine
-from pipeline.search_knn import clamp, class_centres, identity_neighbours, knn_ip
-from pipeline.search_layout import PairLayout
-from pipeline.search_pairs import TopPairs, rank_pairs
-from pipeline.search_thresholds import (DEFAULT_FPRS, exact_thresholds, fpr_key, pair_counts, positive_tpr,
+from pipeline.search.backends import BACKENDS, check_rows, scan_engine
+from pipeline.search.knn import clamp, class_centres, identity_neighbours, knn_ip
+from pipeline.search.layout import PairLayout
+from pipeline.search.pairs import TopPairs, rank_pairs
+from pipeline.search.thresholds import (DEFAULT_FPRS, exact_thresholds, fpr_key, pair_counts, positive_tpr,
                                         run_scan, threshold_ranks)
 
 __all__ = [

@@ -4,7 +4,7 @@ A float32 maps to an int key with the same order (`float_keys`), so counting key
 exactly. A `Window` keeps, for one target rank, the exact multiset of the values in [lo, hi] (a histogram
 over their keys, or the values themselves when hi is +inf) plus the count of values above hi. After a
 scan, the rank's value is read off the window if the rank fell inside it; otherwise the window says on
-which side it lies and a wider search runs (see `search_thresholds`).
+which side it lies and a wider search runs (see `thresholds`).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from pipeline.search_backends import FLOOR_ALL
+from pipeline.search.backends import FLOOR_ALL
 
 COARSE_SHIFT = 16  # coarse radix bins hold 2**16 consecutive float32 values
 COARSE_BINS = 1 << (32 - COARSE_SHIFT)

@@ -1,4 +1,7 @@
-"""Batch samplers for distillation: the official EKD "general + balanced" batch and a pool-aware variant.
+"""Batch samplers: plain shuffled epochs, and for distillation the official EKD "general + balanced" batch
+and a pool-aware variant.
+
+`ShuffledBatchSampler`: each epoch a fresh permutation cut into full batches, ranks taking disjoint slices.
 
 Each batch = `general` indices drawn from all images, followed by `balanced // per_identity` distinct
 identities with `per_identity` images each. An identity with fewer images repeats them cyclically (its list
@@ -22,6 +25,35 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from pipeline.errors import PipelineError
+
+
+def epoch_rng(seed: int, epoch: int, rank: int = 0, stream: int = 0) -> np.random.Generator:
+    """An independent generator for one (seed, epoch, rank, stream)."""
+    return np.random.default_rng([seed, epoch, rank, stream])
+
+
+class ShuffledBatchSampler:
+    """Each epoch a fresh permutation of all indices, cut into full batches; ranks take disjoint slices."""
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, world_size: int = 1, rank: int = 0):
+        if batch_size * world_size > n:
+            raise ValueError(f"batch size {batch_size} x {world_size} ranks exceeds the {n} training images")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.world_size, self.rank, self.epoch = world_size, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n // (self.batch_size * self.world_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = epoch_rng(self.seed, self.epoch).permutation(self.n)
+        step = self.batch_size * self.world_size
+        for b in range(len(self)):
+            start = b * step + self.rank * self.batch_size
+            yield order[start : start + self.batch_size].tolist()
+
 
 _PERMUTATION, _BATCHES = 0, 1  # stream tags in the seed, so the two random streams never coincide
 

@@ -23,7 +23,7 @@ from pipeline.errors import DataError, PipelineError
 from pipeline.formats.jpeg import decode_image
 from pipeline.formats.recordio import FaceRecordIO
 from pipeline.formats.verification_bin import load_verification_bin
-from pipeline.metrics import Roc, downsample_roc, fpr_key, l2_normalize, verification_accuracy
+from pipeline.evaluation.metrics import Roc, downsample_roc, fpr_key, l2_normalize, verification_accuracy
 
 DEFAULT_FPRS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
 Embed = Callable[[torch.Tensor], "torch.Tensor | np.ndarray"]

@@ -14,8 +14,8 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from pipeline.cache import DTYPES, FORMAT_VERSION, TeacherCache, contract_attrs
-from pipeline.cache_shards import (
+from pipeline.cache.format import DTYPES, FORMAT_VERSION, TeacherCache, contract_attrs
+from pipeline.cache.shards import (
     SHARD_META,
     Shard,
     assemble,
@@ -28,10 +28,10 @@ from pipeline.cache_shards import (
     write_manifest,
 )
 from pipeline.errors import DataError, PipelineError
-from pipeline.extraction import ShardJob, default_decode_threads, prepare_teacher, run_shard
-from pipeline.faces import preprocessing_attrs
+from pipeline.cache.worker import ShardJob, default_decode_threads, prepare_teacher, run_shard
+from pipeline.models.preprocess import preprocessing_attrs
 from pipeline.formats import open_face_source
-from pipeline.models.teachers import file_sha256, load_teacher
+from pipeline.models.loading import file_sha256, load_teacher
 
 FLIP = "horizontal"
 
@@ -241,7 +241,7 @@ def _run_catching(task: Callable[[ShardJob], dict], job: ShardJob):
 def _run_on_dask(client, jobs: list[ShardJob], task: Callable[[ShardJob], dict]) -> None:
     from functools import partial
 
-    from pipeline.distributed import run_jobs
+    from pipeline.cache.dask_cluster import run_jobs
 
     def stop_on_error(job: ShardJob, result: dict) -> None:
         if "error" in result:

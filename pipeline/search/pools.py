@@ -21,9 +21,9 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.errors import DataError, PipelineError
-from pipeline.hdf5 import open_artifact
-from pipeline.search import DEFAULT_FPRS, identity_neighbours, negative_statistics, sample_rows
-from pipeline.search_knn import accumulate_centres, normalise_centres
+from pipeline.io import open_artifact
+from pipeline.search.statistics import DEFAULT_FPRS, identity_neighbours, negative_statistics, sample_rows
+from pipeline.search.knn import accumulate_centres, normalise_centres
 
 FORMAT_VERSION = 1
 VIEWS = {"original": (0,), "flipped": (1,), "both": (0, 1)}

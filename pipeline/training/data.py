@@ -1,31 +1,20 @@
-"""Face datasets for training: any face source (RecordIO or image folder) as a torch Dataset.
+"""Face datasets for training: any face source (RecordIO or image folder) as a torch Dataset, and the flip
+augmentation as a batch-sampler wrapper.
 
 Items are addressed as `(index, flip)` pairs so that the flip augmentation is decided by the sampler
 (deterministic and resumable) and the student can look up the teacher view that matches the flip.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-MEAN = 0.5
-STD = 0.5
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) or (B, H, W, 3) RGB -> float32 CHW / BCHW normalised as (x/255 - 0.5) / 0.5."""
-    tensor = torch.from_numpy(np.array(images, dtype=np.float32))  # one copy: also handles flipped views
-    tensor = tensor.div_(255.0).sub_(MEAN).div_(STD)
-    return tensor.permute(2, 0, 1) if tensor.ndim == 3 else tensor.permute(0, 3, 1, 2)
-
-
-def preprocessing_attrs(size: int) -> dict:
-    """The preprocessing every model in this project expects, as recorded in caches and checkpoints."""
-    return {"size": int(size), "mean": MEAN, "std": STD, "color": "RGB", "layout": "NCHW"}
+from pipeline.models.preprocess import to_tensor
+from pipeline.training.samplers import epoch_rng
 
 
 class FaceDataset(Dataset):
@@ -64,3 +53,24 @@ def collate(items: Sequence[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.T
         torch.tensor(indices, dtype=torch.int64),
         torch.tensor(flips, dtype=torch.bool),
     )
+
+
+class FlipAugment:
+    """Wraps a batch sampler: each index becomes `(index, flip)` with flip ~ Bernoulli(p)."""
+
+    def __init__(self, batch_sampler, seed: int = 0, p: float = 0.5, rank: int = 0):
+        self.batch_sampler, self.seed, self.p, self.rank, self.epoch = batch_sampler, seed, p, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.batch_sampler, "set_epoch"):
+            self.batch_sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
+        rng = epoch_rng(self.seed, self.epoch, self.rank, stream=1)
+        for batch in self.batch_sampler:
+            flips = rng.random(len(batch)) < self.p
+            yield [(int(i), bool(f)) for i, f in zip(batch, flips)]

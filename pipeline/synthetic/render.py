@@ -1,6 +1,6 @@
 """Draw one synthetic face image: an `Identity` under a `Nuisance`, as uint8 RGB at the requested size.
 
-The face parts are built as polygons in canonical coordinates (`pipeline.synthetic_scene`), drawn on a canvas
+The face parts are built as polygons in canonical coordinates (`pipeline.synthetic.scene`), drawn on a canvas
 ``supersample_factor(size)`` times larger and box-reduced to the output size, so every size is rendered
 directly and anti-aliased. Skin texture, illumination, colour cast, blur and sensor noise are applied at the
 output size, where they are cheapest.
@@ -13,8 +13,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from pipeline.synthetic_identity import TEXTURE_GRID, Identity, Nuisance
-from pipeline.synthetic_scene import Pose, Scene
+from pipeline.synthetic.identity import TEXTURE_GRID, Identity, Nuisance
+from pipeline.synthetic.scene import Pose, Scene
 
 CANVAS_TARGET = 160  # the supersampled canvas is at least this wide (and at least 2x the output)
 TEXTURE_SPAN = 1.1  # the identity's texture grid covers [-0.55, 0.55]^2 of the canonical face

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from pipeline.batches import FlipAugment, ShuffledBatchSampler
+from pipeline.training.data import FlipAugment
+from pipeline.training.samplers import ShuffledBatchSampler
 
 
 def _epoch(sampler, epoch):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.search_backends import FLOOR_ALL
-from pipeline.search_layout import PairLayout
+from pipeline.search.backends import FLOOR_ALL
+from pipeline.search.layout import PairLayout
 
 
 def rank_pairs(sims: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:

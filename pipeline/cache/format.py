@@ -3,7 +3,7 @@
 One row per training image, in dataset order: `embeddings` (N, views, D) raw teacher outputs (float16 by
 default) with views = (original, horizontally flipped), `labels` (N,) int64, `keys` (N,) int64, and
 attributes that say which teacher, which dataset and which preprocessing produced them. `complete=True` is
-written last, so a file without it is never trusted. The writer lives in `cache_shards.py`/`cache_build.py`.
+written last, so a file without it is never trusted. The writer lives in `shards.py` / `build.py`.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 
 from pipeline.errors import DataError, PipelineError
-from pipeline.hdf5 import open_artifact
+from pipeline.io import open_artifact
 
 FORMAT_VERSION = 1
 VIEW_NAMES = ("original", "flipped")

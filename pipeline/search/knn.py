@@ -13,7 +13,7 @@ import logging
 import numpy as np
 
 from pipeline.errors import DataError, PipelineError
-from pipeline.search_backends import check_rows, knn_kind
+from pipeline.search.backends import check_rows, knn_kind
 
 log = logging.getLogger("pipeline.search")
 

@@ -20,14 +20,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline import torch_dist
-from pipeline.batches import FlipAugment, ShuffledBatchSampler
-from pipeline.faces import FaceDataset, collate
+from pipeline.training import ddp
+from pipeline.training.data import FlipAugment
+from pipeline.training.samplers import ShuffledBatchSampler
+from pipeline.training.data import FaceDataset, collate
 from pipeline.losses.margin import MarginHead
 from pipeline.models import get_model
-from pipeline.models.checkpoint import save_model
-from pipeline.optim import lr_factor, sgd_without_bn_decay
-from pipeline.train_state import load_train_state, save_train_state
+from pipeline.models.model_file import save_model
+from pipeline.training.optim import lr_factor, sgd_without_bn_decay
+from pipeline.training.resume import load_train_state, save_train_state
 
 
 @dataclass
@@ -104,11 +105,11 @@ def _teacher_targets(distill: Distillation, images, indices, flips, device) -> t
 
 def _kd_term(distill: Distillation, embeddings, targets, labels) -> torch.Tensor:
     """KD loss on the batch gathered over all ranks; scaled so DDP's gradient averaging stays exact."""
-    if torch_dist.world_size() > 1:
-        embeddings = torch_dist.all_gather_with_grad(embeddings)
-        targets = torch_dist.all_gather_no_grad(targets)
-        labels = torch_dist.all_gather_no_grad(labels)
-        return torch_dist.scale_for_ddp(distill.loss(embeddings.float(), targets, labels)) * distill.weight
+    if ddp.world_size() > 1:
+        embeddings = ddp.all_gather_with_grad(embeddings)
+        targets = ddp.all_gather_no_grad(targets)
+        labels = ddp.all_gather_no_grad(labels)
+        return ddp.scale_for_ddp(distill.loss(embeddings.float(), targets, labels)) * distill.weight
     return distill.loss(embeddings.float(), targets, labels) * distill.weight
 
 
@@ -124,8 +125,8 @@ def train(
     `batch_sampler_factory(world_size, rank)` gives the sampler of index batches (default: shuffled
     epochs). The result is `out_dir/model.pt`; `out_dir/checkpoint.pt` holds the state to resume from.
     """
-    torch_dist.init_from_env()
-    world, rank = torch_dist.world_size(), torch_dist.rank()
+    ddp.init_from_env()
+    world, rank = ddp.world_size(), ddp.rank()
     device = resolve_device(cfg.device)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -198,7 +199,7 @@ def train(
         save_model(out / "model.pt", trainee.backbone, cfg.arch, cfg.arch_kwargs, extra={"train": _jsonable(cfg)})
     if live is not None:
         live.end()
-    torch_dist.barrier()
+    ddp.barrier()
     return summary
 
 
@@ -237,13 +238,13 @@ def _run_epoch(model, loader, optimizer, scheduler, scaler, distill, device, use
     steps = max(1, len(loader))
     seconds = time.perf_counter() - started
     stats = {k: v / steps for k, v in totals.items()}
-    stats.update(lr=scheduler.get_last_lr()[0], images_per_s=images_seen * torch_dist.world_size() / seconds, epoch=epoch + 1)
+    stats.update(lr=scheduler.get_last_lr()[0], images_per_s=images_seen * ddp.world_size() / seconds, epoch=epoch + 1)
     return stats
 
 
 def _wrap_ddp(trainee: nn.Module, device: torch.device) -> nn.Module:
     """DistributedDataParallel under torchrun; the plain module otherwise."""
-    if torch_dist.world_size() == 1:
+    if ddp.world_size() == 1:
         return trainee
     device_ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(trainee, device_ids=device_ids, find_unused_parameters=False)

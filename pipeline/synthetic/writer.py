@@ -13,13 +13,12 @@
 Every identity and every image has its own generator, seeded by ``np.random.SeedSequence(seed,
 spawn_key=(role, identity, image))``: the output is bit-identical for the same arguments whatever the
 number of workers, and train / val / test identities (roles 0 / 1 / 2) are drawn by the same process from
-disjoint seed streams. Look-alike families (`pipeline.synthetic_identity.FAMILY_SIZE` consecutive
+disjoint seed streams. Look-alike families (`pipeline.synthetic.identity.FAMILY_SIZE` consecutive
 identities of one split) share part of their latents.
 
 Difficulty (0..1) scales every nuisance (pose, illumination, blur, noise, occluders, expression, JPEG
-quality) and pulls identities together (smaller spread, stronger family resemblance). The default 0.5 is
-meant to leave a large network clearly short of perfect at FPR 1e-4..1e-5 on ``test.rec`` while a small
-one lags it there; the lead tunes the final value against real teacher/student runs.
+quality) and pulls identities together (smaller spread, stronger family resemblance). At the default 0.5
+a large network stays clearly short of perfect at FPR 1e-4..1e-5 on ``test.rec`` while a small one lags it.
 """
 
 from __future__ import annotations
@@ -43,8 +42,8 @@ from pipeline.errors import PipelineError
 from pipeline.formats.jpeg import encode_jpeg
 from pipeline.formats.recordio import write_face_recordio
 from pipeline.formats.verification_bin import write_verification_bin
-from pipeline.synthetic_identity import FAMILY_SIZE, Identity, draw_nuisance, make_identity
-from pipeline.synthetic_render import render_face
+from pipeline.synthetic.identity import FAMILY_SIZE, Identity, draw_nuisance, make_identity
+from pipeline.synthetic.render import render_face
 
 FORMAT = "ekd-synthetic"
 VERSION = 1

@@ -7,7 +7,7 @@ How, without sorting n ~ N^2/2 values:
   1. pilot: similarities between two random row samples estimate each threshold and its sampling error
      (row and column effects included); each target gets a window [lo, hi] a few standard errors wide;
   2. one scan: per block, the count of values > hi and the exact multiset of values in [lo, hi] (key
-     histograms, `search_select.Window`); for small f one shared "values >= lo" extraction feeds all;
+     histograms, `select.Window`); for small f one shared "values >= lo" extraction feeds all;
   3. a target whose rank fell outside its window (pilot unlucky) is found by the exact two-scan radix
      select: coarse histogram of float keys, then the one coarse bin that holds the rank. Small inputs
      (n below ~16 pilot samples) go there directly.
@@ -21,9 +21,9 @@ import math
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.search_backends import FLOOR_ALL
-from pipeline.search_layout import PairLayout, positive_sims, scan_negatives
-from pipeline.search_select import CoarseHistogram, Window, float_keys, fpr_rank, keys_to_floats
+from pipeline.search.backends import FLOOR_ALL
+from pipeline.search.layout import PairLayout, positive_sims, scan_negatives
+from pipeline.search.select import CoarseHistogram, Window, float_keys, fpr_rank, keys_to_floats
 
 DEFAULT_FPRS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 EXTRACT_FRACTION = 0.15  # windows reaching at most this share of the values share one extraction
