@@ -31,8 +31,8 @@ from pipeline.formats import open_face_source
 from pipeline.formats.jpeg import encode_jpeg
 from pipeline.formats.recordio import write_face_recordio
 from pipeline.models import get_model
+from pipeline.models.loading import load_embedder
 from pipeline.models.model_file import save_model
-from pipeline.models.loading import load_teacher
 
 
 def synthetic_rec(folder: Path, images: int, size: int, seed: int = 0) -> None:
@@ -86,7 +86,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = get_model(args.arch, input_size=args.size, width=args.width)
         save_model(work / "teacher.pt", model, args.arch, {"input_size": args.size, "width": args.width})
-        teacher = prepare_teacher(load_teacher(work / "teacher.pt", device=device))
+        teacher = prepare_teacher(load_embedder(work / "teacher.pt", device=device))
 
         source = open_face_source(work / "data")
         decoded = np.stack([source.decode(i) for i in range(len(source))])

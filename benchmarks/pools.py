@@ -25,10 +25,15 @@ import time
 
 import numpy as np
 
-from pipeline.search.statistics import DEFAULT_FPRS, fpr_key, knn_ip, negative_thresholds
+from pipeline.fpr import fpr_key
 from pipeline.search.backends import scan_engine
 from pipeline.search.layout import block_pairs
 from pipeline.search.select import fpr_rank
+from pipeline.search.statistics import (
+    DEFAULT_FPRS,
+    knn_ip,
+    negative_thresholds,
+)
 
 
 def clustered_embeddings(n: int, dim: int, per_identity: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

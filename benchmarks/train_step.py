@@ -44,10 +44,16 @@ from pipeline.losses.ekd import DEFAULT_ANCHORS, EKDLoss
 from pipeline.losses.margin import MarginHead
 from pipeline.losses.rank import order_statistic_thresholds
 from pipeline.models import get_model
-from pipeline.models.loading import Teacher
+from pipeline.models.loading import Embedder
+from pipeline.training.loop import (
+    Distillation,
+    FaceTrainee,
+    _kd_term,
+    _teacher_targets,
+    resolve_device,
+)
 from pipeline.training.optim import sgd_without_bn_decay
 from pipeline.training.samplers import BalancedBatchSampler
-from pipeline.training.loop import Distillation, FaceTrainee, _kd_term, _teacher_targets, resolve_device
 
 DIM = 512
 TARGETS = {"ekd_cached_over_plain": 1.15, "ekd_cached_over_online": 0.25}
@@ -192,7 +198,7 @@ def main() -> None:
     teacher_module = get_model(args.teacher, input_size=args.size, num_features=DIM).to(device).eval()
     if device.type == "cuda":
         teacher_module = teacher_module.to(memory_format=torch.channels_last)
-    teacher = Teacher(teacher_module, kind="module", name=args.teacher, dim=DIM, input_size=args.size,
+    teacher = Embedder(teacher_module, kind="module", name=args.teacher, dim=DIM, input_size=args.size,
                       device=device, fingerprint="random-init", path=Path(f"<{args.teacher} in memory>"),
                       module=teacher_module)
 

@@ -32,15 +32,20 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.training.data import FlipAugment
-from pipeline.training.samplers import ShuffledBatchSampler
-from pipeline.training.data import FaceDataset, collate
 from pipeline.formats.recordio import FaceRecordIO
 from pipeline.losses.margin import MarginHead
 from pipeline.models import get_model
-from pipeline.training.optim import lr_factor, sgd_without_bn_decay
 from pipeline.synthetic import synthesize
-from pipeline.training.loop import FaceTrainee, TrainConfig, _run_epoch, resolve_device, train
+from pipeline.training.data import FaceDataset, FlipAugment, collate
+from pipeline.training.loop import (
+    FaceTrainee,
+    TrainConfig,
+    _run_epoch,
+    resolve_device,
+    train,
+)
+from pipeline.training.optim import lr_factor, sgd_without_bn_decay
+from pipeline.training.samplers import ShuffledBatchSampler
 
 
 def premade_batches(source, cfg: TrainConfig, epoch: int) -> list[tuple]:

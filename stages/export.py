@@ -1,7 +1,6 @@
 """`pipeline export`: the deployable student as ONNX, checked against torch before it is kept."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -9,8 +8,9 @@ import torch
 import typer
 
 from pipeline.errors import PipelineError
+from pipeline.io import atomic_path
+from pipeline.models.loading import export_onnx, load_embedder
 from pipeline.models.model_file import load_model
-from pipeline.models.loading import export_onnx, load_teacher
 
 
 def command(
@@ -21,16 +21,12 @@ def command(
     """Export a trained model to ONNX (NCHW RGB, (x-127.5)/127.5, raw embeddings) and verify it."""
     net, meta = load_model(model)
     size = int(meta["arch_kwargs"].get("input_size", 112))
-    tmp = onnx.with_name(f"{onnx.name}.tmp-{os.getpid()}.onnx")
-    try:  # the temporary file goes whatever happens: export, onnxruntime or parity failing
+    with atomic_path(onnx, suffix=".onnx") as tmp:  # removed whatever fails: export, onnxruntime, parity
         export_onnx(net, tmp, size)
         difference = max_difference(net, tmp, size)
         if difference > tolerance:
             raise PipelineError(f"{onnx}: onnxruntime differs from torch by {difference:.2e} > {tolerance:.0e}; "
                                 "not written")
-        os.replace(tmp, onnx)
-    finally:
-        tmp.unlink(missing_ok=True)
     print(f"wrote {onnx} ({meta['arch']}, input {size}x{size}); max |torch - onnxruntime| = {difference:.2e}")
 
 
@@ -40,7 +36,7 @@ def max_difference(net: torch.nn.Module, onnx_path: Path, size: int, batch: int 
     images = torch.rand(batch, 3, size, size, generator=generator) * 2 - 1
     with torch.no_grad():
         expected = net.eval()(images)
-    got = load_teacher(onnx_path)(images)
+    got = load_embedder(onnx_path)(images)
     return float((expected - got).abs().max())
 
 

@@ -16,11 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.training import ddp
-from pipeline.training import loop as training
+from pipeline import training
 from pipeline.formats.jpeg import encode_jpeg
 from pipeline.formats.recordio import FaceRecordIO, write_face_recordio
 from pipeline.losses.kd import build_kd_loss
+from pipeline.training import ddp
+from pipeline.training import step as training_step
 
 SIZE, DIM = 16, 16
 TINY_MBF = {"input_size": SIZE, "width": 0.125, "num_features": DIM}
@@ -80,7 +81,7 @@ def linear_backbone(name: str, **kwargs) -> nn.Module:
 def capture_trainees(backbone_factory=None):
     """Record every FaceTrainee that `train` builds (optionally with another backbone factory)."""
     built = []
-    original_trainee, original_factory = training.FaceTrainee, training.get_model
+    original_trainee, original_factory = training_step.FaceTrainee, training_step.get_model
 
     class RecordedTrainee(original_trainee):
         def __init__(self, *args):
@@ -88,13 +89,13 @@ def capture_trainees(backbone_factory=None):
             self.initial = {k: v.detach().clone() for k, v in self.named_parameters()}
             built.append(self)
 
-    training.FaceTrainee = RecordedTrainee
+    training_step.FaceTrainee = RecordedTrainee
     if backbone_factory is not None:
-        training.get_model = backbone_factory
+        training_step.get_model = backbone_factory
     try:
         yield built
     finally:
-        training.FaceTrainee, training.get_model = original_trainee, original_factory
+        training_step.FaceTrainee, training_step.get_model = original_trainee, original_factory
 
 
 def train_linear_on_mirrored(out_dir: Path, global_batch: int = 8, kd: bool = True) -> dict[str, torch.Tensor]:

@@ -2,11 +2,11 @@
 
 import time
 
+import ddp_kd_worker as w
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-import ddp_kd_worker as w
 from pipeline.training import ddp
 
 

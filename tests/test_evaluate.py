@@ -13,11 +13,16 @@ from torch import nn
 from typer.testing import CliRunner
 
 from pipeline.errors import DataError, PipelineError
-from pipeline.evaluation.verification import all_pairs_scores, embed_images, evaluate_folder, write_metrics
+from pipeline.evaluation.metrics import roc_curve, tpr_at_fpr, verification_accuracy
+from pipeline.evaluation.verification import (
+    all_pairs_scores,
+    embed_images,
+    evaluate_folder,
+    write_metrics,
+)
 from pipeline.formats.jpeg import decode_jpeg, encode_jpeg
 from pipeline.formats.recordio import write_face_recordio
 from pipeline.formats.verification_bin import write_verification_bin
-from pipeline.evaluation.metrics import roc_curve, tpr_at_fpr, verification_accuracy
 
 SIZE, DIM = 16, 12
 

@@ -15,8 +15,8 @@ import stages.export as export_stage
 from pipeline.cli import app
 from pipeline.errors import DataError
 from pipeline.models import get_model
-from pipeline.models.model_file import load_model, save_model
 from pipeline.models.loading import export_onnx
+from pipeline.models.model_file import load_model, save_model
 
 SIZE = 32
 MODELS = {
@@ -95,7 +95,7 @@ def test_broken_check_leaves_no_temporary(tmp_path, monkeypatch):
     def unloadable(path, *args, **kwargs):
         raise DataError(f"{path}: onnxruntime cannot load the model: simulated")
 
-    monkeypatch.setattr(export_stage, "load_teacher", unloadable)
+    monkeypatch.setattr(export_stage, "load_embedder", unloadable)
     result = invoke("export", "--model", model_path, "--onnx", tmp_path / "x.onnx")
     assert result.exit_code == 2 and "simulated" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]

@@ -14,15 +14,20 @@ import numpy as np
 import pytest
 import torch
 import typer
+from helpers.extract_tools import (
+    FailingTeacher,
+    exit_once_then_run,
+    make_face_rec,
+    make_teacher,
+)
 from typer.testing import CliRunner
 
-from helpers.extract_tools import FailingTeacher, exit_once_then_run, make_face_rec, make_teacher
-from pipeline.cache.format import TeacherCache
 from pipeline.cache.build import ExtractionConfig, build_teacher_cache, shard_progress
+from pipeline.cache.format import TeacherCache
 from pipeline.cache.shards import shard_dir
 from pipeline.errors import DataError, PipelineError
 from pipeline.formats import open_face_source
-from pipeline.models.loading import load_teacher
+from pipeline.models.loading import load_embedder
 from stages.extract_teacher import COMMANDS
 
 ROWS, SHARD, BATCH = 150, 32, 16  # 5 shards of 2 batches (the last shard is shorter)
@@ -72,7 +77,7 @@ def test_contract_attributes(setup):
 
 def test_views_are_the_teacher_on_image_and_flip(setup, tmp_path):
     source = open_face_source(setup["data"])
-    teacher = load_teacher(setup["teacher"])
+    teacher = load_embedder(setup["teacher"])
     images = np.stack([source.decode(i) for i in range(ROWS)]).astype(np.float32)
     direct = {}
     for view, batch in (("original", images), ("flipped", images[:, :, ::-1, :])):
@@ -96,7 +101,7 @@ def test_rerun_on_complete_cache_is_a_no_op(setup, monkeypatch):
     def no_loading(*args, **kwargs):
         raise AssertionError("an up-to-date cache must not load the teacher")
 
-    monkeypatch.setattr("pipeline.cache.build.load_teacher", no_loading)
+    monkeypatch.setattr("pipeline.cache.build.load_embedder", no_loading)
     summary = build_teacher_cache(config(setup["data"], setup["teacher"], setup["reference"]), log=messages.append)
     assert summary["status"] == "up-to-date" and "up to date" in messages[-1]
     assert (sha256(setup["reference"]), setup["reference"].stat().st_mtime_ns) == before
@@ -104,7 +109,7 @@ def test_rerun_on_complete_cache_is_a_no_op(setup, monkeypatch):
 
 def test_failure_mid_run_leaves_nothing_complete_then_resumes(setup, tmp_path):
     out = tmp_path / "cache.h5"
-    failing = FailingTeacher(load_teacher(setup["teacher"]), raise_on=6)  # during the third shard
+    failing = FailingTeacher(load_embedder(setup["teacher"]), raise_on=6)  # during the third shard
     with pytest.raises(OSError, match="simulated"):
         build_teacher_cache(config(setup["data"], setup["teacher"], out), teacher=failing, log=quiet)
     assert not out.exists() and not Path(str(out) + ".tmp").exists()
@@ -121,7 +126,7 @@ def test_failure_mid_run_leaves_nothing_complete_then_resumes(setup, tmp_path):
 def test_nan_teacher_output_names_the_keys(setup, tmp_path):
     out = tmp_path / "cache.h5"
     # second call = rows 16..31; positions 3 and 16 + 5 of the 2B batch = rows 19 (original) and 21 (flip)
-    failing = FailingTeacher(load_teacher(setup["teacher"]), nan_batch=2, nan_rows=[3, BATCH + 5])
+    failing = FailingTeacher(load_embedder(setup["teacher"]), nan_batch=2, nan_rows=[3, BATCH + 5])
     keys = open_face_source(setup["data"]).keys
     with pytest.raises(PipelineError) as info:
         build_teacher_cache(config(setup["data"], setup["teacher"], out), teacher=failing, log=quiet)
@@ -143,11 +148,11 @@ def test_other_teacher_refused_with_both_fingerprints_unless_overwrite(setup, tm
 
 def test_dim_mismatch_with_partial_cache_refused(setup, tmp_path):
     out = tmp_path / "cache.h5"
-    failing = FailingTeacher(load_teacher(setup["teacher"]), raise_on=3)
+    failing = FailingTeacher(load_embedder(setup["teacher"]), raise_on=3)
     with pytest.raises(OSError):
         build_teacher_cache(config(setup["data"], setup["teacher"], out), teacher=failing, log=quiet)
     narrow = make_teacher(tmp_path / "narrow.pt", num_features=16)
-    with pytest.raises(PipelineError, match="embedding dim 32 .existing. != 16"):
+    with pytest.raises(PipelineError, match="dim 32 .found. != 16 .expected."):
         build_teacher_cache(config(setup["data"], narrow, out), log=quiet)
     assert (shard_dir(out) / "shard-00000.h5").exists()  # the partial work is kept
 
@@ -190,8 +195,7 @@ def test_sigkill_at_any_point_then_rerun_is_bit_identical(setup, tmp_path):
     marker = Path(str(out) + ".assembling")
     _kill_when(_start_slow_run(setup, out), lambda: marker.exists())
     assert not out.exists()
-    partial_final = Path(str(out) + ".tmp")
-    assert partial_final.exists()
+    [partial_final] = out.parent.glob(out.name + ".tmp-*")  # the killed merge's temporary file
     with pytest.raises(PipelineError, match="incomplete|not a readable"):  # HDF5 may not have flushed yet
         TeacherCache.open(partial_final)
     summary = build_teacher_cache(config(setup["data"], setup["teacher"], out), log=quiet)

@@ -10,8 +10,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.formats.recordio import write_face_recordio
+from pipeline.formats.summary import count_histogram, summarize
 from pipeline.formats.verification_bin import write_verification_bin
-from stages.inspect_data import COMMANDS, count_histogram, summarize
+from stages.inspect_data import COMMANDS
 
 COUNTS = [1, 3, 3, 6, 25, 0]  # images per identity 0..5; identity 5 has none
 

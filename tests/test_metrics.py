@@ -10,11 +10,11 @@ from pipeline.errors import PipelineError
 from pipeline.evaluation.metrics import (
     contiguous_folds,
     downsample_roc,
-    fpr_key,
     roc_curve,
     tpr_at_fpr,
     verification_accuracy,
 )
+from pipeline.fpr import fpr_key
 
 
 # ---------------------------------------------------------------------------------------------- references

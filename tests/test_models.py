@@ -8,8 +8,13 @@ import math
 
 import pytest
 import torch
+from fixtures.arcface_reference import (
+    expected_entries,
+    functional_forward,
+    program,
+    random_state_dict,
+)
 
-from fixtures.arcface_reference import expected_entries, functional_forward, program, random_state_dict
 from pipeline.models import MODEL_NAMES, count_parameters, get_model
 
 

@@ -52,20 +52,6 @@ def test_determinism_epochs_and_ranks():
     assert list(BalancedBatchSampler(LABELS, 4, 8, per_identity=2, seed=8, world_size=2)) != epoch0
 
 
-def test_without_replacement_covers_every_index_once_per_epoch():
-    labels = np.arange(48) % 6
-    for epoch in (0, 1):
-        general = []
-        for rank in (0, 1):
-            sampler = BalancedBatchSampler(labels, 4, 4, per_identity=2, seed=3, world_size=2, rank=rank,
-                                           without_replacement=True)
-            sampler.set_epoch(epoch)
-            general += [i for batch in sampler for i in batch[:4]]
-        assert sorted(general) == list(range(48))
-    with pytest.raises(PipelineError, match="without replacement"):
-        BalancedBatchSampler(labels, 4, 4, per_identity=2, without_replacement=True, epoch_size=13)
-
-
 def test_pool_aware_batches_are_made_of_neighbour_groups():
     # 16 identities in 4 clusters of 4; each identity's neighbours are its cluster (itself listed first)
     labels = np.repeat(np.arange(16), 3)

@@ -13,12 +13,23 @@ import numpy as np
 import pytest
 
 from pipeline.errors import DataError, PipelineError
-from pipeline.search.statistics import (class_centres, fpr_key, identity_neighbours, knn_ip, negative_thresholds,
-                             top_negative_pairs)
+from pipeline.fpr import fpr_key
 from pipeline.search.backends import NumpyEngine, TorchEngine
 from pipeline.search.layout import PairLayout
 from pipeline.search.select import Window, float_keys, keys_to_floats
-from pipeline.search.thresholds import WindowSet, exact_thresholds, run_scan, threshold_ranks
+from pipeline.search.statistics import (
+    class_centres,
+    identity_neighbours,
+    knn_ip,
+    negative_thresholds,
+    top_negative_pairs,
+)
+from pipeline.search.thresholds import (
+    WindowSet,
+    exact_thresholds,
+    run_scan,
+    threshold_ranks,
+)
 
 # FPR -> (numerator, denominator): the reference index is n * num // den, in integers.
 FPRS = {0.1: (1, 10), 0.01: (1, 100), 0.001: (1, 1000), 0.0001: (1, 10000)}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import inspect
 import json
 
 import numpy as np
@@ -12,15 +11,16 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from pipeline.synthetic import writer as synthetic
 from pipeline.errors import PipelineError
 from pipeline.formats.jpeg import decode_jpeg
 from pipeline.formats.recordio import FaceRecordIO
 from pipeline.formats.verification_bin import load_verification_bin
+from pipeline.synthetic import writer as synthetic
 from pipeline.synthetic.writer import (
     ROLE_TEST,
     ROLE_TRAIN,
     ROLE_VAL,
+    SyntheticConfig,
     contact_sheet,
     images_per_identity_counts,
     render_image,
@@ -97,8 +97,8 @@ def test_test_split_labels_and_pair_counts(tiny):
 
 
 def test_default_test_split_has_a_million_negative_pairs():
-    defaults = inspect.signature(synthesize).parameters
-    t, m = defaults["test_identities"].default, defaults["test_images_per_identity"].default
+    defaults = SyntheticConfig()
+    t, m = defaults.test_identities, defaults.test_images_per_identity
     n = t * m
     assert n * (n - 1) // 2 - t * m * (m - 1) // 2 >= 1_000_000
 
@@ -201,7 +201,8 @@ def test_contact_sheet_tiles_are_the_split_renders():
 def test_bad_arguments_raise_a_one_line_error(tmp_path, change):
     with pytest.raises(PipelineError) as error:
         synthesize(tmp_path, **{**TINY, **change})
-    assert "\n" not in str(error.value) and next(iter(change)) in str(error.value)
+    option = "--" + next(iter(change)).replace("_", "-")
+    assert "\n" not in str(error.value) and option in str(error.value)
     assert not list(tmp_path.iterdir())
 
 

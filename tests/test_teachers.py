@@ -6,13 +6,13 @@ import warnings
 
 import pytest
 import torch
+from fixtures.arcface_reference import functional_forward, program, random_state_dict
 from torch import nn
 
-from fixtures.arcface_reference import functional_forward, program, random_state_dict
 from pipeline.errors import PipelineError
 from pipeline.models import get_model
+from pipeline.models.loading import export_onnx, file_sha256, load_embedder
 from pipeline.models.model_file import load_model, save_model
-from pipeline.models.loading import export_onnx, file_sha256, load_teacher
 
 TINY = dict(width=0.25, input_size=32, num_features=128)
 
@@ -54,7 +54,7 @@ def test_arcface_state_dict_with_module_prefix_loads_strictly(tmp_path, name, kw
     path = tmp_path / "backbone.pth"
     torch.save({f"module.{k}": v for k, v in sd.items()}, path)  # as saved from a DDP-wrapped backbone
 
-    teacher = load_teacher(path)
+    teacher = load_embedder(path)
     size = kwargs["input_size"]
     assert (teacher.name, teacher.kind, teacher.dim, teacher.input_size) == (
         name, "state_dict", kwargs["num_features"], size)
@@ -71,7 +71,7 @@ def test_arcface_resume_checkpoint_backbone_is_found(tmp_path):
     sd = random_state_dict(ops, seed=4)
     path = tmp_path / "checkpoint_gpu_0.pt"
     torch.save({"epoch": 3, "global_step": 10, "state_dict_backbone": sd, "state_dict_softmax_fc": {}}, path)
-    teacher = load_teacher(path)
+    teacher = load_embedder(path)
     assert teacher.name == "mbf" and teacher.arch_kwargs["width"] == 0.25
     torch.testing.assert_close(teacher(_batch(2, 32)), functional_forward(ops, sd, _batch(2, 32)))
 
@@ -80,7 +80,7 @@ def test_wrong_arch_lists_missing_keys(tmp_path):
     path = tmp_path / "r18.pt"
     torch.save(random_state_dict(program("r18", **TINY)), path)
     with pytest.raises(PipelineError, match=r"missing keys: layer1\.2\.bn1\.weight.*\(\+\d+ more\)") as err:
-        load_teacher(path, arch="r34")
+        load_embedder(path, arch="r34")
     assert str(path) in str(err.value) and "unexpected" not in str(err.value)
 
 
@@ -91,14 +91,14 @@ def test_tampered_keys_are_named(tmp_path):
     path = tmp_path / "tampered.pt"
     torch.save(sd, path)
     with pytest.raises(PipelineError, match=r"missing keys: fc\.bias; unexpected keys: head\.extra\.weight"):
-        load_teacher(path)
+        load_embedder(path)
 
 
 def test_shape_override_that_does_not_fit_is_refused(tmp_path):
     path = tmp_path / "r18.pt"
     torch.save(random_state_dict(program("r18", **TINY)), path)
     with pytest.raises(PipelineError, match=r"fc\.weight has shape \(128, 512\), expected \(64, 512\)"):
-        load_teacher(path, num_features=64)
+        load_embedder(path, num_features=64)
 
 
 def test_inference_names_a_malformed_key(tmp_path):
@@ -107,14 +107,14 @@ def test_inference_names_a_malformed_key(tmp_path):
     path = tmp_path / "bad.pt"
     torch.save(sd, path)
     with pytest.raises(PipelineError, match=r"bad\.pt: key conv1\.weight is \(432,\), expected a 4-d tensor"):
-        load_teacher(path)
+        load_embedder(path)
 
 
 def test_unknown_layout_asks_for_arch(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"encoder.weight": torch.zeros(2, 2)}, path)
     with pytest.raises(PipelineError, match="cannot infer the architecture.*arch="):
-        load_teacher(path)
+        load_embedder(path)
 
 
 class _Payload:
@@ -131,7 +131,7 @@ def test_pickle_with_arbitrary_globals_is_refused_without_executing(tmp_path):
     marker = tmp_path / "executed"
     path = tmp_path / "evil.pt"
     torch.save({"conv1.weight": torch.zeros(1), "payload": _Payload(marker)}, path)
-    for loader in (load_teacher, load_model):
+    for loader in (load_embedder, load_model):
         with pytest.raises(PipelineError, match="weights-only"):
             loader(path)
     assert not marker.exists()
@@ -159,15 +159,15 @@ def test_checkpoint_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
 
-    teacher = load_teacher(path)
+    teacher = load_embedder(path)
     assert (teacher.kind, teacher.name, teacher.dim, teacher.input_size) == ("checkpoint", "mbf", 128, 32)
     assert torch.equal(teacher(x), loaded(x).detach())
     with pytest.raises(PipelineError, match="holds 'mbf'"):
-        load_teacher(path, arch="r18")
+        load_embedder(path, arch="r18")
     # Stored arch_kwargs can be overridden (fp16 only acts on CUDA), but the weights must still fit.
-    assert torch.equal(load_teacher(path, fp16=True)(x), teacher(x))
+    assert torch.equal(load_embedder(path, fp16=True)(x), teacher(x))
     with pytest.raises(PipelineError, match=r"features\.layers\.2\.weight has shape \(128, 128\)"):
-        load_teacher(path, num_features=64)
+        load_embedder(path, num_features=64)
 
 
 def test_checkpoint_with_wrong_keys_is_refused(tmp_path):
@@ -197,21 +197,21 @@ def test_torchscript_teacher_equals_eager(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.save(torch.jit.trace(model, _batch(1, 32)), str(path))
-    teacher = load_teacher(path, input_size=32)
+    teacher = load_embedder(path, input_size=32)
     assert (teacher.kind, teacher.dim, teacher.input_size) == ("torchscript", 128, 32)
     assert teacher.fingerprint == _sha256(path)
     x = _batch(5, 32, seed=1)
     with torch.no_grad():
         torch.testing.assert_close(teacher(x), model(x), rtol=1e-6, atol=1e-6)
     with pytest.raises(PipelineError, match="width cannot be applied.*only input_size"):
-        load_teacher(path, input_size=32, width=0.5)
+        load_embedder(path, input_size=32, width=0.5)
 
 
 @pytest.mark.parametrize("name", ["r18", "mbf"])
 def test_onnx_export_round_trip(tmp_path, name):
     model, kwargs = _tiny_model(name, seed=1)
     path = export_onnx(model, tmp_path / "teacher.onnx", input_size=32)
-    teacher = load_teacher(path)
+    teacher = load_embedder(path)
     assert (teacher.kind, teacher.dim, teacher.input_size) == ("onnx", 128, 32)
     for n in (1, 4):  # dynamic batch axis
         x = _batch(n, 32, seed=n)
@@ -242,7 +242,7 @@ def test_onnx_raw_pixel_model_gets_pixels(tmp_path):
     model, _ = _tiny_model("r18", seed=2)
     path = tmp_path / "mxnet_style.onnx"
     _legacy_onnx_export(_RawPixelModel(model).eval(), path, batch=1, dynamic=True)
-    teacher = load_teacher(path)
+    teacher = load_embedder(path)
     x = _batch(3, 32)
     with torch.no_grad():
         torch.testing.assert_close(teacher(x), model(x), rtol=1e-4, atol=1e-4)
@@ -252,7 +252,7 @@ def test_onnx_fixed_batch_model_is_run_in_padded_chunks(tmp_path):
     model, _ = _tiny_model("mbf", seed=2)
     path = tmp_path / "fixed.bin"  # no .onnx suffix: detected from the protobuf header
     _legacy_onnx_export(model, path, batch=2, dynamic=False)
-    teacher = load_teacher(path)
+    teacher = load_embedder(path)
     assert teacher.kind == "onnx"
     x = _batch(5, 32)
     with torch.no_grad():
@@ -264,7 +264,7 @@ def test_onnx_without_onnxruntime_gives_clear_error(tmp_path, monkeypatch):
     path = export_onnx(model, tmp_path / "t.onnx", input_size=32)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
     with pytest.raises(PipelineError, match="onnxruntime"):
-        load_teacher(path)
+        load_embedder(path)
 
 
 # ------------------------------------------------------------------ helpers and input checks
@@ -279,7 +279,7 @@ def test_file_sha256_streams_large_files(tmp_path):
 def test_teacher_rejects_wrong_input_shape(tmp_path):
     model, kwargs = _tiny_model("r18")
     path = save_model(tmp_path / "m.pt", model, "r18", kwargs)
-    teacher = load_teacher(path)
+    teacher = load_embedder(path)
     with pytest.raises(PipelineError, match=r"expects \(B, 3, 32, 32\)"):
         teacher(torch.zeros(2, 3, 48, 48))
     assert teacher(torch.zeros(0, 3, 32, 32)).shape == (0, 128)
@@ -287,4 +287,4 @@ def test_teacher_rejects_wrong_input_shape(tmp_path):
 
 def test_missing_file(tmp_path):
     with pytest.raises(PipelineError, match="not found"):
-        load_teacher(tmp_path / "nope.pt")
+        load_embedder(tmp_path / "nope.pt")

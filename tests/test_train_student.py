@@ -10,30 +10,31 @@
 """
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from helpers.extract_tools import TEACHER_KWARGS, make_face_rec, make_teacher
 from typer.testing import CliRunner
 
-import stages.train_student as train_student_stage
-from helpers.extract_tools import TEACHER_KWARGS, make_face_rec, make_teacher
-from pipeline.training.data import FlipAugment
-from pipeline.cache.format import TeacherCache
 from pipeline.cache.build import ExtractionConfig, build_teacher_cache
+from pipeline.cache.format import TeacherCache
 from pipeline.cli import app
-from pipeline.models.preprocess import to_tensor
 from pipeline.formats import open_face_source
 from pipeline.losses.ekd import DEFAULT_ANCHORS
 from pipeline.losses.kd import build_kd_loss
 from pipeline.models import get_model
+from pipeline.models.loading import load_embedder
 from pipeline.models.model_file import load_model, safe_torch_load, save_model
-from pipeline.models.loading import load_teacher
+from pipeline.models.preprocess import to_tensor
 from pipeline.search.pools import load_pools
-from pipeline.training.samplers import BalancedBatchSampler
+from pipeline.training import samplers
+from pipeline.training.data import FlipAugment
 from pipeline.training.loop import Distillation, TrainConfig, train
+from pipeline.training.samplers import BalancedBatchSampler
 
 ROWS, CLASSES = 96, 8
 STUDENT_KWARGS = {"input_size": 32, "width": 0.125, "num_features": TEACHER_KWARGS["num_features"]}
@@ -71,14 +72,14 @@ def make_spread_teacher(path, source):
 
 
 class CountingTeacher:
-    """The online teacher: a Teacher, counting the batches it embeds."""
+    """The online teacher as a target lookup: the teacher run on each batch's images, counting the batches."""
 
     def __init__(self, teacher):
         self.teacher, self.calls = teacher, 0
 
-    def __call__(self, images):
+    def __call__(self, images, indices, flips, device):
         self.calls += 1
-        return self.teacher(images)
+        return self.teacher(images).float()
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,7 @@ def world(tmp_path_factory):
     data = make_face_rec(root / "data", n=ROWS, classes=CLASSES)
     source = open_face_source(data)
     teacher_path = make_spread_teacher(root / "teacher.pt", source)
-    teacher = load_teacher(teacher_path, device="cpu")
+    teacher = load_embedder(teacher_path, device="cpu")
     caches = {}
     for dtype in ("float32", "float16"):
         out = root / f"cache-{dtype}.h5"
@@ -99,10 +100,26 @@ def world(tmp_path_factory):
     return {"root": root, "data": data, "source": source, "teacher": teacher, "caches": caches, "online": {}}
 
 
+class FirstBatches:
+    """The first `steps` batches of each epoch of a batch sampler (short epochs for a quick test)."""
+
+    def __init__(self, sampler, steps):
+        self.sampler, self.steps = sampler, steps
+
+    def set_epoch(self, epoch):
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self):
+        return self.steps
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.steps)
+
+
 def batches(source):
     def factory(world_size, rank):
-        return BalancedBatchSampler(source.labels, GENERAL, BALANCED, per_identity=PER_IDENTITY, seed=SEED,
-                                    world_size=world_size, rank=rank, epoch_size=STEPS_PER_EPOCH)
+        return FirstBatches(BalancedBatchSampler(source.labels, GENERAL, BALANCED, per_identity=PER_IDENTITY,
+                                                 seed=SEED, world_size=world_size, rank=rank), STEPS_PER_EPOCH)
     return factory
 
 
@@ -110,9 +127,10 @@ def train_student(world, name, loss, **targets) -> dict:
     """Train the tiny student for EPOCHS x STEPS_PER_EPOCH steps; returns its final state dict."""
     cfg = TrainConfig(out_dir=world["root"] / name, arch="mbf", arch_kwargs=STUDENT_KWARGS, epochs=EPOCHS,
                       batch_size=GENERAL, lr=0.01, seed=SEED, workers=0, preload=True, resume=False)
-    distill = Distillation(loss=build_kd_loss(loss, **LOSSES[loss]), margin_samples=GENERAL, **targets)
+    distill = Distillation(loss=build_kd_loss(loss, **LOSSES[loss]), **targets)
     source = world["source"]
-    train(cfg, source, source.num_classes, distill=distill, batch_sampler_factory=batches(source))
+    train(cfg, source, source.num_classes, distill=distill, batch_sampler_factory=batches(source),
+          margin_samples=GENERAL)
     return safe_torch_load(world["root"] / name / "model.pt")["state_dict"]
 
 
@@ -120,7 +138,7 @@ def online_weights(world, loss) -> dict:
     """The reference: the teacher run on every batch (once per loss for the module)."""
     if loss not in world["online"]:
         counting = CountingTeacher(world["teacher"])
-        world["online"][loss] = train_student(world, f"{loss}-online", loss, teacher=counting)
+        world["online"][loss] = train_student(world, f"{loss}-online", loss, targets=counting)
         assert counting.calls == EPOCHS * STEPS_PER_EPOCH
     return world["online"][loss]
 
@@ -204,8 +222,8 @@ def forbid_teacher(monkeypatch):
     """From now on, any attempt to load or run a teacher fails the test."""
     def forbidden(*args, **kwargs):
         raise AssertionError("train-student must not load or run a teacher")
-    monkeypatch.setattr("pipeline.models.loading.load_teacher", forbidden)
-    monkeypatch.setattr("pipeline.models.loading.Teacher.__call__", forbidden)
+    monkeypatch.setattr("pipeline.models.loading.load_embedder", forbidden)
+    monkeypatch.setattr("pipeline.models.loading.Embedder.__call__", forbidden)
 
 
 @pytest.fixture
@@ -221,7 +239,7 @@ def test_cli_ekd_global_with_pools(world, pipeline_run, no_teacher, monkeypatch)
             seen["neighbours"] = kwargs["neighbours"]
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(train_student_stage, "BalancedBatchSampler", SpySampler)
+    monkeypatch.setattr(samplers, "BalancedBatchSampler", SpySampler)
     out = pipeline_run["root"] / "ekd-global"
     queue = 1000  # larger than every embedding the run produces: the queue then counts them all
     result = invoke(*student_args(world, out, "--cache", pipeline_run["cache"], "--pools", pipeline_run["pools"],

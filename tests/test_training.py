@@ -1,17 +1,19 @@
 """The training loop on CPU: exact resume, determinism, refused resumes, flips reaching model and targets,
 margin_samples. (The DDP run is in test_training_ddp.py.)"""
+import ddp_train_worker as w
 import numpy as np
 import pytest
 import torch
 
-import ddp_train_worker as w
-from pipeline.training import loop as training
-from pipeline.training.samplers import ShuffledBatchSampler
+from pipeline import training
 from pipeline.errors import PipelineError
-from pipeline.training.data import FaceDataset
 from pipeline.formats.recordio import FaceRecordIO
 from pipeline.models import get_model
 from pipeline.models.model_file import safe_torch_load
+from pipeline.training import step as training_step
+from pipeline.training.data import FaceDataset
+from pipeline.training.distill import CachedTargets
+from pipeline.training.samplers import ShuffledBatchSampler
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +106,11 @@ def test_flipped_item_is_the_mirrored_image(faces):
 def test_teacher_targets_follow_the_flip_view():
     targets = torch.arange(5 * 2 * 3, dtype=torch.float16).reshape(5, 2, 3)
     indices, flips = torch.tensor([4, 0, 2, 2]), torch.tensor([True, False, False, True])
-    got = training._teacher_targets(training.Distillation(loss=None, targets=targets), None, indices, flips, "cpu")
+    got = CachedTargets(targets)(None, indices, flips, "cpu")
     want = torch.stack([targets[4, 1], targets[0, 0], targets[2, 0], targets[2, 1]]).float()
     assert got.dtype == torch.float32 and torch.equal(got, want)
-    single_view = training.Distillation(loss=None, targets=targets[:, :1])
-    assert torch.equal(training._teacher_targets(single_view, None, indices, flips, "cpu"), targets[indices, 0].float())
+    single_view = CachedTargets(targets[:, :1])
+    assert torch.equal(single_view(None, indices, flips, "cpu"), targets[indices, 0].float())
 
 
 class _RecordingKD(torch.nn.Module):
@@ -142,7 +144,7 @@ def test_each_sample_meets_the_teacher_view_of_its_own_flip(faces, tmp_path, mon
     n, dim = len(faces), w.DIM
     code = torch.arange(n * 2, dtype=torch.float32).reshape(n, 2, 1).expand(n, 2, dim)  # row = 2 * index + view
     seen = []
-    monkeypatch.setattr(training, "get_model", _recording_backbone(seen, []))
+    monkeypatch.setattr(training_step, "get_model", _recording_backbone(seen, []))
     kd = _RecordingKD()
     training.train(w.tiny_config(tmp_path, epochs=1), faces, faces.num_classes,
                    training.Distillation(loss=kd, targets=code.contiguous()))
@@ -159,16 +161,16 @@ def test_each_sample_meets_the_teacher_view_of_its_own_flip(faces, tmp_path, mon
 def test_margin_loss_sees_only_the_first_margin_samples(faces, tmp_path, monkeypatch):
     head_inputs, backbone_outputs = [], []
 
-    class RecordingHead(training.MarginHead):
+    class RecordingHead(training_step.MarginHead):
         def forward(self, embeddings, labels):
             head_inputs.append((embeddings.detach().clone(), labels.clone()))
             return super().forward(embeddings, labels)
 
-    monkeypatch.setattr(training, "MarginHead", RecordingHead)
-    monkeypatch.setattr(training, "get_model", _recording_backbone([], backbone_outputs))
+    monkeypatch.setattr(training_step, "MarginHead", RecordingHead)
+    monkeypatch.setattr(training_step, "get_model", _recording_backbone([], backbone_outputs))
     kd = _RecordingKD()
     training.train(w.tiny_config(tmp_path, epochs=1), faces, faces.num_classes,
-                   training.Distillation(loss=kd, targets=torch.zeros(len(faces), 2, w.DIM), margin_samples=3))
+                   training.Distillation(loss=kd, targets=torch.zeros(len(faces), 2, w.DIM)), margin_samples=3)
     assert kd.batch_sizes == [8] * 6  # the KD loss sees whole batches
     batches = list(ShuffledBatchSampler(len(faces), 8, seed=0))  # the default sampler's epoch 0
     for (head_embeddings, head_labels), batch_embeddings, batch in zip(head_inputs, backbone_outputs, batches,

@@ -15,9 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ddp_train_worker as w
 import torch
 
-import ddp_train_worker as w
 from pipeline.models.model_file import load_model
 
 

@@ -12,7 +12,10 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import DataError
-from pipeline.formats.verification_bin import load_verification_bin, write_verification_bin
+from pipeline.formats.verification_bin import (
+    load_verification_bin,
+    write_verification_bin,
+)
 
 
 def jpeg(seed: int) -> bytes:

@@ -1,6 +1,11 @@
 """The teacher-embedding cache: its HDF5 contract and reader (format), resumable shards (shards), the
 extraction of one shard (worker), the whole build (build) and the optional Dask cluster (dask_cluster)."""
-from pipeline.cache.build import ExtractionConfig, build_teacher_cache, shard_progress
+from pipeline.cache.build import (
+    ClusterConfig,
+    ExtractionConfig,
+    build_teacher_cache,
+    shard_progress,
+)
 from pipeline.cache.format import TeacherCache
 
-__all__ = ["ExtractionConfig", "TeacherCache", "build_teacher_cache", "shard_progress"]
+__all__ = ["ClusterConfig", "ExtractionConfig", "TeacherCache", "build_teacher_cache", "shard_progress"]

@@ -9,12 +9,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
-import torch
 from tqdm import tqdm
 
-from pipeline.cache.format import DTYPES, FORMAT_VERSION, TeacherCache, contract_attrs
+from pipeline.cache.format import (
+    FORMAT_VERSION,
+    CacheDtype,
+    TeacherCache,
+    contract_attrs,
+)
 from pipeline.cache.shards import (
     SHARD_META,
     Shard,
@@ -27,39 +31,67 @@ from pipeline.cache.shards import (
     shard_is_valid,
     write_manifest,
 )
+from pipeline.cache.worker import (
+    ShardJob,
+    default_decode_threads,
+    prepare_teacher,
+    run_shard,
+)
+from pipeline.devices import DEVICE_HELP, resolve_device
 from pipeline.errors import DataError, PipelineError
-from pipeline.cache.worker import ShardJob, default_decode_threads, prepare_teacher, run_shard
-from pipeline.models.preprocess import preprocessing_attrs
 from pipeline.formats import open_face_source
-from pipeline.models.loading import file_sha256, load_teacher
+from pipeline.io import refuse_mismatch
+from pipeline.models import Arch
+from pipeline.models.loading import file_sha256, load_embedder
+from pipeline.models.preprocess import preprocessing_attrs
+from pipeline.settings import check, setting
 
 FLIP = "horizontal"
 
 
-@dataclass(frozen=True)
+@dataclass
 class ExtractionConfig:
     """The knobs of `pipeline extract-teacher`."""
 
-    data: Path
-    teacher: Path
-    out: Path
-    arch: str | None = None
-    batch_size: int = 256
-    shard_size: int = 16384
-    dtype: str = "float16"
-    device: str = "auto"
-    decode_threads: int = 0  # 0 = default_decode_threads()
-    overwrite: bool = False
+    data: Path = setting(help="Training set: folder with train.rec/.idx/property (or images).")
+    teacher: Path = setting(help="Teacher weights (.pt/.pth, checkpoint, TorchScript, ONNX).")
+    out: Path = setting(help="The HDF5 cache to write.")
+    arch: Optional[str] = setting(None, "Teacher architecture if it cannot be inferred.", choices=Arch)
+    batch_size: int = setting(256, "Images per forward (each is run with its flip).", min=1)
+    shard_size: int = setting(16384, "Rows per resumable shard file.", min=1)
+    dtype: str = setting("float16", "Stored embedding type: float16 or float32.", choices=CacheDtype)
+    device: str = setting("auto", DEVICE_HELP)
+    decode_threads: int = setting(0, "JPEG decode threads per process (0 = sized to the machine).", min=0,
+                                  cli=False)
+    overwrite: bool = setting(False, "Rebuild even if a cache from another teacher/dataset exists.")
+
+    def __post_init__(self):
+        self.data, self.teacher, self.out = Path(self.data), Path(self.teacher), Path(self.out)
+        check(self)
 
 
-def _resolve_device(device: str) -> str:
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise PipelineError(f"unknown device {device!r}; use auto, cpu or cuda")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PipelineError("--device cuda requested but torch sees no CUDA device")
-    return device
+@dataclass
+class ClusterConfig:
+    """Where extraction runs: in this process, on a local Dask cluster, or on an existing scheduler."""
+
+    workers: int = setting(0, "Dask workers: 0 = in this process, -1 = one per GPU (CPU-sized without GPUs).",
+                           min=-1)
+    scheduler: Optional[str] = setting(None, "Use an existing Dask cluster, e.g. tcp://host:8786.")
+
+    def __post_init__(self):
+        check(self)
+
+    @property
+    def in_process(self) -> bool:
+        return self.workers == 0 and not self.scheduler
+
+    def client(self):
+        """A Dask client of the configured cluster (close it to shut a local cluster down)."""
+        from pipeline.cache.dask_cluster import (
+            make_client,  # dask.distributed only when it is used
+        )
+
+        return make_client(scheduler=self.scheduler, n_workers=self.workers if self.workers > 0 else None)
 
 
 def _manifest(cfg: ExtractionConfig, teacher, dataset_fp: str, rows: int) -> dict:
@@ -76,18 +108,9 @@ def _manifest(cfg: ExtractionConfig, teacher, dataset_fp: str, rows: int) -> dic
 
 def _refuse_mismatch(where: Path, found: dict, wanted: dict) -> None:
     """PipelineError describing every difference between an existing cache/shard folder and this run."""
-    problems = []
-    if "dim" in wanted and found.get("dim") != wanted["dim"]:
-        problems.append(f"embedding dim {found.get('dim')} (existing) != {wanted['dim']} (teacher)")
-    for what in ("teacher", "dataset"):
-        name = f"{what}_fingerprint"
-        if found.get(name) != wanted[name]:
-            problems.append(f"{what} {found.get(name)} (existing) != {wanted[name]} (requested)")
-    for name in ("dtype", "rows", "shard_size", "format_version"):
-        if name in found and name in wanted and found[name] != wanted[name]:
-            problems.append(f"{name} {found[name]} (existing) != {wanted[name]} (requested)")
-    if problems:
-        raise PipelineError(f"{where}: refusing to reuse it: {'; '.join(problems)}; rerun with --overwrite")
+    always = ("dim", "teacher_fingerprint", "dataset_fingerprint")  # compared even when `found` lacks them
+    expected = {name: value for name, value in wanted.items() if name in always or name in found}
+    refuse_mismatch(where, found, expected, "refusing to reuse it", "rerun with --overwrite")
 
 
 def _existing_cache_is_current(cfg: ExtractionConfig, wanted: dict, log: Callable[[str], None]) -> bool:
@@ -127,17 +150,13 @@ def _reusable_shards(cfg: ExtractionConfig, folder: Path, manifest: dict, log) -
 
 
 def _check_config(cfg: ExtractionConfig) -> ExtractionConfig:
-    if cfg.dtype not in DTYPES:
-        raise PipelineError(f"unknown dtype {cfg.dtype!r}; use {' or '.join(DTYPES)}")
-    if cfg.batch_size < 1 or cfg.shard_size < 1:
-        raise PipelineError(f"batch_size ({cfg.batch_size}) and shard_size ({cfg.shard_size}) must be positive")
-    return replace(cfg, out=Path(cfg.out), decode_threads=cfg.decode_threads or default_decode_threads())
+    return replace(cfg, decode_threads=cfg.decode_threads or default_decode_threads())
 
 
 def _load_checked_teacher(cfg: ExtractionConfig, source, on_dask: bool):
     """The teacher (on CPU when it only has to describe itself for Dask workers), its input size checked."""
-    device = "cpu" if on_dask else _resolve_device(cfg.device)
-    teacher = prepare_teacher(load_teacher(cfg.teacher, arch=cfg.arch, device=device))
+    device = "cpu" if on_dask else resolve_device(cfg.device)
+    teacher = prepare_teacher(load_embedder(cfg.teacher, arch=cfg.arch, device=device))
     _check_image_size(cfg, source, teacher)
     return teacher
 
@@ -158,7 +177,7 @@ def build_teacher_cache(
 ) -> dict:
     """Make `cfg.out` a complete teacher cache for `cfg.teacher` over `cfg.data`; returns a run summary.
 
-    `client`: a Dask client to run shards on (None = in this process). `teacher`: an already loaded Teacher
+    `client`: a Dask client to run shards on (None = in this process). `teacher`: an already loaded Embedder
     for the in-process path (else loaded from `cfg.teacher`). `shard_task`: replaces `run_shard` on Dask
     (instrumentation and fault-injection hook; it must be importable by the workers).
     """

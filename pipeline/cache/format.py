@@ -10,17 +10,27 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import h5py
 import numpy as np
 
 from pipeline.errors import DataError, PipelineError
-from pipeline.io import open_artifact
+from pipeline.io import open_artifact, refuse_mismatch
+from pipeline.settings import Choice
 
 FORMAT_VERSION = 1
 VIEW_NAMES = ("original", "flipped")
-DTYPES = ("float16", "float32")
+
+
+class CacheDtype(Choice):
+    """How teacher embeddings are stored."""
+
+    float16 = "float16"
+    float32 = "float32"
+
+
+DTYPES = CacheDtype.values()
 DATASETS = ("embeddings", "labels", "keys")
 # Written in this order; `complete` is not part of it because it must come after everything else.
 CONTRACT_ATTRS = (
@@ -79,12 +89,6 @@ def mark_complete(target: h5py.HLObject) -> None:
 
 def is_marked_complete(target: h5py.HLObject) -> bool:
     return bool(target.attrs.get("complete", False))
-
-
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Unit-length rows along the last axis (zero rows stay zero)."""
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(norms, eps)
 
 
 def _plain(value):
@@ -182,16 +186,8 @@ class TeacherCache:
 
     def check_compatible(self, teacher_fp: str, dataset_fp: str) -> None:
         """PipelineError printing both fingerprints unless the cache came from this teacher and dataset."""
-        problems = []
-        if teacher_fp != self.teacher_fingerprint:
-            problems.append(f"teacher {self.teacher_fingerprint} (cache) != {teacher_fp} (requested)")
-        if dataset_fp != self.dataset_fingerprint:
-            problems.append(f"dataset {self.dataset_fingerprint} (cache) != {dataset_fp} (requested)")
-        if problems:
-            raise PipelineError(
-                f"{self.path}: teacher cache does not match: {'; '.join(problems)}; "
-                "rerun `pipeline extract-teacher --overwrite` to rebuild it"
-            )
+        refuse_mismatch(self.path, self.attrs, {"teacher_fingerprint": teacher_fp, "dataset_fingerprint": dataset_fp},
+                        "teacher cache does not match", "rerun `pipeline extract-teacher --overwrite` to rebuild it")
 
     # ------------------------------------------------------------------ reading
     def _embeddings_dataset(self) -> h5py.Dataset:
@@ -229,9 +225,8 @@ class TeacherCache:
         self,
         indices: Sequence[int] | np.ndarray | None = None,
         views: Sequence[int] = (0, 1),
-        normalize: bool = False,
     ) -> np.ndarray:
-        """float32 (n, len(views), D) for `indices` (any order, repeats allowed; None = all rows)."""
+        """Raw float32 (n, len(views), D) for `indices` (any order, repeats allowed; None = all rows)."""
         views = list(views)
         if any(not 0 <= v < self.views for v in views):
             raise PipelineError(f"{self.path}: views {views} out of range (the cache has {self.views})")
@@ -244,16 +239,7 @@ class TeacherCache:
                 raise PipelineError(f"{self.path}: row index out of range [0, {len(self)})")
             rows, inverse = np.unique(requested, return_inverse=True)
             gathered = self._read_sorted(rows)[inverse]
-        out = gathered[:, views, :].astype(np.float32)
-        return l2_normalize(out) if normalize else out
-
-    def iter_chunks(
-        self, rows: int = READ_ROWS, views: Sequence[int] = (0, 1), normalize: bool = False
-    ) -> Iterator[tuple[int, np.ndarray]]:
-        """Stream the cache as `(start, float32 (n, len(views), D))` blocks without loading it all."""
-        for start in range(0, len(self), rows):
-            stop = min(start + rows, len(self))
-            yield start, self.embeddings(np.arange(start, stop), views=views, normalize=normalize)
+        return gathered[:, views, :].astype(np.float32)
 
     def nbytes(self) -> int:
         return len(self) * self.views * self.dim * np.dtype(self.dtype).itemsize

@@ -1,6 +1,6 @@
 """Crash-safe pieces of the teacher cache writer: fixed-range shard files, their manifest, the final merge.
 
-Work is split into fixed row ranges. Each shard is written to `shard-00012.h5.tmp-<uuid>` and renamed to
+Work is split into fixed row ranges. Each shard is written to `shard-00012.h5.tmp-<pid>-<random>` and renamed to
 `shard-00012.h5` only once complete, so any `shard-*.h5` that validates can be trusted after a crash. The
 final cache is always assembled from scratch, in order, from the shards: its bytes do not depend on which
 runs, workers or interruptions produced them.
@@ -8,16 +8,20 @@ runs, workers or interruptions produced them.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from pipeline.cache.format import VIEW_NAMES, is_marked_complete, mark_complete, write_attrs
+from pipeline.cache.format import (
+    VIEW_NAMES,
+    is_marked_complete,
+    mark_complete,
+    write_attrs,
+)
+from pipeline.io import atomic_path, write_text_atomic
 
 MANIFEST = "manifest.json"
 SHARD_META = ("teacher_fingerprint", "dataset_fingerprint", "dim", "dtype")  # what every shard must agree on
@@ -50,21 +54,6 @@ def plan_shards(folder: Path, rows: int, shard_size: int) -> list[Shard]:
     ]
 
 
-def fsync_path(path: Path) -> None:
-    """Flush a file (or directory entry) to disk so a rename never exposes unwritten data after power loss."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def read_manifest(folder: Path) -> dict | None:
     """The shard folder's manifest, or None when there is none (or it cannot be read: start over)."""
     try:
@@ -75,7 +64,7 @@ def read_manifest(folder: Path) -> dict | None:
 
 def write_manifest(folder: Path, manifest: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / MANIFEST, manifest)
+    write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def remove_temporaries(folder: Path) -> int:
@@ -91,18 +80,13 @@ def write_shard(shard: Shard, embeddings: np.ndarray, labels: np.ndarray, keys: 
     expected = (shard.rows, len(VIEW_NAMES), int(meta["dim"]))
     if embeddings.shape != expected or embeddings.dtype.name != meta["dtype"]:
         raise ValueError(f"shard {shard.index}: embeddings {embeddings.shape} {embeddings.dtype}, expected {expected}")
-    tmp = shard.path.with_name(f"{shard.path.name}.tmp-{uuid.uuid4().hex}")
-    try:
+    with atomic_path(shard.path) as tmp:
         with h5py.File(tmp, "w") as handle:
             handle.create_dataset("embeddings", data=embeddings, track_times=False)
             handle.create_dataset("labels", data=np.asarray(labels, np.int64), track_times=False)
             handle.create_dataset("keys", data=np.asarray(keys, np.int64), track_times=False)
             write_attrs(handle, {"start": shard.start, "stop": shard.stop, **{k: meta[k] for k in SHARD_META}})
             mark_complete(handle)
-        fsync_path(tmp)
-        os.replace(tmp, shard.path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def shard_is_valid(shard: Shard, meta: dict) -> bool:
@@ -128,15 +112,13 @@ def _same(stored, expected) -> bool:
 
 
 def assemble(out: Path, shards: list[Shard], attrs: dict) -> None:
-    """Concatenate complete shards into `<out>.tmp`, mark it complete last, then rename it to `out`.
+    """Concatenate complete shards into a temporary file, mark it complete last, then rename it to `out`.
 
     Always rebuilt from scratch in shard order with fixed (contiguous) layout and no timestamps, so the
     bytes are identical whatever happened before.
     """
     rows, dim, dtype = int(attrs["rows"]), int(attrs["dim"]), attrs["dtype"]
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    try:
+    with atomic_path(out) as tmp:
         with h5py.File(tmp, "w", track_order=True) as handle:  # attribute order readable: `complete` last
             embeddings = handle.create_dataset(
                 "embeddings", shape=(rows, len(VIEW_NAMES), dim), dtype=dtype, track_times=False
@@ -150,11 +132,6 @@ def assemble(out: Path, shards: list[Shard], attrs: dict) -> None:
                     keys[shard.start : shard.stop] = part["keys"][()]
             write_attrs(handle, attrs)
             mark_complete(handle)
-        fsync_path(tmp)
-        os.replace(tmp, out)
-        fsync_path(out.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def remove_shard_dir(folder: Path) -> None:

@@ -20,8 +20,8 @@ import torch
 
 from pipeline.cache.shards import Shard, write_shard
 from pipeline.errors import DataError, PipelineError
-from pipeline.models.preprocess import MEAN, STD
 from pipeline.formats import open_face_source
+from pipeline.models.preprocess import MEAN, STD
 
 PREFETCH_BATCHES = 2  # batches being decoded while the current one is in the teacher
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -57,12 +57,12 @@ _POOLS: dict = {}
 
 def cached_teacher(path: str, arch: str | None, device: str, fingerprint: str):
     """The teacher, loaded once per process; PipelineError if the file no longer has `fingerprint`."""
-    from pipeline.models.loading import load_teacher
+    from pipeline.models.loading import load_embedder
 
     key = (path, arch, device)
     teacher = _TEACHERS.get(key)
     if teacher is None or teacher.fingerprint != fingerprint:
-        teacher = prepare_teacher(load_teacher(path, arch=arch, device=device))
+        teacher = prepare_teacher(load_embedder(path, arch=arch, device=device))
         _TEACHERS[key] = teacher
     if teacher.fingerprint != fingerprint:
         raise PipelineError(
@@ -214,7 +214,9 @@ def run_shard(job: ShardJob, teacher=None, source=None, on_batch: Callable[[int]
     started = time.perf_counter()
     source = source if source is not None else cached_source(job.data, job.meta["dataset_fingerprint"])
     if teacher is None:
-        from pipeline.cache.dask_cluster import pick_device  # Dask is only imported where jobs run on it
+        from pipeline.cache.dask_cluster import (
+            pick_device,  # Dask is only imported where jobs run on it
+        )
 
         teacher = cached_teacher(job.teacher, job.arch, pick_device(job.device), job.meta["teacher_fingerprint"])
     size = teacher.input_size

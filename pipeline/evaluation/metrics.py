@@ -17,8 +17,16 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.settings import Choice
 
 VERIFICATION_THRESHOLDS = np.arange(0, 4, 0.01)  # squared-L2 distances between unit vectors lie in [0, 4]
+
+
+class TprMethod(Choice):
+    """How TPR@FPR is read off a ROC curve (see `tpr_at_fpr`)."""
+
+    nearest = "nearest"
+    exact = "exact"
 
 
 def contiguous_folds(n: int, folds: int) -> list[tuple[int, int]]:
@@ -187,7 +195,7 @@ class Roc:
         if method == "exact":
             fpr, tpr, _ = self.curve()
             return {f: float(tpr[np.searchsorted(fpr, f, side="right") - 1]) for f in targets}
-        raise PipelineError(f"unknown TPR@FPR method {method!r} (use 'nearest' or 'exact')")
+        raise PipelineError(f"unknown TPR@FPR method {method!r} (use {' or '.join(TprMethod.values())})")
 
 
 def roc_curve(scores, labels, drop_intermediate: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -221,10 +229,3 @@ def downsample_roc(fpr: np.ndarray, tpr: np.ndarray, thresholds: np.ndarray, poi
     chosen = np.searchsorted(fpr, levels, side="right") - 1
     keep = np.unique(np.r_[first - 1, first, chosen, fpr.size - 1])
     return keep[np.isfinite(thresholds[keep])]
-
-
-def fpr_key(fpr: float) -> str:
-    """A short, stable name for an FPR level: 1e-4 -> '1e-4', 0.05 -> '5e-2', 2.5e-3 -> '2.5e-3'."""
-    mantissa, exponent = f"{fpr:e}".split("e")
-    mantissa = mantissa.rstrip("0").rstrip(".")
-    return f"{mantissa}e{int(exponent)}"

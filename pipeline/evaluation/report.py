@@ -1,12 +1,22 @@
-"""The teacher-vs-students report: one table, the ROC plot, and the FPR thresholds side by side."""
+"""The teacher-vs-students report: one table, the ROC plot, and the FPR thresholds side by side, read from
+the evaluation folders (metrics.json, roc.csv) that `evaluate` writes."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPORT_FPRS = ("1e-2", "1e-3", "1e-4", "1e-5")
+import numpy as np
+
+from pipeline.errors import PipelineError
+from pipeline.fpr import LEVEL_KEYS, REPORT_KEYS
+from pipeline.io import atomic_path, write_text_atomic
+from pipeline.models import count_parameters
+from pipeline.models.model_file import load_model
+
+REPORT_FPRS = REPORT_KEYS
 
 
 @dataclass
@@ -26,6 +36,41 @@ def gap_closed(student: float, baseline: float, teacher: float) -> float:
     """(student - baseline) / (teacher - baseline); NaN when the teacher does not beat the baseline."""
     gap = teacher - baseline
     return (student - baseline) / gap if gap > 0 else math.nan
+
+
+def load_result(run: Path, name: str, role: str, model: Path | None = None) -> ModelResult:
+    """A model's evaluation (metrics.json, roc.csv in `run`) plus its parameter count when it is our model.pt."""
+    metrics_path = run / "metrics.json"
+    if not metrics_path.is_file():
+        raise PipelineError(f"{metrics_path}: missing (run `pipeline evaluate --out {run}` first)")
+    metrics = json.loads(metrics_path.read_text())
+    accuracy = {k: v["accuracy"] for k, v in metrics.items() if isinstance(v, dict) and "accuracy" in v}
+    test = metrics.get("test", {})
+    tpr = {k.split("=", 1)[1]: v for k, v in test.items() if k.startswith("tpr@fpr=")}
+    roc, thresholds = None, {}
+    if (run / "roc.csv").is_file():
+        roc = read_roc_csv(run / "roc.csv")
+        thresholds = _thresholds_at(roc[0], read_roc_thresholds(run / "roc.csv")) if roc[0] else {}
+        roc = roc if roc[0] else None  # header only: no test set
+    params = None
+    model = model or run / "model.pt"
+    if model.is_file() and model.suffix == ".pt":
+        try:
+            params = count_parameters(load_model(model)[0])
+        except PipelineError:  # a foreign checkpoint (e.g. arcface_torch) has no architecture metadata
+            params = None
+    return ModelResult(name, role, params, accuracy, tpr, thresholds, roc)
+
+
+def _thresholds_at(fpr: list[float], threshold: list[float]) -> dict[str, float]:
+    """Each model's cosine threshold on the test set at the ROC point nearest each FPR."""
+    fpr, threshold = np.asarray(fpr), np.asarray(threshold)
+    out = {}
+    for key in LEVEL_KEYS:
+        target = float(key)
+        if fpr.size and fpr.max() >= target:
+            out[key] = float(threshold[int(np.argmin(np.abs(fpr - target)))])
+    return out
 
 
 def read_roc_csv(path: Path) -> tuple[list[float], list[float]]:
@@ -75,7 +120,7 @@ def markdown_table(results: list[ModelResult]) -> str:
 
 def thresholds_table(results: list[ModelResult], teacher_train: dict[str, float]) -> str:
     """The teacher's exact thresholds over all training negatives beside each model's on the test set."""
-    fprs = [f for f in ("1e-1", "1e-2", "1e-3", "1e-4", "1e-5", "1e-6") if f in teacher_train]
+    fprs = [f for f in LEVEL_KEYS if f in teacher_train]
     header = ["FPR", "teacher (train, build-pools)"] + [f"{r.name} (test)" for r in results]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for f in fprs:
@@ -106,5 +151,41 @@ def plot_roc(results: list[ModelResult], path: Path) -> None:
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
-    figure.savefig(path)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
     plt.close(figure)
+
+
+def render(results: list[ModelResult], teacher_train: dict[str, float]) -> str:
+    """report.md: the table, the ROC plot and (given the teacher's training thresholds) the thresholds table."""
+    parts = [
+        "# Teacher vs students",
+        "",
+        "Accuracy: 10-fold verification accuracy on each `.bin` (flip TTA). TPR@FPR: all pairs of `test.rec`. "
+        "Gap closed = (student - baseline) / (teacher - baseline) at each FPR.",
+        "",
+        markdown_table(results),
+        "",
+        "![ROC](roc.png)",
+    ]
+    if teacher_train:
+        parts += ["", "## FPR thresholds (cosine similarity)", "",
+                  "The teacher's exact thresholds over all training negatives (build-pools) beside each model's "
+                  "measured threshold on the test pairs.", "", thresholds_table(results, teacher_train)]
+    return "\n".join(parts) + "\n"
+
+
+def summary(results: list[ModelResult]) -> dict:
+    """Flat numbers per model, for `dvc metrics show`."""
+    return {r.name: {"role": r.role, "params": r.params, **{f"acc_{k}": v for k, v in r.accuracy.items()},
+                     **{f"tpr@{f}": r.tpr[f] for f in REPORT_FPRS if f in r.tpr}} for r in results}
+
+
+def write_report(results: list[ModelResult], teacher_train: dict[str, float], out: Path) -> tuple[str, list[Path]]:
+    """report.md, roc.png and summary.json in `out`; returns the markdown and the paths written."""
+    out.mkdir(parents=True, exist_ok=True)
+    text = render(results, teacher_train)
+    plot_roc(results, out / "roc.png")
+    written = [write_text_atomic(out / "report.md", text),
+               write_text_atomic(out / "summary.json", json.dumps(summary(results), indent=2) + "\n")]
+    return text, [written[0], out / "roc.png", written[1]]

@@ -1,7 +1,7 @@
 """Evaluate any embedding model on a data folder: every verification `*.bin` and the `test.rec` set.
 
 `embed` is any callable mapping a float32 NCHW batch normalised as `(x/255 - 0.5) / 0.5` (on the CPU) to
-(B, D) embeddings (a `pipeline.models.teachers.Teacher` moves it to its device). Images are embedded with
+(B, D) embeddings (a `pipeline.models.loading.Embedder` moves it to its device). Images are embedded with
 their horizontal flips (flip TTA); the two embeddings are summed before L2 normalisation.
 
 - `.bin` files: insightface's 10-fold verification accuracy (`metrics.verification_accuracy`).
@@ -12,20 +12,32 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.devices import DEVICE_HELP
 from pipeline.errors import DataError, PipelineError
+from pipeline.evaluation.metrics import (
+    Roc,
+    TprMethod,
+    downsample_roc,
+    l2_normalize,
+    verification_accuracy,
+)
 from pipeline.formats.jpeg import decode_image
 from pipeline.formats.recordio import FaceRecordIO
 from pipeline.formats.verification_bin import load_verification_bin
-from pipeline.evaluation.metrics import Roc, downsample_roc, fpr_key, l2_normalize, verification_accuracy
+from pipeline.fpr import TEST_FPRS, fpr_key
+from pipeline.io import write_text_atomic
+from pipeline.models import Arch
+from pipeline.settings import check, setting
 
-DEFAULT_FPRS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
+DEFAULT_FPRS = TEST_FPRS
 Embed = Callable[[torch.Tensor], "torch.Tensor | np.ndarray"]
 
 
@@ -173,6 +185,23 @@ class _DecodedRecords:
         return self.records.decode(i)
 
 
+@dataclass
+class EvalConfig:
+    """The knobs of `pipeline evaluate`."""
+
+    arch: Optional[str] = setting(None, "Backbone of a plain state dict when it cannot be inferred.", choices=Arch)
+    batch_size: int = setting(64, "Images per forward pass.", min=1)
+    device: str = setting("auto", DEVICE_HELP)
+    flip: bool = setting(True, "Add the embedding of the mirrored image (flip TTA).")
+    tpr_method: str = setting("nearest", "TPR@FPR read-out: 'nearest' (insightface IJB tables) or 'exact' (best "
+                                         "TPR with FPR <= target).", choices=TprMethod)
+    input_size: Optional[int] = setting(None, "Input size of a TorchScript/ONNX model that does not declare it "
+                                              "(default 112).", min=16)
+
+    def __post_init__(self):
+        check(self)
+
+
 def evaluate_folder(
     embed: Embed,
     data_dir: str | os.PathLike,
@@ -189,8 +218,8 @@ def evaluate_folder(
     `"test"` holds `evaluate_identities`' metrics and the result's `"roc"` its curve (what `write_metrics`
     writes to roc.csv)."""
     data_dir = Path(data_dir)
-    if method not in ("nearest", "exact"):
-        raise PipelineError(f"unknown TPR@FPR method {method!r} (use 'nearest' or 'exact')")
+    if method not in TprMethod.values():
+        raise PipelineError(f"unknown TPR@FPR method {method!r} (use {' or '.join(TprMethod.values())})")
     bins = sorted(data_dir.glob("*.bin"))
     has_test = (data_dir / "test.rec").is_file()
     if not bins and not has_test:
@@ -213,18 +242,6 @@ def evaluate_folder(
     return metrics
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_metrics(metrics: dict, out_dir: str | os.PathLike) -> list[Path]:
     """Write `metrics.json` (everything but `"roc"`) and `roc.csv` (columns fpr,tpr,threshold).
 
@@ -233,8 +250,8 @@ def write_metrics(metrics: dict, out_dir: str | os.PathLike) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     body = {name: value for name, value in metrics.items() if name != "roc"}
-    _write_atomic(out / "metrics.json", json.dumps(body, indent=2) + "\n")
+    write_text_atomic(out / "metrics.json", json.dumps(body, indent=2) + "\n")
     roc = metrics.get("roc") or {"fpr": [], "tpr": [], "threshold": []}
     rows = zip(roc["fpr"], roc["tpr"], roc["threshold"])
-    _write_atomic(out / "roc.csv", "fpr,tpr,threshold\n" + "".join(f"{f!r},{t!r},{h!r}\n" for f, t, h in rows))
+    write_text_atomic(out / "roc.csv", "fpr,tpr,threshold\n" + "".join(f"{f!r},{t!r},{h!r}\n" for f, t, h in rows))
     return [out / "metrics.json", out / "roc.csv"]

@@ -17,6 +17,8 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline.io import atomic_path
+
 FORMAT_VERSION = 1
 
 
@@ -65,18 +67,13 @@ def load_labels(path: Path, stamp: dict, keys: np.ndarray) -> np.ndarray | None:
 def store_labels(path: Path, stamp: dict, keys: np.ndarray, labels: np.ndarray) -> None:
     """Write atomically: a temporary name in the same folder, then os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "wb") as handle:
-            np.savez(
-                handle,
-                keys=np.asarray(keys, dtype=np.int64),
-                labels=np.asarray(labels, dtype=np.int64),
-                stamp=np.frombuffer(json.dumps(stamp, sort_keys=True).encode(), dtype=np.uint8),
-            )
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+        np.savez(
+            handle,
+            keys=np.asarray(keys, dtype=np.int64),
+            labels=np.asarray(labels, dtype=np.int64),
+            stamp=np.frombuffer(json.dumps(stamp, sort_keys=True).encode(), dtype=np.uint8),
+        )
 
 
 def cached_labels(

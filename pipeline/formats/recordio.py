@@ -31,6 +31,7 @@ from pipeline.formats.dmlc_recordio import (
 )
 from pipeline.formats.jpeg import decode_jpeg
 from pipeline.formats.jpeg import image_size as encoded_image_size
+from pipeline.io import fsync_path, temporary_name
 
 
 def resolve_paths(path: str | os.PathLike) -> tuple[Path, Path, Path, bool]:
@@ -318,7 +319,7 @@ def write_face_recordio(
     out_dir.mkdir(parents=True, exist_ok=True)
     write_property = prefix == "train" if write_property is None else write_property
     finals = [out_dir / f"{prefix}.rec", out_dir / f"{prefix}.idx", out_dir / "property"]
-    temporaries = [path.with_name(f"{path.name}.tmp-{os.getpid()}") for path in finals]
+    temporaries = [temporary_name(path) for path in finals]
     counts: dict[int, int] = {}
     last_identity = -1
     try:
@@ -357,6 +358,7 @@ def write_face_recordio(
             temporaries[2].write_text(f"{classes},{height},{width}\n")
         for temporary, final in zip(temporaries, finals):
             if temporary.exists():
+                fsync_path(temporary)
                 os.replace(temporary, final)
     finally:
         for temporary in temporaries:

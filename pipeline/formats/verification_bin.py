@@ -19,6 +19,7 @@ import numpy as np
 
 from pipeline.errors import DataError
 from pipeline.formats.jpeg import decode_image, encode_jpeg
+from pipeline.io import atomic_path
 
 
 def _numpy_attribute(modules: Sequence[str], name: str):
@@ -144,10 +145,5 @@ def write_verification_bin(
     if len(images) != 2 * len(issame_list):
         raise ValueError(f"{len(images)} images for {len(issame_list)} pairs (expected {2 * len(issame_list)})")
     bins = [bytes(image) if isinstance(image, (bytes, bytearray)) else encode_jpeg(image) for image in images]
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "wb") as handle:
-            pickle.dump((bins, issame_list), handle, protocol=4)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+        pickle.dump((bins, issame_list), handle, protocol=4)

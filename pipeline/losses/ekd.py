@@ -42,11 +42,30 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.errors import PipelineError
-from pipeline.losses.rank import (check_anchors, check_kd_inputs, full_precision, hard_rank,
-                                  order_statistic_thresholds, parse_teacher_thresholds, rank_mse, upper_pairs)
+from pipeline.fpr import ANCHORS
+from pipeline.losses.rank import (
+    check_anchors,
+    check_kd_inputs,
+    full_precision,
+    hard_rank,
+    order_statistic_thresholds,
+    parse_teacher_thresholds,
+    rank_mse,
+    upper_pairs,
+)
+from pipeline.settings import Choice
 
-DEFAULT_ANCHORS = (10, 100, 1000, 10000, 100000, 1000000)
-MODES = ("global", "reference")
+DEFAULT_ANCHORS = ANCHORS
+
+
+class EKDMode(Choice):
+    """How EKD finds its FPR thresholds (see the module docstring)."""
+
+    global_ = "global"
+    reference = "reference"
+
+
+MODES = EKDMode.values()
 
 
 class EmbeddingQueue(nn.Module):
@@ -117,6 +136,7 @@ class EKDLoss(nn.Module):
         super().__init__()
         if mode not in MODES:
             raise PipelineError(f"EKD mode {mode!r}: choose one of {', '.join(MODES)}")
+        mode = EKDMode(mode)
         if topk < 0 or temperature <= 0:
             raise PipelineError(f"EKD needs topk >= 0 and temperature > 0 (got {topk}, {temperature})")
         self.mode, self.topk, self.temperature = mode, int(topk), float(temperature)

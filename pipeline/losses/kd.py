@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from pipeline.errors import PipelineError
 from pipeline.losses.ekd import EKDLoss
 from pipeline.losses.rank import check_kd_inputs, full_precision
+from pipeline.settings import Choice
 
 _EPS = 1e-12
 
@@ -101,7 +102,17 @@ def _check_same_dim(s: torch.Tensor, t: torch.Tensor, name: str) -> None:
                             f"teacher {t.shape[1]}-d")
 
 
-KD_LOSSES = ("none", "l2", "cosine", "rkd", "ekd")
+class KDMethod(Choice):
+    """Knowledge-distillation losses (none = margin loss only)."""
+
+    none = "none"
+    l2 = "l2"
+    cosine = "cosine"
+    rkd = "rkd"
+    ekd = "ekd"
+
+
+KD_LOSSES = KDMethod.values()
 
 
 def build_kd_loss(name: str, weight: float = 1.0, **kwargs) -> nn.Module | None:

@@ -18,8 +18,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import PipelineError
+from pipeline.settings import Choice
 
-DEFAULT_MARGINS = {"arcface": 0.5, "cosface": 0.4}
+
+class MarginKind(Choice):
+    """Additive-margin softmax heads."""
+
+    arcface = "arcface"
+    cosface = "cosface"
+
+
+DEFAULT_MARGINS = {MarginKind.arcface: 0.5, MarginKind.cosface: 0.4}
 
 
 def arcface_target(cos: torch.Tensor, m: float) -> torch.Tensor:

@@ -1,9 +1,10 @@
-"""Load a face-recognition teacher from whatever file the user has, behind one `Teacher` interface.
+"""Load any face-recognition model (a teacher, or a trained student to evaluate) from whatever file the user
+has, behind one `Embedder` interface.
 
 Supported files: an arcface_torch state dict (.pt/.pth, optionally with a DDP `module.` prefix; the
 architecture is inferred from the keys and shapes), this project's own model.pt (model_file.py), a
 TorchScript archive, and an ONNX model (insightface model-zoo convention, run with onnxruntime). Every
-Teacher maps a float32 NCHW batch normalised as (x/255 - 0.5) / 0.5 to (B, D) float32 raw embeddings.
+Embedder maps a float32 NCHW batch normalised as (x/255 - 0.5) / 0.5 to (B, D) float32 raw embeddings.
 """
 
 from __future__ import annotations
@@ -22,14 +23,15 @@ import torch
 from torch import nn
 
 from pipeline.errors import DataError, PipelineError
+from pipeline.io import atomic_path
 from pipeline.models import MODEL_NAMES, get_model
+from pipeline.models.iresnet import IRESNET_LAYERS
 from pipeline.models.model_file import (
     is_pipeline_checkpoint,
     load_state_dict_strict,
     model_from_checkpoint,
     safe_torch_load,
 )
-from pipeline.models.iresnet import IRESNET_LAYERS
 
 DEFAULT_INPUT_SIZE = 112
 _HASH_CHUNK = 1 << 20
@@ -44,8 +46,8 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-class Teacher:
-    """A frozen embedding model: `teacher(x)` -> (B, dim) float32 on `device`, without gradients."""
+class Embedder:
+    """A frozen embedding model: `embedder(x)` -> (B, dim) float32 on `device`, without gradients."""
 
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], *, kind: str, name: str, dim: int,
                  input_size: int, device: torch.device, fingerprint: str, path: Path,
@@ -59,7 +61,7 @@ class Teacher:
         expected = (3, self.input_size, self.input_size)
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != expected:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise PipelineError(f"{self.path}: teacher {self.name} expects (B, {', '.join(map(str, expected))})"
+            raise PipelineError(f"{self.path}: model {self.name} expects (B, {', '.join(map(str, expected))})"
                                 f" input, got {shape}")
         if x.shape[0] == 0:
             return torch.zeros(0, self.dim, device=self.device)
@@ -68,7 +70,7 @@ class Teacher:
         return out.float()
 
     def __repr__(self) -> str:
-        return (f"Teacher(kind={self.kind!r}, name={self.name!r}, dim={self.dim}, input_size={self.input_size},"
+        return (f"Embedder(kind={self.kind!r}, name={self.name!r}, dim={self.dim}, input_size={self.input_size},"
                 f" device={str(self.device)!r}, fingerprint={self.fingerprint[:12]!r}...)")
 
 
@@ -161,17 +163,17 @@ def extract_state_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
 # Loaders, one per file kind
 
 
-def _teacher_from_module(model: nn.Module, kind: str, arch: str, arch_kwargs: dict, path: Path,
-                         device: torch.device, fingerprint: str) -> Teacher:
+def _embedder_from_module(model: nn.Module, kind: str, arch: str, arch_kwargs: dict, path: Path,
+                         device: torch.device, fingerprint: str) -> Embedder:
     model = model.to(device).eval()
     model.requires_grad_(False)
-    return Teacher(model, kind=kind, name=arch, dim=model.num_features, input_size=model.input_size,
+    return Embedder(model, kind=kind, name=arch, dim=model.num_features, input_size=model.input_size,
                    device=device, fingerprint=fingerprint, path=path, arch=arch, arch_kwargs=arch_kwargs,
                    module=model)
 
 
-def _load_state_dict_teacher(obj: Any, path: Path, arch: str | None, device: torch.device, fingerprint: str,
-                             arch_kwargs: dict) -> Teacher:
+def _load_state_dict(obj: Any, path: Path, arch: str | None, device: torch.device, fingerprint: str,
+                             arch_kwargs: dict) -> Embedder:
     source = str(path)
     sd = extract_state_dict(obj, source)
     if arch is None:
@@ -189,7 +191,7 @@ def _load_state_dict_teacher(obj: Any, path: Path, arch: str | None, device: tor
     except (TypeError, ValueError) as exc:
         raise DataError(f"{source}: cannot build {arch!r} with {kwargs}: {exc}") from None
     load_state_dict_strict(model, sd, source)
-    return _teacher_from_module(model, "state_dict", arch, kwargs, path, device, fingerprint)
+    return _embedder_from_module(model, "state_dict", arch, kwargs, path, device, fingerprint)
 
 
 def _probe_dim(forward: Callable[[torch.Tensor], torch.Tensor], input_size: int, device: torch.device,
@@ -205,7 +207,7 @@ def _probe_dim(forward: Callable[[torch.Tensor], torch.Tensor], input_size: int,
     return int(out.shape[1])
 
 
-def _load_torchscript(path: Path, device: torch.device, fingerprint: str, input_size: int) -> Teacher:
+def _load_torchscript(path: Path, device: torch.device, fingerprint: str, input_size: int) -> Embedder:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # torch>=2.9 flags jit as deprecated
@@ -213,7 +215,7 @@ def _load_torchscript(path: Path, device: torch.device, fingerprint: str, input_
     except Exception as exc:
         raise DataError(f"{path}: not a loadable TorchScript archive: {exc}") from None
     dim = _probe_dim(module, input_size, device, str(path))
-    return Teacher(module, kind="torchscript", name=path.name, dim=dim, input_size=input_size, device=device,
+    return Embedder(module, kind="torchscript", name=path.name, dim=dim, input_size=input_size, device=device,
                    fingerprint=fingerprint, path=path, module=module)
 
 
@@ -252,11 +254,11 @@ class _OnnxForward:
         return torch.cat(outs).to(self.device, torch.float32)
 
 
-def _load_onnx(path: Path, device: torch.device, fingerprint: str, input_size: int | None) -> Teacher:
+def _load_onnx(path: Path, device: torch.device, fingerprint: str, input_size: int | None) -> Embedder:
     try:
         import onnxruntime as ort
     except ImportError:
-        raise PipelineError(f"{path}: ONNX teachers need onnxruntime; install it with "
+        raise PipelineError(f"{path}: ONNX models need onnxruntime; install it with "
                             "`pip install ekd-pipeline[onnx]` (or `pip install onnxruntime`)") from None
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
@@ -276,7 +278,7 @@ def _load_onnx(path: Path, device: torch.device, fingerprint: str, input_size: i
     out_shape = session.get_outputs()[0].shape
     dim = out_shape[1] if len(out_shape) == 2 and isinstance(out_shape[1], int) else None
     dim = dim or _probe_dim(forward, size, device, str(path))
-    return Teacher(forward, kind="onnx", name=path.name, dim=dim, input_size=size, device=device,
+    return Embedder(forward, kind="onnx", name=path.name, dim=dim, input_size=size, device=device,
                    fingerprint=fingerprint, path=path)
 
 
@@ -295,9 +297,9 @@ def _is_onnx(path: Path) -> bool:
         return f.read(1) == b"\x08" and not zipfile.is_zipfile(path)
 
 
-def load_teacher(path: str | os.PathLike, arch: str | None = None, device: str | torch.device = "cpu",
-                 **arch_kwargs: Any) -> Teacher:
-    """Load a teacher from an arcface_torch .pt/.pth, own checkpoint, TorchScript or ONNX file.
+def load_embedder(path: str | os.PathLike, arch: str | None = None, device: str | torch.device = "cpu",
+                  **arch_kwargs: Any) -> Embedder:
+    """Load a model from an arcface_torch .pt/.pth, own checkpoint, TorchScript or ONNX file.
 
     `arch` (one of MODEL_NAMES) and `arch_kwargs` (input_size, width, num_features, fp16, ...) override what
     a state dict's shapes or a checkpoint's metadata say; the weights must still fit strictly. For
@@ -305,7 +307,7 @@ def load_teacher(path: str | os.PathLike, arch: str | None = None, device: str |
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: teacher file not found")
+        raise DataError(f"{path}: model file not found")
     if arch is not None and arch not in MODEL_NAMES:
         raise PipelineError(f"{path}: unknown arch {arch!r}; choose one of {', '.join(MODEL_NAMES)}")
     device = torch.device(device)
@@ -323,22 +325,19 @@ def load_teacher(path: str | os.PathLike, arch: str | None = None, device: str |
         if arch is not None and arch != obj.get("arch"):
             raise PipelineError(f"{path}: checkpoint holds {obj.get('arch')!r}, not the requested arch {arch!r}")
         model, meta = model_from_checkpoint(obj, str(path), device, overrides=arch_kwargs)
-        return _teacher_from_module(model, "checkpoint", meta["arch"], meta["arch_kwargs"], path, device,
+        return _embedder_from_module(model, "checkpoint", meta["arch"], meta["arch_kwargs"], path, device,
                                     fingerprint)
-    return _load_state_dict_teacher(obj, path, arch, device, fingerprint, arch_kwargs)
+    return _load_state_dict(obj, path, arch, device, fingerprint, arch_kwargs)
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: int = DEFAULT_INPUT_SIZE,
                 opset: int = 17) -> Path:
     """Export a backbone to ONNX (input `input` (B, 3, S, S), output `embedding` (B, D), dynamic batch)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     was_training = model.training
     device = next(model.parameters()).device
     model.eval()
     try:
-        with warnings.catch_warnings():
+        with atomic_path(path, suffix=".onnx") as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript-based exporter warns that it is the legacy path
             # dynamo=False: the torch.export-based exporter needs onnxscript, which is not a dependency.
             torch.onnx.export(
@@ -346,8 +345,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: int = DEF
                 input_names=["input"], output_names=["embedding"], opset_version=opset, dynamo=False,
                 dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}},
             )
-        os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
         model.train(was_training)
-    return path
+    return Path(path)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import DataError
+from pipeline.io import atomic_path
 from pipeline.models import MODEL_NAMES, get_model
 
 FORMAT = "ekd-pipeline-model"
@@ -84,18 +85,13 @@ def save_model(path: str | os.PathLike, model: nn.Module, arch: str, arch_kwargs
     payload = {
         "format": FORMAT,
         "version": VERSION,
-        "arch": arch,
+        "arch": str(arch),  # plain text: a weights-only load accepts no enum
         "arch_kwargs": _json_dict(arch_kwargs, "arch_kwargs"),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": _json_dict(extra, "extra"),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

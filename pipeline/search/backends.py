@@ -17,10 +17,22 @@ import logging
 import numpy as np
 
 from pipeline.errors import DataError, PipelineError
+from pipeline.settings import Choice
 
 log = logging.getLogger("pipeline.search")
 
-BACKENDS = ("auto", "faiss", "torch", "numpy")
+
+
+class Backend(Choice):
+    """Similarity-search engines (auto: the fastest that runs here)."""
+
+    auto = "auto"
+    faiss = "faiss"
+    torch = "torch"
+    numpy = "numpy"
+
+
+BACKENDS = Backend.values()
 # Every real similarity is >= this; masked entries (positives, i >= j) are -inf and fall below it.
 FLOOR_ALL = np.float32(-np.finfo(np.float32).max)
 _CHECK_ROWS = 65536

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import h5py
@@ -21,14 +21,49 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.errors import DataError, PipelineError
-from pipeline.io import open_artifact
-from pipeline.search.statistics import DEFAULT_FPRS, identity_neighbours, negative_statistics, sample_rows
+from pipeline.io import atomic_path, open_artifact, write_text_atomic
+from pipeline.search.backends import Backend
 from pipeline.search.knn import accumulate_centres, normalise_centres
+from pipeline.search.statistics import (
+    DEFAULT_FPRS,
+    identity_neighbours,
+    negative_statistics,
+    sample_rows,
+)
+from pipeline.settings import Choice, check, setting
 
 FORMAT_VERSION = 1
 VIEWS = {"original": (0,), "flipped": (1,), "both": (0, 1)}
 DATASETS = ("centres", "class_sizes", "neighbours", "neighbour_sims", "neg_pairs", "neg_sims")
 READ_ROWS = 65536
+
+
+class CentreViews(Choice):
+    """Views averaged into identity centres."""
+
+    original = "original"
+    both = "both"
+
+
+@dataclass
+class PoolsConfig:
+    """The knobs of `pipeline build-pools`."""
+
+    k: int = setting(16, "Nearest identities kept per identity (by class-centre similarity).", min=1)
+    m: int = setting(100_000, "Most similar negative pairs kept (global, exact).", min=0)
+    centre_views: str = setting("original", "Views averaged into class centres: original or both (original + "
+                                            "flipped).", choices=CentreViews)
+    backend: str = setting("auto", "Search backend: auto, faiss, torch or numpy.", choices=Backend)
+    block_rows: int = setting(4096, "Rows per block: peak memory ~ 3 x block_rows^2 x 4 B, plus N x D x 4 B for "
+                                    "the embeddings.", min=1)
+    sample: int = setting(0, "Use a uniform sample of this many rows for the thresholds and negative pairs (when "
+                             "all N^2/2 pairs are too many); 0 = all rows.", min=0)
+    seed: int = setting(0, "Seed of --sample and of the threshold pilot.", min=0)
+
+    def __post_init__(self):
+        check(self)
+        if self.sample == 1:
+            raise PipelineError("--sample 1: need at least 2 rows (0 = all rows)")
 
 
 @dataclass
@@ -59,7 +94,7 @@ class _ArraySource:
     def __len__(self) -> int:
         return self.array.shape[0]
 
-    def embeddings(self, indices=None, views=(0,), normalize=False) -> np.ndarray:
+    def embeddings(self, indices=None, views=(0,)) -> np.ndarray:
         rows = self.array if indices is None else self.array[np.asarray(indices)]
         return rows[:, list(views), :].astype(np.float32)
 
@@ -76,7 +111,7 @@ def read_normalised(source, rows: np.ndarray, views: tuple[int, ...], progress: 
     for start in tqdm(range(0, rows.size, READ_ROWS), desc="reading cache", unit="chunk",
                       disable=not progress or None, leave=False):
         index = rows[start : start + READ_ROWS]
-        chunk = np.asarray(source.embeddings(index, views=views, normalize=False), np.float32)
+        chunk = np.asarray(source.embeddings(index, views=views), np.float32)
         flat = chunk.reshape(chunk.shape[0], -1)
         bad = ~np.isfinite(flat).all(axis=1)
         norms = np.linalg.norm(chunk, axis=-1)
@@ -89,16 +124,19 @@ def read_normalised(source, rows: np.ndarray, views: tuple[int, ...], progress: 
         yield start, chunk / norms[..., None]
 
 
-def build_pools(emb_views, labels: np.ndarray | None = None, num_classes: int | None = None, k: int = 32,
-                m: int = 100_000, centre_views: str = "original", threshold_view: str = "original",
-                fprs=DEFAULT_FPRS, backend: str = "auto", block_rows: int = 4096, sample: int | None = None,
-                seed: int = 0, pilot_rows: int = 4096, progress: bool = False) -> PoolResults:
+def build_pools(emb_views, labels: np.ndarray | None = None, num_classes: int | None = None,
+                config: PoolsConfig | None = None, threshold_view: str = "original", fprs=DEFAULT_FPRS,
+                pilot_rows: int = 4096, progress: bool = False, **settings) -> PoolResults:
     """Everything in pools.h5 and thresholds.json, from an (N, V, D) array or a `TeacherCache`.
 
+    `config` (or PoolsConfig fields given by name) sets k, m, views, backend, block size and sampling.
     Centres average the L2-normalised `centre_views` ("original" or "both"); thresholds and negative pairs
     use `threshold_view`. k / m beyond what the data allows are clamped with a warning. Memory: N x D
     float32 for the threshold view (or `sample` x D), plus block buffers.
     """
+    cfg = replace(config, **settings) if config is not None else PoolsConfig(**settings)
+    k, m, centre_views, backend = cfg.k, cfg.m, cfg.centre_views, cfg.backend
+    block_rows, sample, seed = cfg.block_rows, cfg.sample or None, cfg.seed
     source = emb_views if hasattr(emb_views, "embeddings") else _ArraySource(emb_views, labels)
     labels = np.asarray(source.labels if labels is None else labels).reshape(-1).astype(np.int64)
     n = len(source)
@@ -163,28 +201,38 @@ def thresholds_document(result: dict) -> dict:
     return doc
 
 
+def describe(results: PoolResults, seconds: float) -> str:
+    """Thresholds table (FPR, threshold, rank, teacher TPR), pair counts and how they were computed."""
+    t = results.thresholds
+    lines = [f"  {'FPR':>6}  {'threshold':>10}  {'rank':>14}  {'TPR':>8}"]
+    for key, value in t["thresholds"].items():
+        lines.append(f"  {key:>6}  {value:>10.6f}  {t['ranks'][key]:>14,}  {t['tpr'][key]:>8.4f}")
+    c = t["counts"]
+    sampled = f" (uniform sample of {c['N']:,} of {c['N_total']:,} rows)" if c["sampled"] else ""
+    lines.append(f"  images {c['N']:,}{sampled}, identities {c['identities']:,} "
+                 f"({c['single_image_identities']:,} with one image), negative pairs {c['n_neg']:,}, "
+                 f"positive pairs {c['n_pos']:,}")
+    method = t["method"]
+    misses = f", pilot missed {', '.join(method['pilot_misses'])}" if method["pilot_misses"] else ""
+    lines.append(f"  exact over every negative pair: {method['scans']} scan(s), engine {method['engine']}, "
+                 f"pilot {'used' if method['pilot'] else 'not used'}{misses}; {seconds:.1f} s in total")
+    return "\n".join(lines)
+
+
 def write_pools(out_dir: str | os.PathLike, results: PoolResults) -> tuple[Path, Path]:
     """Write out_dir/pools.h5 and out_dir/thresholds.json, each to a temporary name first."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pools_path, thresholds_path = out / "pools.h5", out / "thresholds.json"
-    tmp = pools_path.with_name(f"{pools_path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(pools_path) as tmp:
         with h5py.File(tmp, "w") as handle:
             for name in DATASETS:
                 handle.create_dataset(name, data=getattr(results, name))
             for name, value in results.attrs.items():
                 handle.attrs[name] = value
             handle.attrs["complete"] = True  # last: readers trust nothing without it
-        os.replace(tmp, pools_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    tmp = thresholds_path.with_name(f"{thresholds_path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(thresholds_document(results.thresholds), indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, thresholds_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(thresholds_path, json.dumps(thresholds_document(results.thresholds), indent=2,
+                                                  allow_nan=False) + "\n")
     return pools_path, thresholds_path
 
 

@@ -23,11 +23,17 @@ from pipeline.search.backends import BACKENDS, check_rows, scan_engine
 from pipeline.search.knn import clamp, class_centres, identity_neighbours, knn_ip
 from pipeline.search.layout import PairLayout
 from pipeline.search.pairs import TopPairs, rank_pairs
-from pipeline.search.thresholds import (DEFAULT_FPRS, exact_thresholds, fpr_key, pair_counts, positive_tpr,
-                                        run_scan, threshold_ranks)
+from pipeline.search.thresholds import (
+    DEFAULT_FPRS,
+    exact_thresholds,
+    pair_counts,
+    positive_tpr,
+    run_scan,
+    threshold_ranks,
+)
 
 __all__ = [
-    "BACKENDS", "DEFAULT_FPRS", "class_centres", "fpr_key", "identity_neighbours", "knn_ip",
+    "BACKENDS", "DEFAULT_FPRS", "class_centres", "identity_neighbours", "knn_ip",
     "negative_statistics", "negative_thresholds", "rank_pairs", "sample_rows", "top_negative_pairs",
 ]
 

@@ -21,22 +21,22 @@ import math
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.fpr import FPR_LEVELS, fpr_key
 from pipeline.search.backends import FLOOR_ALL
 from pipeline.search.layout import PairLayout, positive_sims, scan_negatives
-from pipeline.search.select import CoarseHistogram, Window, float_keys, fpr_rank, keys_to_floats
+from pipeline.search.select import (
+    CoarseHistogram,
+    Window,
+    float_keys,
+    fpr_rank,
+    keys_to_floats,
+)
 
-DEFAULT_FPRS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+DEFAULT_FPRS = FPR_LEVELS
 EXTRACT_FRACTION = 0.15  # windows reaching at most this share of the values share one extraction
 SPLIT_FRACTION = 0.03  # ... in which windows reaching more ("bulk") may be cut off from the "top" ones
 PILOT_Z = 6.0  # window half-width in pilot standard errors
 MAX_WINDOW_BINS = 1 << 22  # float32 values one window may span (its histogram: 32 MiB)
-
-
-def fpr_key(fpr: float) -> str:
-    """'1e-1' style key for an FPR (mantissa without trailing zeros, exponent without padding)."""
-    mantissa, exponent = f"{float(fpr):e}".split("e")
-    mantissa = mantissa.rstrip("0").rstrip(".")
-    return f"{mantissa}e{int(exponent)}"
 
 
 class WindowSet:

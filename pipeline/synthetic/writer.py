@@ -30,7 +30,7 @@ import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -42,7 +42,13 @@ from pipeline.errors import PipelineError
 from pipeline.formats.jpeg import encode_jpeg
 from pipeline.formats.recordio import write_face_recordio
 from pipeline.formats.verification_bin import write_verification_bin
-from pipeline.synthetic.identity import FAMILY_SIZE, Identity, draw_nuisance, make_identity
+from pipeline.settings import check, setting
+from pipeline.synthetic.identity import (
+    FAMILY_SIZE,
+    Identity,
+    draw_nuisance,
+    make_identity,
+)
 from pipeline.synthetic.render import render_face
 
 FORMAT = "ekd-synthetic"
@@ -161,24 +167,31 @@ def contact_sheet(identities: int = 8, images: int = 10, size: int = 112, seed: 
     return sheet
 
 
-def _validate(identities, images_per_identity, size, difficulty, val_identities, val_pairs, test_identities,
-              test_images_per_identity, workers) -> None:
-    checks = [
-        (identities >= 2, f"identities={identities}: need at least 2"),
-        (images_per_identity >= 1, f"images_per_identity={images_per_identity}: need at least 1"),
-        (size >= 16, f"size={size}: need at least 16 pixels"),
-        (0.0 <= difficulty <= 1.0, f"difficulty={difficulty}: must lie in [0, 1]"),
-        (val_identities >= 2 * VAL_FOLDS, f"val_identities={val_identities}: need at least {2 * VAL_FOLDS} "
-                                          f"(two per fold for negative pairs)"),
-        (val_pairs > 0 and val_pairs % (2 * VAL_FOLDS) == 0,
-         f"val_pairs={val_pairs}: must be a positive multiple of {2 * VAL_FOLDS} (10 folds, half positive)"),
-        (test_identities >= 2, f"test_identities={test_identities}: need at least 2"),
-        (test_images_per_identity >= 2, f"test_images_per_identity={test_images_per_identity}: need at least 2"),
-        (workers >= 1, f"workers={workers}: need at least 1"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise PipelineError(f"synthesize: {message}")
+@dataclass
+class SyntheticConfig:
+    """The knobs of `pipeline synthesize` (the same arguments give bit-identical files)."""
+
+    identities: int = setting(2000, "Training identities (labels 0..identities-1).", min=2)
+    images_per_identity: int = setting(40, "Images per training identity (the mean when --long-tail is on).", min=1)
+    size: int = setting(112, "Image side in pixels (112 as insightface; 32-48 for a quick CPU demo).", min=16)
+    seed: int = setting(0, "Master seed: the same arguments give bit-identical files.", min=0)
+    difficulty: float = setting(0.5, "0..1: nuisance strength (pose, light, blur, noise, occluders, JPEG) and "
+                                     "identity similarity.", min=0.0, max=1.0)
+    val_identities: int = setting(300, f"Held-out identities for val.bin (at least {2 * VAL_FOLDS}: two per fold "
+                                       "for negative pairs).", min=2 * VAL_FOLDS)
+    val_pairs: int = setting(6000, f"val.bin pairs: {VAL_FOLDS} folds, half positive (a multiple of "
+                                   f"{2 * VAL_FOLDS}).", min=2 * VAL_FOLDS)
+    test_identities: int = setting(500, "Held-out identities for test.rec (labels 0..T-1).", min=2)
+    test_images_per_identity: int = setting(6, "Images per test identity (all-pairs 1:1 evaluation).", min=2)
+    long_tail: bool = setting(False, "Log-normal images per identity, MS1M-like, clipped to [max(2, mean/5), "
+                                     "10*mean].")
+    workers: int = setting(1, "Rendering processes; the output does not depend on it.", min=1)
+
+    def __post_init__(self):
+        check(self)
+        if self.val_pairs % (2 * VAL_FOLDS):
+            raise PipelineError(f"--val-pairs {self.val_pairs}: must be a multiple of {2 * VAL_FOLDS} "
+                                f"({VAL_FOLDS} folds, half positive)")
 
 
 def _sha256(path: Path) -> str:
@@ -203,24 +216,15 @@ def _split_tasks(seed, size, difficulty, role, counts: np.ndarray) -> list[Rende
     return [RenderTask(seed, size, difficulty, role, chunk) for chunk in _chunks(items, TASK_IMAGES)]
 
 
-def synthesize(
-    out_dir: str | os.PathLike,
-    identities: int = 2000,
-    images_per_identity: int = 40,
-    size: int = 112,
-    seed: int = 0,
-    difficulty: float = 0.5,
-    val_identities: int = 300,
-    val_pairs: int = 6000,
-    test_identities: int = 500,
-    test_images_per_identity: int = 6,
-    long_tail: bool = False,
-    workers: int = 1,
-) -> dict:
+def synthesize(out_dir: str | os.PathLike, config: SyntheticConfig | None = None, **settings) -> dict:
     """Write the synthetic benchmark into ``out_dir`` (see the module docstring); returns the summary dict
-    (also written as ``synthetic.json``, plus ``seconds`` and ``images_per_second``)."""
-    _validate(identities, images_per_identity, size, difficulty, val_identities, val_pairs, test_identities,
-              test_images_per_identity, workers)
+    (also written as ``synthetic.json``, plus ``seconds`` and ``images_per_second``). `config` or
+    SyntheticConfig fields by name say what to write."""
+    cfg = replace(config, **settings) if config is not None else SyntheticConfig(**settings)
+    identities, images_per_identity, size, seed = cfg.identities, cfg.images_per_identity, cfg.size, cfg.seed
+    difficulty, val_identities, val_pairs = cfg.difficulty, cfg.val_identities, cfg.val_pairs
+    test_identities, test_images_per_identity = cfg.test_identities, cfg.test_images_per_identity
+    long_tail, workers = cfg.long_tail, cfg.workers
     args = dict(identities=identities, images_per_identity=images_per_identity, size=size, seed=seed,
                 difficulty=float(difficulty), val_identities=val_identities, val_pairs=val_pairs,
                 test_identities=test_identities, test_images_per_identity=test_images_per_identity,

@@ -7,6 +7,16 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from pipeline.settings import Choice
+
+
+class LRSchedule(Choice):
+    """Learning-rate decay after the warmup."""
+
+    poly = "poly"
+    step = "step"
+    cosine = "cosine"
+
 
 def sgd_without_bn_decay(
     modules: Iterable[nn.Module], lr: float, momentum: float, weight_decay: float

@@ -1,12 +1,12 @@
 """Training checkpoints: everything needed to resume a run exactly at an epoch boundary."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.io import atomic_path
 
 FORMAT = "ekd-pipeline-train-state"
 
@@ -29,9 +29,8 @@ def save_train_state(path: Path, trainee, optimizer, scheduler, scaler, extra_mo
     }
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    tmp = Path(f"{path}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_train_state(path: Path, trainee, optimizer, scheduler, scaler, extra_modules, expected_config: dict) -> int:

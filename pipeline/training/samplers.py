@@ -14,17 +14,18 @@ identity, then up to `neighbours_per_seed` identities drawn at random from its l
 carries critical negative pairs between look-alike identities.
 
 Randomness is a pure function of (seed, epoch, rank): every rank yields its own batches, and `set_epoch`
-moves to the next epoch. With `without_replacement`, the general parts walk one permutation per epoch
-shared by all ranks, rank r taking positions r, r + W, r + 2W, ... so no index repeats within an epoch.
+moves to the next epoch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.settings import Choice, check, setting
 
 
 def epoch_rng(seed: int, epoch: int, rank: int = 0, stream: int = 0) -> np.random.Generator:
@@ -55,7 +56,7 @@ class ShuffledBatchSampler:
             yield order[start : start + self.batch_size].tolist()
 
 
-_PERMUTATION, _BATCHES = 0, 1  # stream tags in the seed, so the two random streams never coincide
+_BATCHES = 1  # stream tag in the seed of the balanced samplers' generator
 
 
 class BalancedBatchSampler:
@@ -69,14 +70,12 @@ class BalancedBatchSampler:
         seed: base seed; batches depend only on (seed, epoch, rank).
         neighbours: optional (C, k) identity-neighbour table (pools.h5) for the pool-aware balanced part.
         world_size, rank: this process's place among DDP ranks.
-        without_replacement: general parts walk a per-epoch permutation instead of independent draws.
-        epoch_size: batches per epoch; default len(labels) // general // world_size (official).
         neighbours_per_seed: pool-aware only: neighbours added after each seed identity.
     """
 
     def __init__(self, labels: Sequence[int] | np.ndarray, general: int, balanced: int, per_identity: int = 4,
                  seed: int = 0, neighbours: np.ndarray | None = None, world_size: int = 1, rank: int = 0,
-                 without_replacement: bool = False, epoch_size: int | None = None, neighbours_per_seed: int = 3):
+                 neighbours_per_seed: int = 3):
         labels = np.asarray(labels)
         if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
             raise PipelineError("sampler labels must be a non-empty 1-D array of identities >= 0")
@@ -97,14 +96,12 @@ class BalancedBatchSampler:
             raise PipelineError(f"sampler: {self.identities_per_batch} identities per batch but the data has "
                                 f"only {self._identities.size}")
         self.seed, self.world_size, self.rank, self.epoch = int(seed), int(world_size), int(rank), 0
-        self.without_replacement, self.neighbours_per_seed = without_replacement, int(neighbours_per_seed)
+        self.neighbours_per_seed = int(neighbours_per_seed)
         self.neighbours = None if neighbours is None else _check_neighbours(neighbours, counts.size)
-        self._len = int(epoch_size) if epoch_size is not None else self.num_images // general // world_size
-        per_rank_needed = self._len * general * world_size
-        if self._len < 1 or (without_replacement and per_rank_needed > self.num_images):
-            raise PipelineError(f"sampler: {self.num_images} images cannot fill {self._len} batches of "
-                                f"{general} general samples on {world_size} rank(s)"
-                                + (" without replacement" if without_replacement else ""))
+        self._len = self.num_images // general // world_size  # the official epoch: every image once on average
+        if self._len < 1:
+            raise PipelineError(f"sampler: {self.num_images} images cannot fill one batch of {general} general "
+                                f"samples on {world_size} rank(s)")
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose batches the next iteration yields."""
@@ -115,14 +112,8 @@ class BalancedBatchSampler:
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch, _BATCHES, self.rank])
-        if self.without_replacement:
-            shared = np.random.default_rng([self.seed, self.epoch, _PERMUTATION, 0])
-            walk = shared.permutation(self.num_images)[self.rank::self.world_size]
-        for b in range(self._len):
-            if self.without_replacement:
-                general = walk[b * self.general:(b + 1) * self.general]
-            else:
-                general = rng.choice(self.num_images, self.general, replace=False)
+        for _ in range(self._len):
+            general = rng.choice(self.num_images, self.general, replace=False)
             balanced = [self._images_of(c, rng) for c in self._balanced_identities(rng)]
             yield np.concatenate([general, *balanced]).astype(np.int64).tolist()
 
@@ -168,3 +159,55 @@ def _check_neighbours(neighbours: np.ndarray, num_identities: int) -> np.ndarray
     if table.shape[0] > num_identities:  # identities beyond the labels have no images: drop them as neighbours
         table = np.where(table < num_identities, table, -1)
     return table[:num_identities]
+
+
+class SamplerKind(Choice):
+    """How a student's batches are drawn."""
+
+    random = "random"
+    balanced = "balanced"
+    pool = "pool"
+
+
+class MarginOn(Choice):
+    """Which samples of a balanced batch the margin loss sees."""
+
+    all = "all"
+    general = "general"
+
+
+@dataclass
+class SamplerConfig:
+    """A student's batch structure: the sampler and the margin loss's share of the batch."""
+
+    sampler: str = setting("pool", "random (plain batches), balanced (official general+balanced batch) or pool "
+                                   "(balanced part from neighbouring identities).", choices=SamplerKind)
+    balanced_batch_size: int = setting(64, "Balanced part of each batch (identities x --per-identity); "
+                                           "--batch-size is the general part.", min=0)
+    per_identity: int = setting(4, "Images per identity in the balanced part.", min=1)
+    margin_on: str = setting("all", "Margin loss on 'all' samples or only the 'general' part (official EKD).",
+                             choices=MarginOn)
+
+    def __post_init__(self):
+        check(self)
+        if self.sampler == SamplerKind.random and self.margin_on == MarginOn.general:
+            raise PipelineError("--margin-on general needs a balanced or pool sampler (random batches have no "
+                                "general part)")
+
+    def margin_samples(self, general: int) -> int | None:
+        """How many leading samples of each batch the margin loss sees (None = all)."""
+        return general if self.margin_on == MarginOn.general else None
+
+    def factory(self, labels: np.ndarray, general: int, seed: int,
+                neighbours: np.ndarray | None = None) -> Callable[[int, int], BalancedBatchSampler] | None:
+        """`factory(world_size, rank)` for `train`, or None for plain shuffled batches."""
+        if self.sampler == SamplerKind.random:
+            return None
+        if self.sampler == SamplerKind.pool and neighbours is None:
+            raise PipelineError("--sampler pool needs --pools (the folder written by build-pools)")
+        table = neighbours if self.sampler == SamplerKind.pool else None
+
+        def make(world_size: int, rank: int) -> BalancedBatchSampler:
+            return BalancedBatchSampler(labels, general, self.balanced_batch_size, per_identity=self.per_identity,
+                                        seed=seed, neighbours=table, world_size=world_size, rank=rank)
+        return make

@@ -1,0 +1,92 @@
+"""Settings as data: every option of every stage is declared once, as a field of a config dataclass.
+
+A field made with `setting(default, help, min=..., choices=...)` carries its default, its help text, its
+bounds and its choices (a `Choice` enum; the field holds the chosen value as plain text, so configs serialise
+as they are). From these the CLI derives its options
+(`stages/options.py`), params.yaml sections are read into them, and `check` (called by every config's
+`__post_init__`) validates a config however it was made, raising a one-line error that names the option.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import typing
+from typing import Any
+
+from pipeline.errors import PipelineError
+
+
+class Choice(str, enum.Enum):
+    """An option with a fixed set of string values; prints as its value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(member.value for member in cls)
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, min: float | None = None,
+            max: float | None = None, above: float | None = None, choices: type[Choice] | None = None,
+            flag: str | None = None, factory: typing.Callable[[], Any] | None = None, cli: bool = True,
+            cli_text: bool = False) -> Any:
+    """A config field: `default`, `help` (the --help text), bounds `min <= v <= max` and `v > above`,
+    `choices` (the allowed values, as a Choice enum). No default: a required option.
+
+    `flag` overrides the option name (default `--field-name`); `cli=False` keeps a field out of the CLI;
+    `cli_text=True` makes the CLI take the value as text, converted by the config's `__post_init__`.
+    """
+    metadata = {"help": help, "min": min, "max": max, "above": above, "choices": choices, "flag": flag,
+                "cli": cli, "cli_text": cli_text}
+    if choices is not None and default not in (dataclasses.MISSING, None):
+        default = choices(default).value
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def flag(field: dataclasses.Field) -> str:
+    """The command-line spelling of a field: `--batch-size` for `batch_size`."""
+    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Resolved annotations of a dataclass (works with `from __future__ import annotations`)."""
+    return typing.get_type_hints(cls)
+
+
+def check(config: Any) -> None:
+    """Enforce every field's choices (stored as plain text) and bounds, in place.
+
+    Raises PipelineError naming the option, the value and what is allowed.
+    """
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if value is None:
+            continue
+        choices = field.metadata.get("choices")
+        if choices is not None:
+            if str(value) not in choices.values():
+                raise PipelineError(f"{flag(field)} {value!r}: choose one of {', '.join(choices.values())}")
+            setattr(config, field.name, str(value))
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        _check_number(field, value)
+
+
+def _check_number(field: dataclasses.Field, value: float) -> None:
+    meta, name = field.metadata, flag(field)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PipelineError(f"{name} {value}: must be a finite number")
+    if meta.get("min") is not None and value < meta["min"]:
+        raise PipelineError(f"{name} {value}: must be >= {meta['min']}")
+    if meta.get("above") is not None and value <= meta["above"]:
+        raise PipelineError(f"{name} {value}: must be > {meta['above']}")
+    if meta.get("max") is not None and value > meta["max"]:
+        raise PipelineError(f"{name} {value}: must be <= {meta['max']}")

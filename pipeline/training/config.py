@@ -1,0 +1,57 @@
+"""Every knob of one training run (teacher or student), declared once with its default, help and bounds."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from pipeline.devices import DEVICE_HELP
+from pipeline.errors import PipelineError
+from pipeline.losses.margin import MarginKind
+from pipeline.models import Arch
+from pipeline.settings import check, setting
+from pipeline.training.optim import LRSchedule
+
+
+def parse_milestones(value) -> tuple[float, ...]:
+    """Epochs of the step schedule from '10,15' or a sequence of numbers."""
+    if isinstance(value, str):
+        value = [x for x in value.split(",") if x.strip()]
+    try:
+        return tuple(float(x) for x in value)
+    except (TypeError, ValueError):
+        raise PipelineError(f"--lr-milestones: expected comma-separated epochs, got {value!r}") from None
+
+
+@dataclass
+class TrainConfig:
+    """One training run. `out_dir`, `arch_kwargs` come from the caller (run folder, backbone shape)."""
+
+    out_dir: Optional[Path] = setting(None, cli=False)
+    arch: str = setting("r50", "Backbone: r18 r34 r50 r100 r200 (iresnet) or mbf (MobileFaceNet).", choices=Arch)
+    arch_kwargs: dict = setting(factory=dict, cli=False)
+    epochs: int = setting(20, "Epochs over the training set.", min=1)
+    batch_size: int = setting(128, "Images per step per process.", min=1)
+    lr: float = setting(0.1, "Base learning rate (SGD).", above=0.0)
+    momentum: float = setting(0.9, "SGD momentum.", min=0.0, max=1.0)
+    weight_decay: float = setting(5e-4, "Weight decay (not applied to BatchNorm).", min=0.0)
+    warmup_epochs: float = setting(0.0, "Linear LR warmup, in epochs.", min=0.0)
+    lr_schedule: str = setting("poly", "poly (arcface_torch), step or cosine.", choices=LRSchedule)
+    lr_milestones: tuple = setting((), "Comma-separated epochs where the step schedule decays x0.1.",
+                                   cli_text=True)
+    margin: str = setting("arcface", "Margin head: arcface or cosface.", choices=MarginKind)
+    margin_s: float = setting(64.0, "Logit scale s.", above=0.0)
+    margin_m: Optional[float] = setting(None, "Margin m (default 0.5 ArcFace, 0.4 CosFace).", min=0.0)
+    sample_rate: float = setting(1.0, "Partial-FC class sampling rate (1.0 = full softmax).", above=0.0, max=1.0)
+    seed: int = setting(0, "Random seed (runs are deterministic on CPU).", min=0)
+    workers: int = setting(2, "DataLoader worker processes decoding images.", min=0)
+    preload: bool = setting(False, "Decode the whole training set into RAM first (small sets).")
+    device: str = setting("auto", DEVICE_HELP)
+    amp: bool = setting(True, "fp16 autocast on CUDA (ignored on CPU).")
+    resume: bool = setting(True, "Continue from OUT/checkpoint.pt when present.")
+    stop_after_epochs: Optional[int] = setting(None, "Stop after this many epochs of the schedule (resume later).",
+                                               min=1)
+
+    def __post_init__(self):
+        self.lr_milestones = parse_milestones(self.lr_milestones)
+        check(self)

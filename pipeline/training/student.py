@@ -1,0 +1,62 @@
+"""A student run: the teacher cache and pools checked against the training data, the KD loss on the cached
+targets (no teacher weights are loaded), the batch sampler, then the one training loop."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.cache import TeacherCache
+from pipeline.errors import PipelineError
+from pipeline.io import refuse_mismatch
+from pipeline.losses.config import KDConfig
+from pipeline.losses.kd import KDMethod
+from pipeline.search.pools import load_pools, load_thresholds
+from pipeline.training.config import TrainConfig
+from pipeline.training.distill import Distillation
+from pipeline.training.loop import train
+from pipeline.training.samplers import SamplerConfig, SamplerKind
+
+
+def checked_pools(pools: Path, source, cache: TeacherCache | None) -> dict:
+    """pools.h5, refused (fingerprints named) unless built from this dataset and, given a cache, its teacher:
+    thresholds.json is written with it, so this also vouches for the thresholds."""
+    path = pools / "pools.h5"
+    tables = load_pools(path)
+    expected = {"dataset_fingerprint": source.fingerprint()}
+    if cache is not None:
+        expected["teacher_fingerprint"] = cache.teacher_fingerprint
+    refuse_mismatch(path, tables["attrs"], expected, "pools come from another teacher cache",
+                    "rerun `pipeline build-pools` on this run's cache")
+    return tables
+
+
+def open_targets(cache_path: Path, source, dim: int) -> TeacherCache:
+    """The teacher cache, checked against the training data and the student's embedding size."""
+    cache = TeacherCache.open(cache_path)
+    cache.check_compatible(cache.teacher_fingerprint, source.fingerprint())
+    if cache.dim != dim:
+        raise PipelineError(f"{cache_path}: teacher embeddings are {cache.dim}-d but the student's are {dim}-d "
+                            "(set --embedding-size to match)")
+    return cache
+
+
+def train_student(cfg: TrainConfig, source, kd: KDConfig, sampling: SamplerConfig, cache: Path | None = None,
+                  pools: Path | None = None) -> dict:
+    """Train `cfg` on `source` against the teacher cache with `kd`; returns `train`'s summary."""
+    distill, targets = None, None
+    if kd.kd != KDMethod.none:
+        if cache is None:
+            raise PipelineError(f"--kd {kd.kd} needs --cache (the teacher cache from extract-teacher)")
+        targets = open_targets(cache, source, cfg.arch_kwargs["num_features"])
+    needs_pools = kd.needs_thresholds or sampling.sampler == SamplerKind.pool
+    if needs_pools and pools is None:
+        raise PipelineError(f"{'--ekd-mode global' if kd.needs_thresholds else '--sampler pool'} needs --pools "
+                            "(the folder written by build-pools)")
+    tables = checked_pools(pools, source, targets) if pools is not None else None
+    if targets is not None:
+        thresholds = load_thresholds(pools / "thresholds.json") if kd.needs_thresholds else None
+        # (N, 2, D) in the stored dtype, looked up per step by sample index and flip
+        distill = Distillation(loss=kd.build(thresholds), targets=targets.to_torch(), weight=kd.kd_weight)
+    factory = sampling.factory(source.labels, cfg.batch_size, cfg.seed,
+                               tables["neighbours"] if tables is not None else None)
+    return train(cfg, source, source.num_classes, distill=distill, batch_sampler_factory=factory,
+                 margin_samples=sampling.margin_samples(cfg.batch_size))
