@@ -41,6 +41,7 @@ def evaluate(
     embedder = load_embedder(model, arch=cfg.arch, device=resolve_device(cfg.device), **size)
     metrics = evaluate_folder(embedder, data, fprs=DEFAULT_FPRS, batch_size=cfg.batch_size, flip=cfg.flip,
                               method=cfg.tpr_method)
+    metrics["model"] = embedder.describe()
     written = write_metrics(metrics, out)
     typer.echo(format_table(metrics))
     for path in written:

@@ -9,6 +9,7 @@ import typer
 from pipeline.errors import PipelineError
 from pipeline.evaluation.report import load_result, write_report
 from pipeline.search.pools import load_thresholds
+from stages import options
 
 
 def command(
@@ -17,10 +18,9 @@ def command(
     out: Annotated[Path, typer.Option("--out", help="Report folder: report.md, roc.png, summary.json.")],
     baseline: Annotated[str, typer.Option("--baseline", help="Name of the no-KD student the gap is measured from.")] = "baseline",
     thresholds: Annotated[Optional[Path], typer.Option("--thresholds", help="thresholds.json from build-pools.")] = None,
-    teacher_model: Annotated[Optional[Path], typer.Option("--teacher-model", help="Teacher weights, for the parameter count.")] = None,
 ):
     """Write the teacher-vs-students report (markdown table, ROC plot, thresholds)."""
-    results = [load_result(teacher, "teacher", "teacher", teacher_model)]
+    results = [load_result(teacher, "teacher", "teacher")]
     runs = sorted(p for p in students.iterdir() if (p / "metrics.json").is_file()) if students.is_dir() else []
     if not runs:
         raise PipelineError(f"{students}: no evaluated student runs (sub-folders with metrics.json)")
@@ -33,4 +33,4 @@ def command(
     print(f"wrote {', '.join(map(str, written))}")
 
 
-COMMANDS = {"report": command}
+COMMANDS = {"report": options.command(command)}

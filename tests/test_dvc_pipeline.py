@@ -82,19 +82,64 @@ def test_dvc_repro_embedded_default(tmp_path):
     thresholds = json.loads((work / "data/pools/thresholds.json").read_text())
     values = [thresholds[k] for k in ("1e-1", "1e-2", "1e-3")]
     assert values == sorted(values) and all(-1 <= v <= 1 for v in values)  # lower FPR, higher threshold
-    _check_metrics(work / "data/teacher/metrics.json")
+    _check_metrics(work / "results/teacher/metrics.json")
     for name in students:
         assert (work / f"data/students/{name}/model.pt").is_file()
-        _check_metrics(work / f"data/students/{name}/metrics.json")
-        assert (work / f"data/students/{name}/roc.csv").read_text().startswith("fpr,tpr,threshold")
-    report = (work / "data/report/report.md").read_text()
+        _check_metrics(work / f"results/students/{name}/metrics.json")
+        assert (work / f"results/students/{name}/roc.csv").read_text().startswith("fpr,tpr,threshold")
+    report = (work / "results/report/report.md").read_text()
     assert all(name in report for name in students) and "gap closed" in report
-    assert (work / "data/report/roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (work / "results/report/roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     again = _dvc(work, "repro")
     assert "Running stage" not in again, again
     shown = _dvc(work, "metrics", "show", "--json")
-    assert all(f"data/students/{name}/metrics.json" in shown for name in students)
+    assert all(f"results/students/{name}/metrics.json" in shown for name in students)
+    _check_code_dependencies(work, students)
+    _check_experiments(work, students)
+
+
+def _stale_stages(work: Path) -> set[str]:
+    """The stages `dvc status` reports as changed."""
+    status = json.loads(_dvc(work, "status", "--json").strip() or "{}")
+    return set(status)
+
+
+def _check_code_dependencies(work: Path, students: list[str]) -> None:
+    """Editing a module reruns exactly the stages whose code it is (a comment is enough: DVC hashes files)."""
+    cases = {
+        "pipeline/losses/ekd.py": {f"train-student@{s}" for s in students},
+        "pipeline/search/knn.py": {"build-pools"},
+        "pipeline/evaluation/report.py": {"report"},
+        "pipeline/synthetic/render.py": {"synthesize@demo"},
+    }
+    for path, expected in cases.items():
+        original = (work / path).read_text()
+        (work / path).write_text(original + "\n# edited\n")
+        try:
+            assert _stale_stages(work) == expected, path
+        finally:
+            (work / path).write_text(original)
+    assert _stale_stages(work) == set()
+
+
+def _check_experiments(work: Path, students: list[str]) -> None:
+    """`dvc exp run -S` reruns the students; `dvc exp show` then has numbers for main and the experiment."""
+    subprocess.run(["git", "add", "-A"], cwd=work, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run"], cwd=work,
+                   check=True)
+    _dvc(work, "exp", "run", "-S", "student.lr=0.05")
+    table = json.loads(_dvc(work, "exp", "show", "--json", "--no-fetch"))
+    main = next(row for row in table if row["rev"] != "workspace")
+    rows = [main] + [exp for entry in main.get("experiments") or [] for exp in entry["revs"]]
+    assert len(rows) == 2, table
+    for row in rows:
+        metrics = row["data"]["metrics"]
+        for name in students:
+            value = metrics[f"results/students/{name}/metrics.json"]["data"]["test"]["tpr@fpr=1e-2"]
+            assert 0.0 <= value <= 1.0
+    diff = json.loads(_dvc(work, "metrics", "diff", "--json", "HEAD", rows[1]["rev"]))
+    assert any(path.startswith("results/students/") for path in diff)
 
 
 def _write_real_folder(folder: Path, size: int = 16) -> None:
@@ -136,7 +181,9 @@ def test_dvc_repro_real_data_mode(tmp_path):
     assert "synthesize" not in log and "train-teacher" not in log
     for stage in ("extract-teacher", "build-pools", "train-student@ekd_global", "evaluate-teacher", "report"):
         assert f"Running stage '{stage}'" in log
-    metrics = json.loads((work / "data/teacher/metrics.json").read_text())
+    metrics = json.loads((work / "results/teacher/metrics.json").read_text())
     assert 0.0 <= metrics["lfw"]["accuracy"] <= 1.0 and "test" not in metrics
+    assert metrics["model"] == {"kind": "state_dict", "name": "r18", "params": sum(
+        v.numel() for v in teacher.parameters())}
     assert (work / "data/students/ekd_global/model.pt").is_file()
-    assert "lfw acc" in (work / "data/report/report.md").read_text()
+    assert "lfw acc" in (work / "results/report/report.md").read_text()

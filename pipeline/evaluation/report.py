@@ -13,8 +13,6 @@ import numpy as np
 from pipeline.errors import PipelineError
 from pipeline.fpr import LEVEL_KEYS, REPORT_KEYS
 from pipeline.io import atomic_path, write_text_atomic
-from pipeline.models import count_parameters
-from pipeline.models.model_file import load_model
 
 REPORT_FPRS = REPORT_KEYS
 
@@ -38,8 +36,8 @@ def gap_closed(student: float, baseline: float, teacher: float) -> float:
     return (student - baseline) / gap if gap > 0 else math.nan
 
 
-def load_result(run: Path, name: str, role: str, model: Path | None = None) -> ModelResult:
-    """A model's evaluation (metrics.json, roc.csv in `run`) plus its parameter count when it is our model.pt."""
+def load_result(run: Path, name: str, role: str) -> ModelResult:
+    """A model's evaluation: metrics.json (with the model's parameter count, when known) and roc.csv in `run`."""
     metrics_path = run / "metrics.json"
     if not metrics_path.is_file():
         raise PipelineError(f"{metrics_path}: missing (run `pipeline evaluate --out {run}` first)")
@@ -52,13 +50,7 @@ def load_result(run: Path, name: str, role: str, model: Path | None = None) -> M
         roc = read_roc_csv(run / "roc.csv")
         thresholds = _thresholds_at(roc[0], read_roc_thresholds(run / "roc.csv")) if roc[0] else {}
         roc = roc if roc[0] else None  # header only: no test set
-    params = None
-    model = model or run / "model.pt"
-    if model.is_file() and model.suffix == ".pt":
-        try:
-            params = count_parameters(load_model(model)[0])
-        except PipelineError:  # a foreign checkpoint (e.g. arcface_torch) has no architecture metadata
-            params = None
+    params = metrics.get("model", {}).get("params")
     return ModelResult(name, role, params, accuracy, tpr, thresholds, roc)
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from pipeline.errors import DataError, PipelineError
 from pipeline.io import atomic_path
-from pipeline.models import MODEL_NAMES, get_model
+from pipeline.models import MODEL_NAMES, count_parameters, get_model
 from pipeline.models.iresnet import IRESNET_LAYERS
 from pipeline.models.model_file import (
     is_pipeline_checkpoint,
@@ -68,6 +68,13 @@ class Embedder:
         with torch.no_grad():
             out = self._forward(x.to(self.device, torch.float32))
         return out.float()
+
+    def describe(self) -> dict:
+        """What evaluation records about the model: file kind, name and (for torch models) parameter count."""
+        info = {"kind": self.kind, "name": str(self.arch or self.name)}
+        if self.module is not None:
+            info["params"] = count_parameters(self.module)
+        return info
 
     def __repr__(self) -> str:
         return (f"Embedder(kind={self.kind!r}, name={self.name!r}, dim={self.dim}, input_size={self.input_size},"
