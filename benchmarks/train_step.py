@@ -1,8 +1,8 @@
 """Benchmark: what distilling from cached teacher targets costs per training step, relative to a plain
 student step and to the same EKD step with the teacher run online (the official EKD setup).
 
-Every variant runs train()'s per-step work (pipeline/training.py: FaceTrainee forward with the margin head,
-`_teacher_targets`, `_kd_term`, backward, SGD step, the loss read back) on the same batches, in the same
+Every variant runs train()'s per-step work (`pipeline.training.TrainStep.step`: forward with the margin head,
+the teacher targets, the KD term, backward, SGD step; then the losses read back) on the same batches, in the same
 process, interleaved round by round (the order rotating), `--warmup` rounds discarded; each ratio is the
 median over `--repeats` rounds of the ratio measured within the round:
   plain                 - student + ArcFace head, no KD (train-teacher --arch mbf);
@@ -27,7 +27,7 @@ Prints one JSON line (progress goes to stderr).
 from __future__ import annotations
 
 import argparse
-import contextlib
+import itertools
 import json
 import statistics
 import sys
@@ -40,19 +40,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.devices import resolve_device
 from pipeline.losses.ekd import DEFAULT_ANCHORS, EKDLoss
-from pipeline.losses.margin import MarginHead
 from pipeline.losses.rank import order_statistic_thresholds
 from pipeline.models import get_model
 from pipeline.models.loading import Embedder
-from pipeline.training.loop import (
-    Distillation,
-    FaceTrainee,
-    _kd_term,
-    _teacher_targets,
-    resolve_device,
-)
-from pipeline.training.optim import sgd_without_bn_decay
+from pipeline.training import Distillation, TrainConfig, TrainStep
 from pipeline.training.samplers import BalancedBatchSampler
 
 DIM = 512
@@ -69,30 +62,24 @@ class Batch:
 
 @dataclass
 class Variant:
-    """One student with its own optimiser and KD state, stepped like train() steps it."""
+    """One student with its own optimiser and KD state, stepped exactly as train() steps it."""
 
     name: str
-    trainee: FaceTrainee
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    distill: Distillation | None
+    trainer: TrainStep
 
-    def step(self, batch: Batch, device: torch.device) -> None:
-        """train()'s per-step work (pipeline/training.py `_run_epoch`), minus the data loading."""
-        autocast = torch.autocast("cuda", dtype=torch.float16) if self.scaler.is_enabled() else contextlib.nullcontext()
-        with autocast:
-            embeddings, margin_loss = self.trainee(batch.images, batch.labels, None)
-        loss = margin_loss.float()
-        kd_loss = torch.zeros((), device=device)
-        if self.distill is not None:
-            targets = _teacher_targets(self.distill, batch.images, batch.indices, batch.flips, device)
-            kd_loss = _kd_term(self.distill, embeddings, targets, batch.labels)
-            loss = loss + kd_loss
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        loss.item(), margin_loss.item(), kd_loss.item()  # train() reads these back every step
+    def step(self, batch: Batch) -> None:
+        losses = self.trainer.step(batch.images, batch.labels, batch.indices, batch.flips)
+        losses.total.item(), losses.margin.item(), losses.kd.item()  # train() reads these back every step
+
+
+class OnlineTeacher:
+    """The official EKD setup: the teacher run on every batch's images (a target lookup for Distillation)."""
+
+    def __init__(self, teacher: Embedder):
+        self.teacher = teacher
+
+    def __call__(self, images, indices, flips, device) -> torch.Tensor:
+        return self.teacher(images).float()
 
 
 def clustered_targets(labels: np.ndarray, seed: int) -> torch.Tensor:
@@ -115,14 +102,13 @@ def teacher_thresholds(targets: torch.Tensor, labels: np.ndarray, sample: int = 
 
 
 def make_variant(name: str, args, num_classes: int, device: torch.device, distill: Distillation | None) -> Variant:
+    cfg = TrainConfig(arch=args.student, arch_kwargs={"input_size": args.size, "num_features": DIM}, lr=0.01,
+                      epochs=1, seed=args.seed)
     torch.manual_seed(args.seed)  # every variant starts from the same student
-    backbone = get_model(args.student, input_size=args.size, num_features=DIM)
-    trainee = FaceTrainee(backbone, MarginHead(num_classes, DIM)).to(device).train()
-    if device.type == "cuda":
-        trainee = trainee.to(memory_format=torch.channels_last)
-    extra = [distill.loss.to(device)] if distill is not None else []
-    optimizer = sgd_without_bn_decay([trainee, *extra], lr=0.01, momentum=0.9, weight_decay=5e-4)
-    return Variant(name, trainee, optimizer, torch.amp.GradScaler("cuda", enabled=device.type == "cuda"), distill)
+    trainer = TrainStep(cfg, num_classes, steps_per_epoch=args.warmup + args.repeats, device=device,
+                        distill=distill)
+    trainer.model.train()
+    return Variant(name, trainer)
 
 
 def ekd_loss(mode: str, thresholds: list[float], queue: int, device: torch.device, seed: int) -> EKDLoss:
@@ -136,7 +122,7 @@ def ekd_loss(mode: str, thresholds: list[float], queue: int, device: torch.devic
     return loss
 
 
-def make_batches(sampler: BalancedBatchSampler, labels: np.ndarray, args, device: torch.device) -> list[Batch]:
+def make_batches(sampler, labels: np.ndarray, args, device: torch.device) -> list[Batch]:
     g = torch.Generator().manual_seed(args.seed)
     out = []
     for indices in sampler:
@@ -191,8 +177,8 @@ def main() -> None:
     labels = np.sort(np.random.default_rng(args.seed).integers(0, args.classes, args.rows)).astype(np.int64)
     targets = clustered_targets(labels, args.seed)
     thresholds = teacher_thresholds(targets, labels)
-    sampler = BalancedBatchSampler(labels, args.batch // 2, args.batch - args.batch // 2, per_identity=4,
-                                   seed=args.seed, epoch_size=args.warmup + args.repeats)
+    sampler = itertools.islice(BalancedBatchSampler(labels, args.batch // 2, args.batch - args.batch // 2,
+                                                    per_identity=4, seed=args.seed), args.warmup + args.repeats)
     batches = make_batches(sampler, labels, args, device)
     torch.manual_seed(args.seed)
     teacher_module = get_model(args.teacher, input_size=args.size, num_features=DIM).to(device).eval()
@@ -209,12 +195,12 @@ def main() -> None:
         make_variant("plain", args, args.classes, device, None),
         make_variant("ekd_cached_global", args, args.classes, device, kd("global", targets=targets)),
         make_variant("ekd_cached_reference", args, args.classes, device, kd("reference", targets=targets)),
-        make_variant("ekd_online_global", args, args.classes, device, kd("global", teacher=teacher)),
+        make_variant("ekd_online_global", args, args.classes, device, kd("global", targets=OnlineTeacher(teacher))),
     ]
     parts_losses = {mode: ekd_loss(mode, thresholds, args.queue, device, args.seed) for mode in ("global", "reference")}
     seconds: dict[str, list[float]] = {}
     for r, batch in enumerate(batches):
-        jobs = [(v.name, lambda v=v: v.step(batch, device)) for v in variants]
+        jobs = [(v.name, lambda v=v: v.step(batch)) for v in variants]
         jobs.append(("teacher_forward", lambda: teacher(batch.images)))
         jobs += [(f"ekd_loss_{mode}", loss_alone(loss, batch, targets, device)) for mode, loss in parts_losses.items()]
         for name, job in jobs[r % len(jobs):] + jobs[: r % len(jobs)]:  # rotate: no variant always goes first

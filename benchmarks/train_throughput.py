@@ -1,7 +1,7 @@
 """Benchmark: training throughput through the real data path relative to stepping on in-memory tensors.
 
 Both are measured in the same run, on the same model, head, optimiser, batches and flips:
-`in_memory`: `pipeline.training._run_epoch` (the loop body `train` uses) over pre-decoded, pre-collated
+`in_memory`: `pipeline.training.loop.run_epoch` (the loop body `train` uses) over pre-decoded, pre-collated
 batch tensors. `data_path`: `pipeline.training.train` itself on a synthetic RecordIO set (FaceRecordIO ->
 FaceDataset -> DataLoader workers decoding JPEG -> collate -> the same loop). Runs are interleaved and the
 best of `--repeats` is kept for each (the least disturbed by other load on a shared machine).
@@ -32,19 +32,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from pipeline.devices import resolve_device
 from pipeline.formats.recordio import FaceRecordIO
-from pipeline.losses.margin import MarginHead
-from pipeline.models import get_model
 from pipeline.synthetic import synthesize
+from pipeline.training import TrainConfig, TrainStep, train
 from pipeline.training.data import FaceDataset, FlipAugment, collate
-from pipeline.training.loop import (
-    FaceTrainee,
-    TrainConfig,
-    _run_epoch,
-    resolve_device,
-    train,
-)
-from pipeline.training.optim import lr_factor, sgd_without_bn_decay
+from pipeline.training.loop import run_epoch
 from pipeline.training.samplers import ShuffledBatchSampler
 
 
@@ -61,23 +54,12 @@ def in_memory_rates(cfg: TrainConfig, num_classes: int, epochs: list[list[tuple]
     premade batches."""
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    backbone = get_model(cfg.arch, **cfg.arch_kwargs)
-    head = MarginHead(num_classes, cfg.arch_kwargs["num_features"], kind=cfg.margin, s=cfg.margin_s,
-                      m=cfg.margin_m, sample_rate=cfg.sample_rate)
-    trainee = FaceTrainee(backbone, head).to(device)
-    if device.type == "cuda":
-        trainee = trainee.to(memory_format=torch.channels_last)
-    optimizer = sgd_without_bn_decay([trainee], cfg.lr, cfg.momentum, cfg.weight_decay)
-    steps = len(epochs[0])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, steps, cfg.epochs, cfg.warmup_epochs, cfg.lr_schedule))
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    trainee.train()
+    trainer = TrainStep(cfg, num_classes, len(epochs[0]), device)
+    trainer.model.train()
     rates = []
     for epoch, batches in enumerate(epochs):
         started = time.perf_counter()
-        _run_epoch(trainee, batches, optimizer, scheduler, scaler, None, device, use_amp, epoch, cfg, 0)
+        run_epoch(trainer, batches, epoch, cfg.epochs, show_progress=False)
         if device.type == "cuda":
             torch.cuda.synchronize()
         rates.append(sum(len(batch[0]) for batch in batches) / (time.perf_counter() - started))
