@@ -8,6 +8,7 @@ import typer
 
 from pipeline.errors import PipelineError
 from pipeline.evaluation.report import load_result, write_report
+from pipeline.formats.summary import training_faces
 from pipeline.search.pools import load_thresholds
 from stages import options
 
@@ -18,6 +19,8 @@ def command(
     out: Annotated[Path, typer.Option("--out", help="Report folder: report.md, roc.png, summary.json.")],
     baseline: Annotated[str, typer.Option("--baseline", help="Name of the no-KD student the gap is measured from.")] = "baseline",
     thresholds: Annotated[Optional[Path], typer.Option("--thresholds", help="thresholds.json from build-pools.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Training folder: its contact_sheet.png (written by "
+                                                 "synthesize) or a grid of its first identities goes in the report.")] = None,
 ):
     """Write the teacher-vs-students report (markdown table, ROC plot, thresholds)."""
     results = [load_result(teacher, "teacher", "teacher")]
@@ -28,7 +31,7 @@ def command(
     if not any(r.role == "baseline" for r in results):
         print(f"warning: no student named {baseline!r}: the report has no 'gap closed' columns")
     teacher_train = load_thresholds(thresholds) if thresholds is not None else {}
-    text, written = write_report(results, teacher_train, out)
+    text, written = write_report(results, teacher_train, out, faces=training_faces(data) if data else None)
     print(text)
     print(f"wrote {', '.join(map(str, written))}")
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from pipeline.errors import PipelineError
 from pipeline.fpr import LEVEL_KEYS, REPORT_KEYS
@@ -148,8 +149,9 @@ def plot_roc(results: list[ModelResult], path: Path) -> None:
     plt.close(figure)
 
 
-def render(results: list[ModelResult], teacher_train: dict[str, float]) -> str:
-    """report.md: the table, the ROC plot and (given the teacher's training thresholds) the thresholds table."""
+def render(results: list[ModelResult], teacher_train: dict[str, float], faces: bool = False) -> str:
+    """report.md: the table, the ROC plot, (given the teacher's training thresholds) the thresholds table and
+    (`faces`) the training faces' contact sheet."""
     parts = [
         "# Teacher vs students",
         "",
@@ -164,6 +166,10 @@ def render(results: list[ModelResult], teacher_train: dict[str, float]) -> str:
         parts += ["", "## FPR thresholds (cosine similarity)", "",
                   "The teacher's exact thresholds over all training negatives (build-pools) beside each model's "
                   "measured threshold on the test pairs.", "", thresholds_table(results, teacher_train)]
+    if faces:
+        parts += ["", "## The training faces", "",
+                  "The first images of the first training identities, one identity per row.", "",
+                  "![training faces](contact_sheet.png)"]
     return "\n".join(parts) + "\n"
 
 
@@ -173,11 +179,18 @@ def summary(results: list[ModelResult]) -> dict:
                      **{f"tpr@{f}": r.tpr[f] for f in REPORT_FPRS if f in r.tpr}} for r in results}
 
 
-def write_report(results: list[ModelResult], teacher_train: dict[str, float], out: Path) -> tuple[str, list[Path]]:
-    """report.md, roc.png and summary.json in `out`; returns the markdown and the paths written."""
+def write_report(results: list[ModelResult], teacher_train: dict[str, float], out: Path,
+                 faces: np.ndarray | None = None) -> tuple[str, list[Path]]:
+    """report.md, roc.png, summary.json (and contact_sheet.png from `faces`, a uint8 RGB grid) in `out`;
+    returns the markdown and the paths written."""
     out.mkdir(parents=True, exist_ok=True)
-    text = render(results, teacher_train)
-    plot_roc(results, out / "roc.png")
-    written = [write_text_atomic(out / "report.md", text),
-               write_text_atomic(out / "summary.json", json.dumps(summary(results), indent=2) + "\n")]
-    return text, [written[0], out / "roc.png", written[1]]
+    text = render(results, teacher_train, faces=faces is not None)
+    written = [out / "roc.png"]
+    plot_roc(results, written[0])
+    if faces is not None:
+        written.append(out / "contact_sheet.png")
+        with atomic_path(written[-1]) as tmp:
+            Image.fromarray(faces).save(tmp, format="PNG")
+    written += [write_text_atomic(out / "report.md", text),
+                write_text_atomic(out / "summary.json", json.dumps(summary(results), indent=2) + "\n")]
+    return text, written

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from pipeline.formats import open_face_source
 from pipeline.formats.verification_bin import load_verification_bin
@@ -101,3 +102,27 @@ def format_summary(summary: dict) -> str:
     if summary["other_recordio"]:
         lines.append(f"other RecordIO sets: {', '.join(summary['other_recordio'])}")
     return "\n".join(lines)
+
+
+def sample_sheet(source, identities: int = 8, images: int = 10) -> np.ndarray:
+    """A uint8 RGB grid of the first `images` images of the first `identities` identities that have images,
+    one identity per row (decoded as training sees them; short identities leave black tiles)."""
+    labels = np.asarray(source.labels)
+    order = np.argsort(labels, kind="stable")
+    chosen = [c for c in np.unique(labels)[:identities]]
+    first = source.decode(int(order[0]))
+    height, width = first.shape[:2]
+    sheet = np.zeros((len(chosen) * height, images * width, 3), dtype=np.uint8)
+    for row, identity in enumerate(chosen):
+        members = order[labels[order] == identity][:images]
+        for column, index in enumerate(members):
+            sheet[row * height:(row + 1) * height, column * width:(column + 1) * width] = source.decode(int(index))
+    return sheet
+
+
+def training_faces(data: Path) -> np.ndarray:
+    """The data folder's contact sheet (synthesize writes one), else a grid of its first identities."""
+    sheet = data / "contact_sheet.png"
+    if sheet.is_file():
+        return np.asarray(Image.open(sheet).convert("RGB"))
+    return sample_sheet(open_face_source(data))

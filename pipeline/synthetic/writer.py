@@ -6,6 +6,8 @@
 - ``val.bin``: an LFW-style verification set over held-out identities: ``val_pairs`` pairs in 10 contiguous
   folds, each fold half positive then half negative pairs, a fold's pairs drawing only on its own
   identities; pair k is images 2k and 2k+1. ``val_pairs.csv`` records each pair's identities;
+- ``contact_sheet.png``: the first images of the first training identities, one identity per row, to see
+  what the faces and their nuisances look like;
 - ``test.rec/.idx``: other held-out identities (labels 0..T-1) for all-pairs 1:1 evaluation; the defaults
   (500 identities x 6 images) give 7,500 positive and 4,491,000 negative pairs, enough for TPR at FPR 1e-5;
 - ``synthetic.json`` last: the arguments, counts and sha256 of every file. A folder without it is incomplete.
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
@@ -60,6 +63,9 @@ _PLAN_ROLE = 30  # (_PLAN_ROLE, 0, 0): long-tail counts; (_PLAN_ROLE, 1, 0): val
 VAL_FOLDS = 10
 LONG_TAIL_SIGMA = 1.0  # log-normal sigma of the per-identity image count
 TASK_IMAGES = 64  # images per pool task
+CONTACT_SHEET = (8, 10)  # training identities (rows) x images each in contact_sheet.png
+FILES = ("train.rec", "train.idx", "property", "val.bin", "val_pairs.csv", "test.rec", "test.idx",
+         "contact_sheet.png")
 
 
 def _generator(seed: int, key: tuple[int, int, int]) -> np.random.Generator:
@@ -272,7 +278,9 @@ def synthesize(out_dir: str | os.PathLike, config: SyntheticConfig | None = None
                      "negative_pairs": n_test_pairs - test_positives},
             "files": {},
         }
-        for name in ("train.rec", "train.idx", "property", "val.bin", "val_pairs.csv", "test.rec", "test.idx"):
+        sheet = contact_sheet(CONTACT_SHEET[0], CONTACT_SHEET[1], size=size, seed=seed, difficulty=difficulty)
+        Image.fromarray(sheet).save(work / "contact_sheet.png", format="PNG")
+        for name in FILES:
             summary["files"][name] = _sha256(work / name)
             os.replace(work / name, out_dir / name)
         temporary = work / "synthetic.json"

@@ -1,0 +1,120 @@
+"""`pipeline report` against hand-written evaluation folders: the table's numbers, gap closed by hand, the
+thresholds table, the training faces, and the one-line errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.formats import open_face_source
+from pipeline.formats.jpeg import encode_jpeg
+from pipeline.formats.recordio import write_face_recordio
+from pipeline.formats.summary import sample_sheet
+
+ROC = "fpr,tpr,threshold\n0.0,0.0,inf\n1e-05,0.2,0.9\n0.0001,0.4,0.8\n0.001,0.6,0.7\n0.01,0.8,0.5\n1.0,1.0,-1.0\n"
+
+
+def write_eval(folder, tpr: dict, accuracy: float, params: int | None = None, roc: str = ROC) -> None:
+    folder.mkdir(parents=True)
+    metrics = {"val": {"accuracy": accuracy, "std": 0.01, "threshold": 1.0, "pairs": 100},
+               "test": {f"tpr@fpr={k}": v for k, v in tpr.items()}}
+    if params is not None:
+        metrics["model"] = {"kind": "checkpoint", "name": "mbf", "params": params}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    (folder / "roc.csv").write_text(roc)
+
+
+@pytest.fixture
+def evaluations(tmp_path):
+    write_eval(tmp_path / "teacher", {"1e-2": 0.9, "1e-3": 0.7, "1e-4": 0.5, "1e-5": 0.3}, 0.95, params=2_930_000)
+    students = tmp_path / "students"
+    write_eval(students / "baseline", {"1e-2": 0.8, "1e-3": 0.5, "1e-4": 0.1, "1e-5": 0.1}, 0.90, params=140_000)
+    write_eval(students / "ekd", {"1e-2": 0.85, "1e-3": 0.6, "1e-4": 0.4, "1e-5": 0.2}, 0.92, params=140_000)
+    (tmp_path / "thresholds.json").write_text(json.dumps({"1e-1": 0.2, "1e-2": 0.4, "1e-3": 0.55, "1e-4": 0.65,
+                                                          "1e-5": 0.72, "1e-6": 0.8, "counts": {"N": 10}}))
+    return tmp_path
+
+
+def run_report(root, *extra):
+    return CliRunner().invoke(app, ["report", "--teacher", str(root / "teacher"), "--students",
+                                    str(root / "students"), "--out", str(root / "report"), *map(str, extra)])
+
+
+def table_row(report: str, name: str) -> list[str]:
+    line = next(line for line in report.splitlines() if line.startswith(f"| {name} ("))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_table_numbers_and_gap_closed_by_hand(evaluations):
+    result = run_report(evaluations, "--thresholds", evaluations / "thresholds.json")
+    assert result.exit_code == 0, result.output
+    report = (evaluations / "report" / "report.md").read_text()
+    header = table_row(report.replace("| model |", "| model (x) |"), "model")
+    ekd = dict(zip(header, table_row(report, "ekd")))
+    assert ekd["params (M)"] == "0.140" and ekd["val acc"] == "0.9200"
+    assert ekd["TPR@1e-4"] == "0.4000"
+    # gap closed = (student - baseline) / (teacher - baseline): (0.4 - 0.1) / (0.5 - 0.1) = 0.75 at 1e-4
+    assert ekd["gap closed @1e-4"] == "0.750" and ekd["gap closed @1e-3"] == f"{(0.6 - 0.5) / (0.7 - 0.5):.3f}"
+    # at 1e-5: (0.2 - 0.1) / (0.3 - 0.1)
+    assert ekd["gap closed @1e-5"] == "0.500"
+    baseline = dict(zip(header, table_row(report, "baseline")))
+    assert baseline["gap closed @1e-4"] == "0.000"
+    summary = json.loads((evaluations / "report" / "summary.json").read_text())
+    assert summary["ekd"] == {"role": "student", "params": 140_000, "acc_val": 0.92, "tpr@1e-2": 0.85,
+                              "tpr@1e-3": 0.6, "tpr@1e-4": 0.4, "tpr@1e-5": 0.2}
+    # thresholds: the teacher's training thresholds beside each model's test threshold at the nearest FPR
+    row = next(line for line in report.splitlines() if line.startswith("| 1e-4 |"))
+    assert [c.strip() for c in row.strip("|").split("|")] == ["1e-4", "0.6500", "0.8000", "0.8000", "0.8000"]
+    assert (evaluations / "report" / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gap_closed_is_undefined_when_the_teacher_does_not_beat_the_baseline(evaluations):
+    write_eval(evaluations / "weak-teacher", {"1e-2": 0.7, "1e-3": 0.5, "1e-4": 0.1, "1e-5": 0.1}, 0.9)
+    result = CliRunner().invoke(app, ["report", "--teacher", str(evaluations / "weak-teacher"), "--students",
+                                      str(evaluations / "students"), "--out", str(evaluations / "report")])
+    assert result.exit_code == 0, result.output
+    report = (evaluations / "report" / "report.md").read_text()
+    header = table_row(report.replace("| model |", "| model (x) |"), "model")
+    ekd = dict(zip(header, table_row(report, "ekd")))
+    assert ekd["gap closed @1e-4"] == "–" and ekd["gap closed @1e-3"] == "–"  # teacher 0.5 == baseline 0.5
+
+
+def test_training_faces_from_the_synthetic_contact_sheet(evaluations):
+    data = evaluations / "data"
+    data.mkdir()
+    sheet = np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    Image.fromarray(sheet).save(data / "contact_sheet.png")
+    assert run_report(evaluations, "--data", data).exit_code == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(evaluations / "report" / "contact_sheet.png")), sheet)
+    assert "![training faces](contact_sheet.png)" in (evaluations / "report" / "report.md").read_text()
+
+
+def test_training_faces_of_a_recordio_set_are_its_first_identities(tmp_path):
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 255, (16, 16, 3), dtype=np.uint8) for _ in range(12)]
+    labels = [0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3]
+    write_face_recordio(tmp_path, [(encode_jpeg(im), lab) for im, lab in zip(images, labels)], num_classes=4)
+    source = open_face_source(tmp_path)
+    sheet = sample_sheet(source, identities=2, images=3)
+    assert sheet.shape == (32, 48, 3)
+    expected = np.zeros_like(sheet)
+    for column, index in enumerate((0, 1, 2)):
+        expected[:16, column * 16:(column + 1) * 16] = source.decode(index)
+    for column, index in enumerate((3, 4)):  # identity 1 has two images: the third tile stays black
+        expected[16:, column * 16:(column + 1) * 16] = source.decode(index)
+    np.testing.assert_array_equal(sheet, expected)
+
+
+def test_missing_evaluations_are_one_line_errors(evaluations):
+    result = CliRunner().invoke(app, ["report", "--teacher", str(evaluations / "nowhere"), "--students",
+                                      str(evaluations / "students"), "--out", str(evaluations / "report")])
+    assert result.exit_code == 2
+    assert "nowhere/metrics.json: missing (run `pipeline evaluate" in result.output
+    result = CliRunner().invoke(app, ["report", "--teacher", str(evaluations / "teacher"), "--students",
+                                      str(evaluations / "empty"), "--out", str(evaluations / "report")])
+    assert result.exit_code == 2 and "no evaluated student runs" in result.output
+    assert not (evaluations / "report" / "report.md").exists()
