@@ -17,7 +17,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers.extract_tools import TEACHER_KWARGS, make_face_rec, make_teacher
+from helpers.data import write_gradient_faces
+from helpers.teachers import TEACHER_KWARGS, make_teacher, quiet
 from typer.testing import CliRunner
 
 from pipeline.cache.build import ExtractionConfig, build_teacher_cache
@@ -47,10 +48,6 @@ FLOAT16_TOLERANCE = 4e-3  # targets rounded to float16 (relative error ~5e-4), a
 CONTROL_MINIMUM = 5 * FLOAT16_TOLERANCE  # the wrong targets must differ far more than any tolerance
 # Measured on the CPU build: float32 0.0 (bit-identical), float16 2.5e-4 (l2) / 6.2e-4 (ekd), swapped views
 # 4.6e-2 / 5.0e-2.
-
-
-def quiet(message):
-    pass
 
 
 def make_spread_teacher(path, source):
@@ -86,7 +83,7 @@ class CountingTeacher:
 def world(tmp_path_factory):
     """Data, a teacher and its caches (float32 and float16) built by the in-process extraction."""
     root = tmp_path_factory.mktemp("students")
-    data = make_face_rec(root / "data", n=ROWS, classes=CLASSES)
+    data = write_gradient_faces(root / "data", n=ROWS, classes=CLASSES)
     source = open_face_source(data)
     teacher_path = make_spread_teacher(root / "teacher.pt", source)
     teacher = load_embedder(teacher_path, device="cpu")
@@ -280,7 +277,7 @@ def test_cli_kd_none_is_plain_training(world, pipeline_run, no_teacher):
 
 
 def test_cli_refuses_a_cache_of_another_dataset(world, pipeline_run, no_teacher):
-    other = make_face_rec(pipeline_run["root"] / "other-data", n=ROWS, classes=CLASSES, seed=5)
+    other = write_gradient_faces(pipeline_run["root"] / "other-data", n=ROWS, classes=CLASSES, seed=5)
     other_fp = open_face_source(other).fingerprint()
     cache_fp = TeacherCache.open(pipeline_run["cache"]).dataset_fingerprint
     assert other_fp != cache_fp
