@@ -8,6 +8,7 @@ processes of its own in tests/workers.
 """
 import pytest
 import torch
+from helpers.data import write_random_faces
 from typer.testing import CliRunner
 
 torch.set_num_threads(1)
@@ -25,3 +26,9 @@ def cli():
 
     return invoke
 
+
+@pytest.fixture(scope="session")
+def random_faces(tmp_path_factory):
+    """The folder of helpers.data.write_random_faces' RecordIO set (16 classes x 3 random 16 x 16 JPEGs, a
+    header layout), written once for the session. Read it; do not write into it."""
+    return write_random_faces(tmp_path_factory.mktemp("random-faces"))

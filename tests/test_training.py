@@ -3,7 +3,6 @@ margin_samples. (The DDP run is in test_training_ddp.py.)"""
 import numpy as np
 import pytest
 import torch
-from helpers.data import write_random_faces
 from helpers.training import (
     EMBEDDING_DIM,
     TINY_MBF,
@@ -23,9 +22,9 @@ from pipeline.training.samplers import ShuffledBatchSampler
 
 
 @pytest.fixture(scope="module")
-def faces(tmp_path_factory):
+def faces(random_faces):
     """16 classes x 3 random 16 x 16 JPEGs: 48 images, 6 steps of 8 per epoch."""
-    return FaceRecordIO(write_random_faces(tmp_path_factory.mktemp("faces")))
+    return FaceRecordIO(random_faces)
 
 
 def _weights(run_dir):

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import torch
-from helpers.data import write_random_faces
 from helpers.training import train_linear_on_mirrored
 
 from pipeline.models.model_file import load_model
@@ -33,9 +32,8 @@ def _torchrun(data: Path, out: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_ddp_training_keeps_replicas_in_sync_and_matches_one_process(tmp_path):
-    data = write_random_faces(tmp_path / "data")
-    _torchrun(data, tmp_path)
+def test_ddp_training_keeps_replicas_in_sync_and_matches_one_process(random_faces, tmp_path):
+    _torchrun(random_faces, tmp_path)
 
     ranks = [torch.load(tmp_path / f"mbf_rank{r}.pt", weights_only=True) for r in range(2)]
     for name, value in ranks[0]["parameters"].items():
