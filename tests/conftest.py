@@ -1,8 +1,34 @@
-"""Suite-wide settings: one torch thread per test process.
+"""Suite-wide settings, and the fixtures that several test files share.
 
-CI has two cores; torch's default thread pool plus DataLoader/Dask worker processes would oversubscribe
-them and make the suite many times slower. Numerical results do not depend on it.
+One torch thread per test process: CI has two cores; torch's default thread pool plus DataLoader/Dask worker
+processes would oversubscribe them and make the suite many times slower. Numerical results do not depend on it.
+
+Helpers that are plain functions and classes live in tests/helpers (imported as `helpers`), code that runs in
+processes of its own in tests/workers.
 """
+import pytest
 import torch
+from helpers.data import write_random_faces
+from typer.testing import CliRunner
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """The `pipeline` command run in-process: cli("export", "--model", path, ...) returns click's Result.
+
+    Arguments are passed through str(), so paths and numbers can be given as they are."""
+    from pipeline.cli import app
+
+    def invoke(*args):
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+    return invoke
+
+
+@pytest.fixture(scope="session")
+def random_faces(tmp_path_factory):
+    """The folder of helpers.data.write_random_faces' RecordIO set (16 classes x 3 random 16 x 16 JPEGs, a
+    header layout), written once for the session. Read it; do not write into it."""
+    return write_random_faces(tmp_path_factory.mktemp("random-faces"))

@@ -2,10 +2,11 @@
 
 import time
 
-import ddp_kd_worker as w
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers.training import KD_LOSS_CASES, run_kd_loss_case
+from workers import ddp_kd_losses
 
 from pipeline.training import ddp
 
@@ -16,8 +17,8 @@ def _spawn(world: int, tmp_path, timeout_s: float = 120.0) -> list[dict]:
     A fork server (a fresh, single-threaded process) imports torch and DDP's dependencies once and forks
     the ranks from there: safe like spawn, without paying the imports once per rank.
     """
-    mp.get_context("forkserver").set_forkserver_preload(["torch._dynamo", "ddp_kd_worker"])
-    context = mp.start_processes(w.worker, args=(world, str(tmp_path / "rendezvous"), str(tmp_path)),
+    mp.get_context("forkserver").set_forkserver_preload(["torch._dynamo", "workers.ddp_kd_losses"])
+    context = mp.start_processes(ddp_kd_losses.worker, args=(world, str(tmp_path / "rendezvous"), str(tmp_path)),
                                  nprocs=world, join=False, start_method="forkserver")
     deadline = time.monotonic() + timeout_s
     while not context.join(timeout=1.0):
@@ -30,8 +31,8 @@ def _spawn(world: int, tmp_path, timeout_s: float = 120.0) -> list[dict]:
 
 def test_ddp_kd_losses_equal_single_process_on_concatenated_batch(tmp_path):
     ranks = _spawn(2, tmp_path)
-    for name in w.CASES:
-        single = w.run_case(name)
+    for name in KD_LOSS_CASES:
+        single = run_kd_loss_case(name)
         assert any(g.abs().max() > 1e-3 for step in single["grads"] for g in step), name  # non-trivial
         for result in ranks:
             ddp = result[name]

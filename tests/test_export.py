@@ -9,10 +9,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import stages.export as export_stage
-from pipeline.cli import app
 from pipeline.errors import DataError
 from pipeline.models import get_model
 from pipeline.models.loading import export_onnx
@@ -39,15 +37,11 @@ def make_run(folder, arch, seed=0):
     return save_model(folder / "model.pt", model.eval(), arch, MODELS[arch])
 
 
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 @pytest.mark.parametrize("arch", MODELS)
-def test_onnx_embeddings_equal_torch(tmp_path, arch):
+def test_onnx_embeddings_equal_torch(tmp_path, arch, cli):
     model_path = make_run(tmp_path, arch)
     onnx_path = tmp_path / "deploy" / "x.onnx"
-    result = invoke("export", "--model", model_path, "--onnx", onnx_path)
+    result = cli("export", "--model", model_path, "--onnx", onnx_path)
     assert result.exit_code == 0, result.output
     assert f"wrote {onnx_path}" in result.output
     assert sorted(p.name for p in onnx_path.parent.iterdir()) == ["x.onnx"]  # no temporary left behind
@@ -68,7 +62,7 @@ def test_onnx_embeddings_equal_torch(tmp_path, arch):
         assert np.abs(expected).max() > 1e-2  # not a degenerate all-zero comparison
 
 
-def test_failed_parity_writes_nothing(tmp_path, monkeypatch):
+def test_failed_parity_writes_nothing(tmp_path, monkeypatch, cli):
     """An ONNX graph that does not compute the model (here: from perturbed weights) is refused."""
     model_path = make_run(tmp_path, "mbf")
     onnx_path = tmp_path / "x.onnx"
@@ -82,29 +76,29 @@ def test_failed_parity_writes_nothing(tmp_path, monkeypatch):
         return export_onnx(wrong, path, size)
 
     monkeypatch.setattr(export_stage, "export_onnx", export_perturbed)
-    result = invoke("export", "--model", model_path, "--onnx", onnx_path)
+    result = cli("export", "--model", model_path, "--onnx", onnx_path)
     assert result.exit_code == 2
     assert f"{onnx_path}: onnxruntime differs from torch" in result.output and "not written" in result.output
     assert onnx_path.read_bytes() == b"previous export"  # untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "x.onnx"]
 
 
-def test_broken_check_leaves_no_temporary(tmp_path, monkeypatch):
+def test_broken_check_leaves_no_temporary(tmp_path, monkeypatch, cli):
     model_path = make_run(tmp_path, "mbf")
 
     def unloadable(path, *args, **kwargs):
         raise DataError(f"{path}: onnxruntime cannot load the model: simulated")
 
     monkeypatch.setattr(export_stage, "load_embedder", unloadable)
-    result = invoke("export", "--model", model_path, "--onnx", tmp_path / "x.onnx")
+    result = cli("export", "--model", model_path, "--onnx", tmp_path / "x.onnx")
     assert result.exit_code == 2 and "simulated" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
 
 
-def test_not_a_model_file_is_a_clear_error(tmp_path):
+def test_not_a_model_file_is_a_clear_error(tmp_path, cli):
     bogus = tmp_path / "model.pt"
     torch.save({"weights": torch.zeros(3)}, bogus)
-    result = invoke("export", "--model", bogus, "--onnx", tmp_path / "x.onnx")
+    result = cli("export", "--model", bogus, "--onnx", tmp_path / "x.onnx")
     assert result.exit_code == 2
     assert f"{bogus}: not an ekd-pipeline-model file" in result.output
     assert not (tmp_path / "x.onnx").exists()

@@ -14,13 +14,10 @@ import numpy as np
 import pytest
 import torch
 import typer
-from helpers.extract_tools import (
-    FailingTeacher,
-    exit_once_then_run,
-    make_face_rec,
-    make_teacher,
-)
+from helpers.data import write_gradient_faces
+from helpers.teachers import FailingTeacher, make_teacher, quiet
 from typer.testing import CliRunner
+from workers.dask_tasks import exit_once_then_run
 
 from pipeline.cache.build import ExtractionConfig, build_teacher_cache, shard_progress
 from pipeline.cache.format import TeacherCache
@@ -31,18 +28,14 @@ from pipeline.models.loading import load_embedder
 from stages.extract_teacher import COMMANDS
 
 ROWS, SHARD, BATCH = 150, 32, 16  # 5 shards of 2 batches (the last shard is shorter)
-HELPER = Path(__file__).parent / "helpers" / "extract_tools.py"
-
-
-def quiet(message):
-    pass
+SLOW_EXTRACTION = Path(__file__).parent / "workers" / "slow_extract.py"
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Data, two teachers and the reference (uninterrupted, in-process) cache, built once for the module."""
     root = tmp_path_factory.mktemp("extract")
-    data = make_face_rec(root / "data", n=ROWS)
+    data = write_gradient_faces(root / "data", n=ROWS)
     teacher = make_teacher(root / "teacher.pt", seed=0)
     other = make_teacher(root / "other.pt", seed=1)
     reference = root / "reference.h5"
@@ -164,7 +157,7 @@ def test_image_size_must_match_teacher(setup, tmp_path):
 
 
 def _start_slow_run(setup, out, delay=0.25):
-    args = [sys.executable, str(HELPER), str(setup["data"]), str(setup["teacher"]), str(out), str(SHARD),
+    args = [sys.executable, str(SLOW_EXTRACTION), str(setup["data"]), str(setup["teacher"]), str(out), str(SHARD),
             str(BATCH), str(delay)]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 

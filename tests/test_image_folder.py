@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pytest
+from helpers.data import random_image_bytes
 from PIL import Image
 
 from pipeline.errors import DataError
@@ -15,10 +16,7 @@ from pipeline.formats.recordio import FaceRecordIO, write_face_recordio
 
 
 def encoded(seed: int, fmt: str) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (7, 9, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format=fmt)
-    return buffer.getvalue()
+    return random_image_bytes(seed, (7, 9), fmt)
 
 
 @pytest.fixture

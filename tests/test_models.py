@@ -1,6 +1,6 @@
 """Backbones: arcface_torch key/shape layout, numerical equivalence to a functional reference, demo knobs.
 
-The expected layouts and the reference forward come from tests/fixtures/arcface_reference.py, written from
+The expected layouts and the reference forward come from tests/helpers/arcface_reference.py, written from
 the arcface_torch architecture definition, independently of pipeline.models.
 """
 
@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from fixtures.arcface_reference import (
+from helpers.arcface_reference import (
     expected_entries,
     functional_forward,
     program,

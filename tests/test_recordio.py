@@ -1,14 +1,12 @@
 """RecordIO reading and writing against bytes built by hand here (struct.pack), independently of the writer."""
 from __future__ import annotations
 
-import io
 import os
 import struct
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers.data import random_image_bytes
 
 import pipeline.formats.recordio as recordio_module
 from pipeline.formats.dmlc_recordio import encode_record
@@ -19,10 +17,7 @@ MAGIC = struct.pack("<I", 0xCED7230A)
 
 def jpeg(seed: int, comment: bytes = b"") -> bytes:
     """A real 8x8 JPEG; `comment` goes into a COM segment right after SOI (decoders skip it)."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
-    data = buffer.getvalue()
+    data = random_image_bytes(seed, (8, 8), quality=90)
     if comment:
         data = data[:2] + b"\xff\xfe" + struct.pack(">H", len(comment) + 2) + comment + data[2:]
     return data

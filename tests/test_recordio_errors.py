@@ -7,6 +7,7 @@ import struct
 
 import numpy as np
 import pytest
+from helpers.data import random_image_bytes
 from PIL import Image
 
 from pipeline.errors import DataError
@@ -14,10 +15,7 @@ from pipeline.formats.recordio import FaceRecordIO, write_face_recordio
 
 
 def jpeg(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG")
-    return buffer.getvalue()
+    return random_image_bytes(seed, (8, 8))
 
 
 def offsets(folder) -> dict[int, int]:

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from fixtures.arcface_reference import functional_forward, program, random_state_dict
+from helpers.arcface_reference import functional_forward, program, random_state_dict
 from torch import nn
 
 from pipeline.errors import PipelineError

@@ -17,12 +17,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers.extract_tools import TEACHER_KWARGS, make_face_rec, make_teacher
-from typer.testing import CliRunner
+from helpers.data import write_gradient_faces
+from helpers.teachers import TEACHER_KWARGS, make_teacher, quiet
 
 from pipeline.cache.build import ExtractionConfig, build_teacher_cache
 from pipeline.cache.format import TeacherCache
-from pipeline.cli import app
 from pipeline.formats import open_face_source
 from pipeline.losses.ekd import DEFAULT_ANCHORS
 from pipeline.losses.kd import build_kd_loss
@@ -47,10 +46,6 @@ FLOAT16_TOLERANCE = 4e-3  # targets rounded to float16 (relative error ~5e-4), a
 CONTROL_MINIMUM = 5 * FLOAT16_TOLERANCE  # the wrong targets must differ far more than any tolerance
 # Measured on the CPU build: float32 0.0 (bit-identical), float16 2.5e-4 (l2) / 6.2e-4 (ekd), swapped views
 # 4.6e-2 / 5.0e-2.
-
-
-def quiet(message):
-    pass
 
 
 def make_spread_teacher(path, source):
@@ -86,7 +81,7 @@ class CountingTeacher:
 def world(tmp_path_factory):
     """Data, a teacher and its caches (float32 and float16) built by the in-process extraction."""
     root = tmp_path_factory.mktemp("students")
-    data = make_face_rec(root / "data", n=ROWS, classes=CLASSES)
+    data = write_gradient_faces(root / "data", n=ROWS, classes=CLASSES)
     source = open_face_source(data)
     teacher_path = make_spread_teacher(root / "teacher.pt", source)
     teacher = load_embedder(teacher_path, device="cpu")
@@ -186,10 +181,6 @@ def test_wrong_view_is_detected(world, loss):
 
 
 # ----------------------------------------------------------------------------------------------- the CLI
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 def training_args(world, out):
     """Options train-student shares with train-teacher."""
     return ["--data", world["data"], "--out", out, "--width", 0.125, "--embedding-size",
@@ -203,7 +194,7 @@ def student_args(world, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(world):
+def pipeline_run(world, cli):
     """extract-teacher and build-pools through the CLI, then the teacher's weights deleted."""
     root = world["root"] / "cli"
     root.mkdir()
@@ -212,7 +203,7 @@ def pipeline_run(world):
     for args in (["extract-teacher", "--data", world["data"], "--teacher", teacher, "--out", cache,
                   "--device", "cpu", "--batch-size", 32],
                  ["build-pools", "--cache", cache, "--out", pools, "--k", 4, "--m", 200]):
-        result = invoke(*args)
+        result = cli(*args)
         assert result.exit_code == 0, result.output
     (root / "teacher.pt").unlink()  # the cache must be enough: no teacher file exists any more
     return {"root": root, "cache": cache, "pools": pools}
@@ -231,7 +222,7 @@ def no_teacher(monkeypatch):
     forbid_teacher(monkeypatch)
 
 
-def test_cli_ekd_global_with_pools(world, pipeline_run, no_teacher, monkeypatch):
+def test_cli_ekd_global_with_pools(world, pipeline_run, no_teacher, monkeypatch, cli):
     seen = {}
 
     class SpySampler(BalancedBatchSampler):
@@ -242,9 +233,9 @@ def test_cli_ekd_global_with_pools(world, pipeline_run, no_teacher, monkeypatch)
     monkeypatch.setattr(samplers, "BalancedBatchSampler", SpySampler)
     out = pipeline_run["root"] / "ekd-global"
     queue = 1000  # larger than every embedding the run produces: the queue then counts them all
-    result = invoke(*student_args(world, out, "--cache", pipeline_run["cache"], "--pools", pipeline_run["pools"],
-                                  "--kd", "ekd", "--ekd-mode", "global", "--sampler", "pool",
-                                  "--queue-size", queue))
+    result = cli(*student_args(world, out, "--cache", pipeline_run["cache"], "--pools", pipeline_run["pools"],
+                               "--kd", "ekd", "--ekd-mode", "global", "--sampler", "pool",
+                               "--queue-size", queue))
     assert result.exit_code == 0, result.output
     assert f"wrote {out / 'model.pt'}" in result.output
 
@@ -265,13 +256,13 @@ def test_cli_ekd_global_with_pools(world, pipeline_run, no_teacher, monkeypatch)
     np.testing.assert_allclose(norms.numpy(), 1.0, atol=1e-5)
 
 
-def test_cli_kd_none_is_plain_training(world, pipeline_run, no_teacher):
+def test_cli_kd_none_is_plain_training(world, pipeline_run, no_teacher, cli):
     """`--kd none` needs no cache and trains exactly like `train-teacher --arch mbf` with the same settings."""
     out = pipeline_run["root"] / "no-kd"
-    result = invoke(*student_args(world, out, "--kd", "none", "--sampler", "random"))
+    result = cli(*student_args(world, out, "--kd", "none", "--sampler", "random"))
     assert result.exit_code == 0, result.output
     reference_out = pipeline_run["root"] / "plain-mbf"
-    result = invoke("train-teacher", *training_args(world, reference_out), "--arch", "mbf")
+    result = cli("train-teacher", *training_args(world, reference_out), "--arch", "mbf")
     assert result.exit_code == 0, result.output
     got, _ = load_model(out / "model.pt")
     reference, _ = load_model(reference_out / "model.pt")
@@ -279,33 +270,33 @@ def test_cli_kd_none_is_plain_training(world, pipeline_run, no_teacher):
         torch.testing.assert_close(got.state_dict()[key], value, rtol=0, atol=0)
 
 
-def test_cli_refuses_a_cache_of_another_dataset(world, pipeline_run, no_teacher):
-    other = make_face_rec(pipeline_run["root"] / "other-data", n=ROWS, classes=CLASSES, seed=5)
+def test_cli_refuses_a_cache_of_another_dataset(world, pipeline_run, no_teacher, cli):
+    other = write_gradient_faces(pipeline_run["root"] / "other-data", n=ROWS, classes=CLASSES, seed=5)
     other_fp = open_face_source(other).fingerprint()
     cache_fp = TeacherCache.open(pipeline_run["cache"]).dataset_fingerprint
     assert other_fp != cache_fp
     out = pipeline_run["root"] / "wrong-data"
     args = student_args(world, out, "--cache", pipeline_run["cache"], "--pools", pipeline_run["pools"])
     args[args.index("--data") + 1] = other
-    result = invoke(*args)
+    result = cli(*args)
     assert result.exit_code != 0
     assert str(pipeline_run["cache"]) in result.output
     assert other_fp in result.output and cache_fp in result.output
     assert not (out / "model.pt").exists()
 
 
-def test_cli_refuses_pools_of_another_teacher(world, pipeline_run, monkeypatch):
+def test_cli_refuses_pools_of_another_teacher(world, pipeline_run, monkeypatch, cli):
     """Pools (hence thresholds) built from another teacher's cache of the same data are refused."""
     root = pipeline_run["root"]
     other_teacher = make_teacher(root / "other-teacher.pt", seed=7)
     other_cache, other_pools = root / "other-cache.h5", root / "other-pools"
     for args in (["extract-teacher", "--data", world["data"], "--teacher", other_teacher, "--out", other_cache,
                   "--device", "cpu"], ["build-pools", "--cache", other_cache, "--out", other_pools, "--k", 4]):
-        assert invoke(*args).exit_code == 0
+        assert cli(*args).exit_code == 0
     forbid_teacher(monkeypatch)
     out = root / "wrong-pools"
-    result = invoke(*student_args(world, out, "--cache", pipeline_run["cache"], "--pools", other_pools,
-                                  "--kd", "ekd", "--ekd-mode", "global", "--sampler", "pool"))
+    result = cli(*student_args(world, out, "--cache", pipeline_run["cache"], "--pools", other_pools,
+                               "--kd", "ekd", "--ekd-mode", "global", "--sampler", "pool"))
     assert result.exit_code == 2, result.output
     fingerprints = [TeacherCache.open(c).teacher_fingerprint for c in (other_cache, pipeline_run["cache"])]
     assert f"{other_pools / 'pools.h5'}: pools come from another teacher cache" in result.output
@@ -321,10 +312,10 @@ def test_cli_refuses_pools_of_another_teacher(world, pipeline_run, monkeypatch):
     (["--kd", "ekd", "--sampler", "random", "--cache", "MISSING"], "teacher cache not found"),
     (["--kd", "fitnet", "--sampler", "random"], "--kd 'fitnet': choose one of"),
 ])
-def test_cli_bad_inputs_are_clear_errors(world, pipeline_run, no_teacher, extra, message):
+def test_cli_bad_inputs_are_clear_errors(world, pipeline_run, no_teacher, extra, message, cli):
     paths = {"CACHE": pipeline_run["cache"], "MISSING": pipeline_run["root"] / "missing.h5"}
     out = pipeline_run["root"] / "refused"
-    result = invoke(*student_args(world, out, *[paths.get(a, a) for a in extra]))
+    result = cli(*student_args(world, out, *[paths.get(a, a) for a in extra]))
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not (out / "model.pt").exists()

@@ -1,9 +1,14 @@
 """The training loop on CPU: exact resume, determinism, refused resumes, flips reaching model and targets,
 margin_samples. (The DDP run is in test_training_ddp.py.)"""
-import ddp_train_worker as w
 import numpy as np
 import pytest
 import torch
+from helpers.training import (
+    EMBEDDING_DIM,
+    TINY_MBF,
+    ekd_reference_distillation,
+    tiny_config,
+)
 
 from pipeline import training
 from pipeline.errors import PipelineError
@@ -17,9 +22,9 @@ from pipeline.training.samplers import ShuffledBatchSampler
 
 
 @pytest.fixture(scope="module")
-def faces(tmp_path_factory):
+def faces(random_faces):
     """16 classes x 3 random 16 x 16 JPEGs: 48 images, 6 steps of 8 per epoch."""
-    return FaceRecordIO(w.write_random_faces(tmp_path_factory.mktemp("faces")))
+    return FaceRecordIO(random_faces)
 
 
 def _weights(run_dir):
@@ -45,8 +50,8 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(faces, tmp_path, case):
     overrides, kd = RESUME_CASES[case]
 
     def run(out, **more):
-        distill = w.ekd_reference_distillation(len(faces)) if kd else None  # fresh loss, as in a new process
-        return training.train(w.tiny_config(out, **overrides, **more), faces, faces.num_classes, distill)
+        distill = ekd_reference_distillation(len(faces)) if kd else None  # fresh loss, as in a new process
+        return training.train(tiny_config(out, **overrides, **more), faces, faces.num_classes, distill)
 
     straight = run(tmp_path / "straight")
     first = run(tmp_path / "resumed", stop_after_epochs=1)
@@ -66,7 +71,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(faces, tmp_path, case):
 
 def test_same_seed_same_weights_other_seed_other_weights(faces, tmp_path):
     def run(name, seed):
-        training.train(w.tiny_config(tmp_path / name, epochs=1, seed=seed), faces, faces.num_classes)
+        training.train(tiny_config(tmp_path / name, epochs=1, seed=seed), faces, faces.num_classes)
         return _weights(tmp_path / name)
 
     first, again, other = run("a", 0), run("b", 0), run("c", 1)
@@ -75,21 +80,21 @@ def test_same_seed_same_weights_other_seed_other_weights(faces, tmp_path):
 
 
 def test_resume_with_changed_settings_is_refused(faces, tmp_path):
-    training.train(w.tiny_config(tmp_path, stop_after_epochs=1), faces, faces.num_classes)
+    training.train(tiny_config(tmp_path, stop_after_epochs=1), faces, faces.num_classes)
     with pytest.raises(PipelineError, match=r"different settings \(lr\)"):
-        training.train(w.tiny_config(tmp_path, lr=0.2), faces, faces.num_classes)
+        training.train(tiny_config(tmp_path, lr=0.2), faces, faces.num_classes)
     with pytest.raises(PipelineError, match=r"different settings \(arch_kwargs, margin\)"):
-        training.train(w.tiny_config(tmp_path, margin="cosface", arch_kwargs={**w.TINY_MBF, "width": 0.25}),
+        training.train(tiny_config(tmp_path, margin="cosface", arch_kwargs={**TINY_MBF, "width": 0.25}),
                        faces, faces.num_classes)
     # run-length and machine knobs may change
-    summary = training.train(w.tiny_config(tmp_path, workers=1, stop_after_epochs=5), faces, faces.num_classes)
+    summary = training.train(tiny_config(tmp_path, workers=1, stop_after_epochs=5), faces, faces.num_classes)
     assert summary["epochs_done"] == 2 and summary["finished"]
 
 
 def test_torn_checkpoint_is_refused(faces, tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(PipelineError, match="checkpoint.pt: cannot read training checkpoint"):
-        training.train(w.tiny_config(tmp_path), faces, faces.num_classes)
+        training.train(tiny_config(tmp_path), faces, faces.num_classes)
 
 
 def test_flipped_item_is_the_mirrored_image(faces):
@@ -141,12 +146,12 @@ def _recording_backbone(inputs: list, outputs: list):
 
 def test_each_sample_meets_the_teacher_view_of_its_own_flip(faces, tmp_path, monkeypatch):
     """End to end: the image the backbone sees and the target the KD loss sees agree on every flip."""
-    n, dim = len(faces), w.DIM
+    n, dim = len(faces), EMBEDDING_DIM
     code = torch.arange(n * 2, dtype=torch.float32).reshape(n, 2, 1).expand(n, 2, dim)  # row = 2 * index + view
     seen = []
     monkeypatch.setattr(training_step, "get_model", _recording_backbone(seen, []))
     kd = _RecordingKD()
-    training.train(w.tiny_config(tmp_path, epochs=1), faces, faces.num_classes,
+    training.train(tiny_config(tmp_path, epochs=1), faces, faces.num_classes,
                    training.Distillation(loss=kd, targets=code.contiguous()))
     dataset = FaceDataset(faces)
     views = []
@@ -169,8 +174,8 @@ def test_margin_loss_sees_only_the_first_margin_samples(faces, tmp_path, monkeyp
     monkeypatch.setattr(training_step, "MarginHead", RecordingHead)
     monkeypatch.setattr(training_step, "get_model", _recording_backbone([], backbone_outputs))
     kd = _RecordingKD()
-    training.train(w.tiny_config(tmp_path, epochs=1), faces, faces.num_classes,
-                   training.Distillation(loss=kd, targets=torch.zeros(len(faces), 2, w.DIM)), margin_samples=3)
+    training.train(tiny_config(tmp_path, epochs=1), faces, faces.num_classes,
+                   training.Distillation(loss=kd, targets=torch.zeros(len(faces), 2, EMBEDDING_DIM)), margin_samples=3)
     assert kd.batch_sizes == [8] * 6  # the KD loss sees whole batches
     batches = list(ShuffledBatchSampler(len(faces), 8, seed=0))  # the default sampler's epoch 0
     for (head_embeddings, head_labels), batch_embeddings, batch in zip(head_inputs, backbone_outputs, batches,

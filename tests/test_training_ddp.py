@@ -15,24 +15,25 @@ import subprocess
 import sys
 from pathlib import Path
 
-import ddp_train_worker as w
 import torch
+from helpers.training import train_linear_on_mirrored
 
 from pipeline.models.model_file import load_model
+
+DDP_TRAIN_WORKER = Path(__file__).parent / "workers" / "ddp_train.py"
 
 
 def _torchrun(data: Path, out: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(Path(w.__file__)), str(data), str(out)]
+               str(DDP_TRAIN_WORKER), str(data), str(out)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_ddp_training_keeps_replicas_in_sync_and_matches_one_process(tmp_path):
-    data = w.write_random_faces(tmp_path / "data")
-    _torchrun(data, tmp_path)
+def test_ddp_training_keeps_replicas_in_sync_and_matches_one_process(random_faces, tmp_path):
+    _torchrun(random_faces, tmp_path)
 
     ranks = [torch.load(tmp_path / f"mbf_rank{r}.pt", weights_only=True) for r in range(2)]
     for name, value in ranks[0]["parameters"].items():
@@ -45,8 +46,8 @@ def test_ddp_training_keeps_replicas_in_sync_and_matches_one_process(tmp_path):
     assert (tmp_path / "mbf" / "checkpoint.pt").is_file()
 
     linear = [torch.load(tmp_path / f"linear_rank{r}.pt", weights_only=True) for r in range(2)]
-    single = w.train_linear_on_mirrored(tmp_path / "single")
-    without_kd = w.train_linear_on_mirrored(tmp_path / "margin-only", kd=False)
+    single = train_linear_on_mirrored(tmp_path / "single")
+    without_kd = train_linear_on_mirrored(tmp_path / "margin-only", kd=False)
     for name, want in single.items():
         assert torch.equal(linear[0][name], linear[1][name]), name
         torch.testing.assert_close(linear[0][name], want, rtol=0, atol=1e-5, msg=name)  # measured: <= 1e-6

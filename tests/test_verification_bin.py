@@ -9,6 +9,7 @@ import struct
 
 import numpy as np
 import pytest
+from helpers.data import random_image_bytes
 from PIL import Image
 
 from pipeline.errors import DataError
@@ -19,10 +20,7 @@ from pipeline.formats.verification_bin import (
 
 
 def jpeg(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (6, 5, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG")
-    return buffer.getvalue()
+    return random_image_bytes(seed, (6, 5))
 
 
 def decoded(data: bytes) -> np.ndarray:

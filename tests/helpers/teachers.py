@@ -1,0 +1,46 @@
+"""Teachers for the tests: a tiny r18 saved as a pipeline checkpoint, a teacher wrapper that fails on purpose,
+and a log function for the teacher-cache extraction that prints nothing."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.models import get_model
+from pipeline.models.model_file import save_model
+
+TEACHER_KWARGS = {"input_size": 32, "width": 0.125, "num_features": 32}
+
+
+def make_teacher(path: Path, seed: int = 0, **overrides) -> Path:
+    """A tiny randomly initialised r18 teacher (TEACHER_KWARGS, then `overrides`) saved as a pipeline
+    checkpoint."""
+    kwargs = {**TEACHER_KWARGS, **overrides}
+    torch.manual_seed(seed)
+    model = get_model("r18", **kwargs).eval()
+    save_model(path, model, "r18", kwargs)
+    return path
+
+
+class FailingTeacher:
+    """Wraps a Teacher; returns NaN rows for `nan_rows` (positions in the 2B batch) or raises on call `raise_on`."""
+
+    def __init__(self, teacher, raise_on: int | None = None, nan_batch: int | None = None, nan_rows=()):
+        self._teacher, self.raise_on, self.nan_batch, self.nan_rows = teacher, raise_on, nan_batch, list(nan_rows)
+        self.calls = 0
+
+    def __getattr__(self, name):
+        return getattr(self._teacher, name)
+
+    def __call__(self, x):
+        self.calls += 1
+        if self.raise_on is not None and self.calls == self.raise_on:
+            raise OSError("simulated failure in the middle of the extraction")
+        out = self._teacher(x)
+        if self.nan_batch is not None and self.calls == self.nan_batch:
+            out[self.nan_rows] = float("nan")
+        return out
+
+
+def quiet(message: str) -> None:
+    """A `log` for build_teacher_cache that drops every message."""
