@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from pipeline.errors import PipelineError
+from pipeline.evaluation.curves import read_history, run_folders
 from pipeline.evaluation.report import load_result, write_report
 from pipeline.formats.summary import training_faces
 from pipeline.search.pools import load_thresholds
@@ -21,17 +22,22 @@ def command(
     thresholds: Annotated[Optional[Path], typer.Option("--thresholds", help="thresholds.json from build-pools.")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Training folder: its contact_sheet.png (written by "
                                                  "synthesize) or a grid of its first identities goes in the report.")] = None,
+    runs: Annotated[Optional[list[Path]], typer.Option("--runs", help="Training run folders (with dvclive/), or folders "
+                                                       "of them, whose per-epoch curves and KD diagnostics the report "
+                                                       "plots (repeatable; missing folders are skipped).")] = None,
 ):
     """Write the teacher-vs-students report (markdown table, ROC plot, thresholds)."""
     results = [load_result(teacher, "teacher", "teacher")]
-    runs = sorted(p for p in students.iterdir() if (p / "metrics.json").is_file()) if students.is_dir() else []
-    if not runs:
+    evaluated = sorted(p for p in students.iterdir() if (p / "metrics.json").is_file()) if students.is_dir() else []
+    if not evaluated:
         raise PipelineError(f"{students}: no evaluated student runs (sub-folders with metrics.json)")
-    results += [load_result(run, run.name, "baseline" if run.name == baseline else "student") for run in runs]
+    results += [load_result(run, run.name, "baseline" if run.name == baseline else "student") for run in evaluated]
     if not any(r.role == "baseline" for r in results):
         print(f"warning: no student named {baseline!r}: the report has no 'gap closed' columns")
     teacher_train = load_thresholds(thresholds) if thresholds is not None else {}
-    text, written = write_report(results, teacher_train, out, faces=training_faces(data) if data else None)
+    histories = {run.name: read_history(run / "dvclive") for run in run_folders(runs or [])}
+    text, written = write_report(results, teacher_train, out, faces=training_faces(data) if data else None,
+                                 histories=histories)
     print(text)
     print(f"wrote {', '.join(map(str, written))}")
 

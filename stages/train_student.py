@@ -10,7 +10,7 @@ from pipeline.formats import open_face_source
 from pipeline.losses.config import KDConfig
 from pipeline.models import BackboneShape
 from pipeline.training import TrainConfig
-from pipeline.training.samplers import SamplerConfig
+from pipeline.training.sampling import SamplerConfig
 from pipeline.training.student import train_student as run_student
 from stages import options
 from stages.train_teacher import Data, print_summary, run_config

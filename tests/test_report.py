@@ -10,6 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.evaluation.curves import epochs_of, read_history
 from pipeline.formats import open_face_source
 from pipeline.formats.jpeg import encode_jpeg
 from pipeline.formats.recordio import write_face_recordio
@@ -118,3 +119,34 @@ def test_missing_evaluations_are_one_line_errors(evaluations):
                                       str(evaluations / "empty"), "--out", str(evaluations / "report")])
     assert result.exit_code == 2 and "no evaluated student runs" in result.output
     assert not (evaluations / "report" / "report.md").exists()
+
+
+def test_training_histories_become_curves_and_diagnostics(evaluations):
+    runs = evaluations / "runs"
+    for name, kd in (("baseline", False), ("ekd", True)):
+        metrics = runs / name / "dvclive" / "plots" / "metrics"
+        (metrics / "epoch").mkdir(parents=True)
+        (metrics / "epoch" / "epoch.tsv").write_text("step\tepoch\n9\t1\n19\t2\n")
+        (metrics / "eval" / "monitor").mkdir(parents=True)
+        (metrics / "eval" / "monitor" / "tpr@fpr=1e-4.tsv").write_text("step\ttpr@fpr=1e-4\n9\t0.2\n19\t0.3\n")
+        if kd:
+            (metrics / "kd" / "ekd").mkdir(parents=True)
+            (metrics / "kd" / "grad_ratio_ekd.tsv").write_text("step\tgrad_ratio_ekd\n0\t0.5\n10\t0.4\n")
+            (metrics / "kd" / "ekd" / "pairs_critical_positive.tsv").write_text(
+                "step\tpairs_critical_positive\n0\t12\n10\t9\n")
+    result = run_report(evaluations, "--runs", runs, "--runs", evaluations / "no-such-folder")
+    assert result.exit_code == 0, result.output
+    report = (evaluations / "report" / "report.md").read_text()
+    assert "![curves](curves.png)" in report and "![diagnostics](diagnostics.png)" in report
+    for name in ("curves.png", "diagnostics.png"):
+        assert (evaluations / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    history = read_history(runs / "ekd" / "dvclive")
+    assert history["eval/monitor/tpr@fpr=1e-4"] == ([9, 19], [0.2, 0.3])
+    assert epochs_of(history, [9, 19, 5]) == [1.0, 2.0, pytest.approx(float("nan"), nan_ok=True)]
+
+
+def test_without_histories_the_figures_say_so(evaluations):
+    assert run_report(evaluations).exit_code == 0
+    report = (evaluations / "report" / "report.md").read_text()
+    assert "Training curves" not in report and "KD diagnostics" not in report
+    assert (evaluations / "report" / "curves.png").is_file()  # a placeholder, so the declared outputs exist

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import typer
+from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.errors import PipelineError
@@ -17,6 +18,7 @@ from pipeline.formats.recordio import FaceRecordIO
 from pipeline.formats.verification_bin import load_verification_bin
 from pipeline.synthetic import writer as synthetic
 from pipeline.synthetic.writer import (
+    ROLE_MONITOR,
     ROLE_TEST,
     ROLE_TRAIN,
     ROLE_VAL,
@@ -144,7 +146,7 @@ def test_val_bin_has_ten_folds_of_positive_then_negative_pairs(tiny):
 def test_summary_json_lists_the_arguments_and_file_hashes(tiny):
     folder, summary = tiny
     written = json.loads((folder / "synthetic.json").read_text())
-    assert written["args"] == {**TINY, "long_tail": False}
+    assert written["args"] == {**TINY, "long_tail": False, "monitor_identities": 0, "monitor_images_per_identity": 5}
     for name in FILES:
         assert written["files"][name] == hashlib.sha256((folder / name).read_bytes()).hexdigest()
     assert not [p for p in folder.iterdir() if p.name.startswith(".tmp")]
@@ -230,3 +232,29 @@ def test_stage_command_writes_and_reports(tmp_path):
     assert "train.rec" in result.output and "val.bin" in result.output and "test.rec" in result.output
     written = json.loads((tmp_path / "synthetic.json").read_text())
     assert written["args"]["long_tail"] is True and written["args"]["identities"] == 3
+
+
+def test_monitor_split_is_disjoint_held_out_identities(tmp_path):
+    args = {**TINY, "monitor_identities": 4, "monitor_images_per_identity": 3}
+    summary = synthesize(tmp_path, **args)
+    monitor = FaceRecordIO(tmp_path / "monitor", require_property=False)
+    assert len(monitor) == 12 and sorted(set(monitor.labels.tolist())) == [0, 1, 2, 3]
+    assert summary["monitor"] == {"identities": 4, "images": 12, "positive_pairs": 12, "negative_pairs": 54}
+    seed, d = TINY["seed"], TINY["difficulty"]
+    monitor_ids = np.array([split_identity(seed, ROLE_MONITOR, i, d).vector() for i in range(4)])
+    others = np.array([split_identity(seed, role, i, d).vector() for role in (ROLE_TRAIN, ROLE_VAL, ROLE_TEST)
+                       for i in range(4)])
+    assert not any(np.allclose(m, o) for m in monitor_ids for o in others)
+    # the other files do not change when a monitor set is added
+    plain = tmp_path / "plain"
+    synthesize(plain, **TINY)
+    for name in FILES:
+        assert (plain / name).read_bytes() == (tmp_path / name).read_bytes(), name
+    assert json.loads((tmp_path / "synthetic.json").read_text())["files"]["monitor.rec"]
+
+
+def test_contact_sheet_png_is_the_rendered_grid(tiny):
+    folder, _ = tiny
+    sheet = np.asarray(Image.open(folder / "contact_sheet.png"))
+    expected = contact_sheet(8, 10, size=TINY["size"], seed=TINY["seed"], difficulty=TINY["difficulty"])
+    np.testing.assert_array_equal(sheet, expected)

@@ -3,6 +3,7 @@ margin_samples. (The DDP run is in test_training_ddp.py.)"""
 import numpy as np
 import pytest
 import torch
+from helpers.data import FACE_SIZE
 from helpers.training import (
     EMBEDDING_DIM,
     TINY_MBF,
@@ -12,12 +13,15 @@ from helpers.training import (
 
 from pipeline import training
 from pipeline.errors import PipelineError
+from pipeline.evaluation.curves import read_history
 from pipeline.formats.recordio import FaceRecordIO
+from pipeline.formats.verification_bin import write_verification_bin
 from pipeline.models import get_model
 from pipeline.models.model_file import safe_torch_load
 from pipeline.training import step as training_step
 from pipeline.training.data import FaceDataset
 from pipeline.training.distill import CachedTargets
+from pipeline.training.live import truncate_history
 from pipeline.training.samplers import ShuffledBatchSampler
 
 
@@ -39,18 +43,33 @@ def _assert_same_tensors(got: dict, want: dict):
 
 RESUME_CASES = {
     # partial FC draws classes from the global torch RNG; a DataLoader worker must not shift that stream
-    "margin-partial-fc-worker": (dict(sample_rate=0.5, workers=1), False),
+    "margin-partial-fc-worker": (dict(sample_rate=0.5, workers=1), None),
     # the EKD threshold EMA lives in loss buffers: a resume must restore them
-    "margin-ekd-reference": (dict(), True),
+    "margin-ekd-reference": (dict(), {}),
+    # two terms with gradient-ratio weights (running norms in buffers), a KD warm-up, per-epoch evaluation
+    "l2-ekd-grad-ratio-monitor": (dict(log_every=2), {"scale": "grad-ratio", "warmup_epochs": 1.5, "l2": 0.5}),
 }
+
+
+def monitor_folder(root):
+    """A folder with a small verification .bin for the per-epoch evaluation."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (FACE_SIZE, FACE_SIZE, 3), dtype=np.uint8) for _ in range(40)]
+    write_verification_bin(root / "check.bin", images, np.arange(20) % 2 == 0)
+    return root
 
 
 @pytest.mark.parametrize("case", RESUME_CASES)
 def test_resume_reproduces_the_uninterrupted_run_exactly(faces, tmp_path, case):
     overrides, kd = RESUME_CASES[case]
+    if kd and "l2" in kd:
+        overrides = {**overrides, "monitor": monitor_folder(tmp_path)}
 
     def run(out, **more):
-        distill = ekd_reference_distillation(len(faces)) if kd else None  # fresh loss, as in a new process
+        distill = None
+        if kd is not None:  # a fresh loss, as in a new process
+            distill = ekd_reference_distillation(len(faces), l2_weight=kd.get("l2"), scale=kd.get("scale", "weight"),
+                                                 warmup_epochs=kd.get("warmup_epochs", 0.0))
         return training.train(tiny_config(out, **overrides, **more), faces, faces.num_classes, distill)
 
     straight = run(tmp_path / "straight")
@@ -65,8 +84,26 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(faces, tmp_path, case):
     _assert_same_tensors(states[0]["trainee"], states[1]["trainee"])  # the head too
     for got, want in zip(states[0]["extra_modules"], states[1]["extra_modules"]):
         _assert_same_tensors(got, want)
-    if kd:
-        assert states[1]["extra_modules"][0]["ema_student_thresholds"].abs().sum() > 0
+    if kd is not None:
+        ekd_state = next(s for s in states[1]["extra_modules"] if "ema_student_thresholds" in s)
+        assert ekd_state["ema_student_thresholds"].abs().sum() > 0
+    # the DVCLive history continues across the resume: equal to the uninterrupted run's (timings aside)
+    histories = [read_history(tmp_path / run_dir / "dvclive") for run_dir in ("resumed", "straight")]
+    untimed = [{k: v for k, v in h.items() if "images_per_s" not in k} for h in histories]
+    assert untimed[0] == untimed[1] and "train/loss" in untimed[0] and "epoch/loss" in untimed[0]
+    if kd and "l2" in kd:
+        assert "eval/check/accuracy" in untimed[0] and "kd/grad_ratio_ekd" in untimed[0]
+        assert states[1]["extra_modules"][-1]["updates"] == 12  # the balance updated every step
+
+
+def test_a_killed_run_leaves_no_stray_history_on_resume(tmp_path):
+    """Rows logged after the last checkpoint by a run that then died are dropped when it resumes."""
+    live = tmp_path / "dvclive" / "plots" / "metrics" / "train"
+    live.mkdir(parents=True)
+    (live / "loss.tsv").write_text("step\tloss\n0\t3.0\n5\t2.0\n6\t1.5\n11\t1.0\n")
+    truncate_history(tmp_path / "dvclive", 6)
+    assert (live / "loss.tsv").read_text() == "step\tloss\n0\t3.0\n5\t2.0\n"
+    assert read_history(tmp_path / "dvclive") == {"train/loss": ([0, 5], [3.0, 2.0])}
 
 
 def test_same_seed_same_weights_other_seed_other_weights(faces, tmp_path):

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import PipelineError
+from pipeline.evaluation.curves import plot_curves, plot_diagnostics
 from pipeline.fpr import LEVEL_KEYS, REPORT_KEYS
 from pipeline.io import atomic_path, write_text_atomic
 
@@ -149,9 +150,10 @@ def plot_roc(results: list[ModelResult], path: Path) -> None:
     plt.close(figure)
 
 
-def render(results: list[ModelResult], teacher_train: dict[str, float], faces: bool = False) -> str:
-    """report.md: the table, the ROC plot, (given the teacher's training thresholds) the thresholds table and
-    (`faces`) the training faces' contact sheet."""
+def render(results: list[ModelResult], teacher_train: dict[str, float], faces: bool = False,
+           figures: tuple[str, ...] = ()) -> str:
+    """report.md: the table, the ROC plot, (given the teacher's training thresholds) the thresholds table,
+    the training-history `figures` written beside it, and (`faces`) the training faces' contact sheet."""
     parts = [
         "# Teacher vs students",
         "",
@@ -166,6 +168,16 @@ def render(results: list[ModelResult], teacher_train: dict[str, float], faces: b
         parts += ["", "## FPR thresholds (cosine similarity)", "",
                   "The teacher's exact thresholds over all training negatives (build-pools) beside each model's "
                   "measured threshold on the test pairs.", "", thresholds_table(results, teacher_train)]
+    if "curves.png" in figures:
+        parts += ["", "## Training curves", "",
+                  "Evaluated after every epoch on the monitor set (held-out identities, not the test set) and on "
+                  "val.bin: a run has converged where its curves flatten.", "", "![curves](curves.png)"]
+    if "diagnostics.png" in figures:
+        parts += ["", "## KD diagnostics", "",
+                  "Per logged step: each KD term's gradient norm at the embeddings relative to the margin loss's, "
+                  "the critical pairs in a batch (pairs whose FPR interval differs between teacher and student), "
+                  "and the student's FPR thresholds (solid) against the teacher's (dashed).", "",
+                  "![diagnostics](diagnostics.png)"]
     if faces:
         parts += ["", "## The training faces", "",
                   "The first images of the first training identities, one identity per row.", "",
@@ -180,13 +192,16 @@ def summary(results: list[ModelResult]) -> dict:
 
 
 def write_report(results: list[ModelResult], teacher_train: dict[str, float], out: Path,
-                 faces: np.ndarray | None = None) -> tuple[str, list[Path]]:
-    """report.md, roc.png, summary.json (and contact_sheet.png from `faces`, a uint8 RGB grid) in `out`;
-    returns the markdown and the paths written."""
+                 faces: np.ndarray | None = None, histories: dict | None = None) -> tuple[str, list[Path]]:
+    """report.md, roc.png, summary.json, contact_sheet.png (from `faces`, a uint8 RGB grid) and the training
+    histories' curves.png / diagnostics.png in `out`; returns the markdown and the paths written."""
     out.mkdir(parents=True, exist_ok=True)
-    text = render(results, teacher_train, faces=faces is not None)
     written = [out / "roc.png"]
     plot_roc(results, written[0])
+    shown = tuple(name for name, plot in (("curves.png", plot_curves), ("diagnostics.png", plot_diagnostics))
+                  if plot(histories or {}, out / name))
+    written += [out / "curves.png", out / "diagnostics.png"]
+    text = render(results, teacher_train, faces=faces is not None, figures=shown)
     if faces is not None:
         written.append(out / "contact_sheet.png")
         with atomic_path(written[-1]) as tmp:

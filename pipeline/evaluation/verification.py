@@ -211,8 +211,10 @@ def evaluate_folder(
     folds: int = 10,
     method: str = "nearest",
     roc_points: int = 2000,
+    identities: str = "test",
 ) -> dict:
-    """Metrics for every `*.bin` (keyed by file stem) and for `test.rec` (key `"test"`) in `data_dir`.
+    """Metrics for every `*.bin` (keyed by file stem) and for `test.rec` (key `"test"`) in `data_dir`;
+    `identities` names another RecordIO set of the folder to score all pairs of (e.g. "monitor").
 
     Each `.bin` entry holds `accuracy`, `std`, `threshold` (mean best squared-L2 threshold) and `pairs`;
     `"test"` holds `evaluate_identities`' metrics and the result's `"roc"` its curve (what `write_metrics`
@@ -221,11 +223,12 @@ def evaluate_folder(
     if method not in TprMethod.values():
         raise PipelineError(f"unknown TPR@FPR method {method!r} (use {' or '.join(TprMethod.values())})")
     bins = sorted(data_dir.glob("*.bin"))
-    has_test = (data_dir / "test.rec").is_file()
+    has_test = (data_dir / f"{identities}.rec").is_file()
     if not bins and not has_test:
-        raise PipelineError(f"{data_dir}: nothing to evaluate (no *.bin and no test.rec)")
-    if has_test and any(path.stem in ("test", "roc") for path in bins):
-        raise PipelineError(f"{data_dir}: a verification file named test.bin/roc.bin clashes with the test.rec results")
+        raise PipelineError(f"{data_dir}: nothing to evaluate (no *.bin and no {identities}.rec)")
+    if has_test and any(path.stem in (identities, "roc") for path in bins):
+        raise PipelineError(f"{data_dir}: a verification file named {identities}.bin/roc.bin clashes with the "
+                            f"{identities}.rec results")
     metrics: dict = {}
     for path in bins:
         result = evaluate_bin(embed, path, batch_size, flip, folds)
@@ -236,10 +239,31 @@ def evaluate_folder(
             "pairs": result["pairs"],
         }
     if has_test:
-        records = FaceRecordIO(data_dir / "test.rec", require_property=False)
-        emb, flipped = embed_images(embed, _DecodedRecords(records), batch_size, flip, source=str(data_dir / "test.rec"))
-        metrics["test"], metrics["roc"] = evaluate_identities(emb, records.labels, flipped, fprs, method, roc_points)
+        path = data_dir / f"{identities}.rec"
+        records = FaceRecordIO(path, require_property=False)
+        emb, flipped = embed_images(embed, _DecodedRecords(records), batch_size, flip, source=str(path))
+        metrics[identities], metrics["roc"] = evaluate_identities(emb, records.labels, flipped, fprs, method, roc_points)
     return metrics
+
+
+def monitor_metrics(backbone: torch.nn.Module, folder: str | os.PathLike, device: torch.device,
+                    batch_size: int = 256) -> dict[str, float]:
+    """A training-time check of `backbone` on `folder` (its *.bin accuracy, TPR@FPR over all pairs of its
+    monitor.rec when present), as flat {"val/accuracy": ..., "monitor/tpr@fpr=1e-3": ...}; the backbone is
+    evaluated in eval mode without gradients and put back in the mode it was in."""
+    was_training = backbone.training
+    backbone.eval()
+
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return backbone(x.to(device)).float().cpu()
+
+    try:
+        metrics = evaluate_folder(embed, folder, batch_size=batch_size, identities="monitor")
+    finally:
+        backbone.train(was_training)
+    return {f"{name}/{key}": value for name, values in metrics.items() if name != "roc"
+            for key, value in values.items() if key in ("accuracy",) or key.startswith("tpr@")}
 
 
 def write_metrics(metrics: dict, out_dir: str | os.PathLike) -> list[Path]:

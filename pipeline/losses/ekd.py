@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.errors import PipelineError
-from pipeline.fpr import ANCHORS
+from pipeline.fpr import ANCHORS, fpr_key
 from pipeline.losses.rank import (
     check_anchors,
     check_kd_inputs,
@@ -127,12 +127,14 @@ class EKDLoss(nn.Module):
         momentum: reference mode's threshold EMA factor (official: 0.01).
         pos_weight, neg_weight: weights of the positive and negative terms (official: 0.02, 0.01).
         weight: overall multiplier.
+        one_sided: penalise a pair only where the student ranks it worse than the teacher (a positive below
+            the teacher's interval, a negative above it); the official loss is symmetric.
     """
 
     def __init__(self, mode: str = "global", teacher_thresholds: Mapping | Sequence[float] | None = None,
                  queue_size: int = 65536, dim: int | None = None, topk: int = 2000, temperature: float = 0.01,
                  anchors: Sequence[float] = DEFAULT_ANCHORS, momentum: float = 0.01, pos_weight: float = 0.02,
-                 neg_weight: float = 0.01, weight: float = 1.0):
+                 neg_weight: float = 0.01, weight: float = 1.0, one_sided: bool = False):
         super().__init__()
         if mode not in MODES:
             raise PipelineError(f"EKD mode {mode!r}: choose one of {', '.join(MODES)}")
@@ -142,6 +144,7 @@ class EKDLoss(nn.Module):
         self.mode, self.topk, self.temperature = mode, int(topk), float(temperature)
         self.anchors = check_anchors(anchors)
         self.momentum, self.pos_weight, self.neg_weight, self.weight = momentum, pos_weight, neg_weight, weight
+        self.one_sided = bool(one_sided)
         k = len(self.anchors)
         if mode == "reference":
             self.register_buffer("ema_student_thresholds", torch.zeros(k))
@@ -171,14 +174,34 @@ class EKDLoss(nn.Module):
             t_pairs = (t @ t.t())[rows, cols]
         select = self._select_reference if self.mode == "reference" else self._select_global
         s_thr, t_thr, pos, neg = select(s.detach(), s_pairs.detach(), t_pairs, labels, same)
-        loss = (self.pos_weight * rank_mse(s_pairs[pos], t_pairs[pos], s_thr, t_thr, self.temperature)
-                + self.neg_weight * rank_mse(s_pairs[neg], t_pairs[neg], s_thr, t_thr, self.temperature))
+        sign = 1 if self.one_sided else 0
+        loss = (self.pos_weight * rank_mse(s_pairs[pos], t_pairs[pos], s_thr, t_thr, self.temperature, sign)
+                + self.neg_weight * rank_mse(s_pairs[neg], t_pairs[neg], s_thr, t_thr, self.temperature, -sign))
         if self.mode == "global":
             self.queue.push(s.detach(), labels)
+        with torch.no_grad():
+            disagree = hard_rank(s_pairs.detach(), s_thr) != hard_rank(t_pairs, t_thr)
         # For logging and inspection: the pairs are the batch's i<j pairs in row-major order.
-        self.last_stats = {"positive_mask": pos, "negative_mask": neg,
+        self.last_stats = {"positive_mask": pos, "negative_mask": neg, "disagree_mask": disagree,
+                           "positive_pairs_mask": same,
                            "student_thresholds": s_thr.detach().clone(), "teacher_thresholds": t_thr.detach().clone()}
         return self.weight * loss
+
+    def diagnostics(self) -> dict[str, float]:
+        """The last batch's pair counts and thresholds, for training logs (empty before the first call)."""
+        if not self.last_stats:
+            return {}
+        stats, out = self.last_stats, {}
+        same, disagree = stats["positive_pairs_mask"], stats["disagree_mask"]
+        out["pairs_critical_positive"] = float((stats["positive_mask"] & disagree).sum())
+        out["pairs_critical_negative"] = float((stats["negative_mask"] & disagree).sum())
+        out["pairs_in_loss"] = float(stats["positive_mask"].sum() + stats["negative_mask"].sum())
+        out["disagree_fraction"] = float(disagree.float().mean()) if disagree.numel() else 0.0
+        out["disagree_fraction_positive"] = float(disagree[same].float().mean()) if same.any() else 0.0
+        for key, anchor in zip(("student", "teacher"), ("student_thresholds", "teacher_thresholds")):
+            for a, value in zip(self.anchors, stats[anchor].tolist()):
+                out[f"threshold_{key}_{fpr_key(1 / a)}"] = float(value)
+        return out
 
     @torch.no_grad()
     def _select_reference(self, s, s_pairs, t_pairs, labels, same):
@@ -226,5 +249,6 @@ class EKDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode}, topk={self.topk}, temperature={self.temperature}, anchors={self.anchors}, "
-                f"pos_weight={self.pos_weight}, neg_weight={self.neg_weight}, weight={self.weight}")
+                f"pos_weight={self.pos_weight}, neg_weight={self.neg_weight}, weight={self.weight}, "
+                f"one_sided={self.one_sided}")
 

@@ -110,6 +110,7 @@ class KDMethod(Choice):
     cosine = "cosine"
     rkd = "rkd"
     ekd = "ekd"
+    l2_ekd = "l2+ekd"  # two terms, composed by KDConfig
 
 
 KD_LOSSES = KDMethod.values()
@@ -124,7 +125,7 @@ def build_kd_loss(name: str, weight: float = 1.0, **kwargs) -> nn.Module | None:
             raise PipelineError(f"KD loss 'none' takes no options (got {', '.join(sorted(kwargs))})")
         return None
     if name not in classes:
-        raise PipelineError(f"unknown KD loss {name!r}: choose one of {', '.join(KD_LOSSES)}")
+        raise PipelineError(f"unknown KD loss {name!r}: choose one of none, {', '.join(classes)}")
     try:
         return classes[name](weight=weight, **kwargs)
     except TypeError as err:

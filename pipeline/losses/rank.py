@@ -80,9 +80,12 @@ def hard_rank(sims: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
 
 
 def rank_mse(student_sims: torch.Tensor, teacher_sims: torch.Tensor, student_thresholds: torch.Tensor,
-             teacher_thresholds: torch.Tensor, temperature: float) -> torch.Tensor:
+             teacher_thresholds: torch.Tensor, temperature: float, worse: int = 0) -> torch.Tensor:
     """Mean squared difference of soft ranks, each model against its own thresholds; 0 for no pairs.
 
+    `worse=0`: symmetric (the official loss). One-sided, only where the student ranks a pair worse than the
+    teacher: `worse=+1` for positive pairs (student rank below the teacher's), `worse=-1` for negative pairs
+    (student rank above). The mean is over all the pairs given either way.
     The empty case returns a zero still attached to the graph (so backward always works); the official
     code would return NaN from `mse_loss` on empty tensors.
     """
@@ -90,7 +93,9 @@ def rank_mse(student_sims: torch.Tensor, teacher_sims: torch.Tensor, student_thr
         return student_sims.sum() * 0.0
     s_rank = soft_rank(student_sims, student_thresholds, temperature)
     t_rank = soft_rank(teacher_sims.to(student_sims.dtype), teacher_thresholds, temperature)
-    return F.mse_loss(s_rank, t_rank)
+    if worse == 0:
+        return F.mse_loss(s_rank, t_rank)
+    return F.relu(worse * (t_rank - s_rank)).pow(2).mean()
 
 
 def parse_teacher_thresholds(value: Mapping | Sequence[float], anchors: Sequence[int]) -> list[float]:

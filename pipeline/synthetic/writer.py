@@ -8,6 +8,8 @@
   identities; pair k is images 2k and 2k+1. ``val_pairs.csv`` records each pair's identities;
 - ``contact_sheet.png``: the first images of the first training identities, one identity per row, to see
   what the faces and their nuisances look like;
+- ``monitor.rec/.idx`` (when asked for): other held-out identities, which training evaluates after every
+  epoch, so the per-epoch curves never look at ``test.rec``;
 - ``test.rec/.idx``: other held-out identities (labels 0..T-1) for all-pairs 1:1 evaluation; the defaults
   (500 identities x 6 images) give 7,500 positive and 4,491,000 negative pairs, enough for TPR at FPR 1e-5;
 - ``synthetic.json`` last: the arguments, counts and sha256 of every file. A folder without it is incomplete.
@@ -32,7 +34,7 @@ import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -56,7 +58,7 @@ from pipeline.synthetic.render import render_face
 
 FORMAT = "ekd-synthetic"
 VERSION = 1
-ROLE_TRAIN, ROLE_VAL, ROLE_TEST = 0, 1, 2
+ROLE_TRAIN, ROLE_VAL, ROLE_TEST, ROLE_MONITOR = 0, 1, 2, 3
 _FAMILY_ROLE = 10  # family latents: (_FAMILY_ROLE + role, family, 0)
 _VAL_IMAGE_ROLE = 20  # val images: (_VAL_IMAGE_ROLE, pair, side)
 _PLAN_ROLE = 30  # (_PLAN_ROLE, 0, 0): long-tail counts; (_PLAN_ROLE, 1, 0): val pairs
@@ -189,6 +191,9 @@ class SyntheticConfig:
                                    f"{2 * VAL_FOLDS}).", min=2 * VAL_FOLDS)
     test_identities: int = setting(500, "Held-out identities for test.rec (labels 0..T-1).", min=2)
     test_images_per_identity: int = setting(6, "Images per test identity (all-pairs 1:1 evaluation).", min=2)
+    monitor_identities: int = setting(0, "Held-out identities for monitor.rec, what training evaluates after every "
+                                         "epoch (0 = no monitor set).", min=0)
+    monitor_images_per_identity: int = setting(5, "Images per monitor identity.", min=2)
     long_tail: bool = setting(False, "Log-normal images per identity, MS1M-like, clipped to [max(2, mean/5), "
                                      "10*mean].")
     workers: int = setting(1, "Rendering processes; the output does not depend on it.", min=1)
@@ -222,6 +227,19 @@ def _split_tasks(seed, size, difficulty, role, counts: np.ndarray) -> list[Rende
     return [RenderTask(seed, size, difficulty, role, chunk) for chunk in _chunks(items, TASK_IMAGES)]
 
 
+def _write_identity_set(work: Path, prefix: str, role: int, identities: int, per_identity: int,
+                        cfg: SyntheticConfig) -> dict:
+    """`<prefix>.rec/.idx`: `per_identity` images of each held-out identity of `role` (labels 0..identities-1)
+    for all-pairs 1:1 evaluation; returns its counts."""
+    counts = np.full(identities, per_identity, dtype=np.int64)
+    tasks = _split_tasks(cfg.seed, cfg.size, cfg.difficulty, role, counts)
+    images = write_face_recordio(work, _labelled_images(tasks, cfg.workers, prefix), prefix=prefix,
+                                 num_classes=identities, image_size=(cfg.size, cfg.size), write_property=False)
+    positives = identities * per_identity * (per_identity - 1) // 2
+    return {"identities": identities, "images": images, "positive_pairs": positives,
+            "negative_pairs": images * (images - 1) // 2 - positives}
+
+
 def synthesize(out_dir: str | os.PathLike, config: SyntheticConfig | None = None, **settings) -> dict:
     """Write the synthetic benchmark into ``out_dir`` (see the module docstring); returns the summary dict
     (also written as ``synthetic.json``, plus ``seconds`` and ``images_per_second``). `config` or
@@ -231,10 +249,8 @@ def synthesize(out_dir: str | os.PathLike, config: SyntheticConfig | None = None
     difficulty, val_identities, val_pairs = cfg.difficulty, cfg.val_identities, cfg.val_pairs
     test_identities, test_images_per_identity = cfg.test_identities, cfg.test_images_per_identity
     long_tail, workers = cfg.long_tail, cfg.workers
-    args = dict(identities=identities, images_per_identity=images_per_identity, size=size, seed=seed,
-                difficulty=float(difficulty), val_identities=val_identities, val_pairs=val_pairs,
-                test_identities=test_identities, test_images_per_identity=test_images_per_identity,
-                long_tail=bool(long_tail))
+    args = {key: value for key, value in asdict(cfg).items() if key != "workers"}  # the output's identity
+    args["difficulty"] = float(difficulty)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "synthetic.json").unlink(missing_ok=True)  # the folder is incomplete until we finish
@@ -259,13 +275,11 @@ def synthesize(out_dir: str | os.PathLike, config: SyntheticConfig | None = None
             writer.writerow(["pair", "fold", "first_identity", "second_identity", "issame"])
             writer.writerows([k, *row] for k, row in enumerate(plan.tolist()))
 
-        test_counts = np.full(test_identities, test_images_per_identity, dtype=np.int64)
-        test_tasks = _split_tasks(seed, size, difficulty, ROLE_TEST, test_counts)
-        n_test = write_face_recordio(work, _labelled_images(test_tasks, workers, "test"), prefix="test",
-                                     num_classes=test_identities, image_size=(size, size), write_property=False)
-
-        n_test_pairs = n_test * (n_test - 1) // 2
-        test_positives = test_identities * test_images_per_identity * (test_images_per_identity - 1) // 2
+        held_out = {"test": _write_identity_set(work, "test", ROLE_TEST, test_identities, test_images_per_identity,
+                                                cfg)}
+        if cfg.monitor_identities:
+            held_out["monitor"] = _write_identity_set(work, "monitor", ROLE_MONITOR, cfg.monitor_identities,
+                                                      cfg.monitor_images_per_identity, cfg)
         summary = {
             "format": FORMAT,
             "version": VERSION,
@@ -274,13 +288,12 @@ def synthesize(out_dir: str | os.PathLike, config: SyntheticConfig | None = None
                       "max_images": int(counts.max())},
             "val": {"identities": val_identities, "pairs": val_pairs, "folds": VAL_FOLDS,
                     "positive_pairs": int(plan[:, 3].sum())},
-            "test": {"identities": test_identities, "images": n_test, "positive_pairs": test_positives,
-                     "negative_pairs": n_test_pairs - test_positives},
+            **held_out,
             "files": {},
         }
         sheet = contact_sheet(CONTACT_SHEET[0], CONTACT_SHEET[1], size=size, seed=seed, difficulty=difficulty)
         Image.fromarray(sheet).save(work / "contact_sheet.png", format="PNG")
-        for name in FILES:
+        for name in FILES + (("monitor.rec", "monitor.idx") if cfg.monitor_identities else ()):
             summary["files"][name] = _sha256(work / name)
             os.replace(work / name, out_dir / name)
         temporary = work / "synthetic.json"
@@ -289,5 +302,5 @@ def synthesize(out_dir: str | os.PathLike, config: SyntheticConfig | None = None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     seconds = time.perf_counter() - started
-    total = n_train + 2 * val_pairs + n_test
+    total = n_train + 2 * val_pairs + sum(split["images"] for split in held_out.values())
     return {**summary, "seconds": round(seconds, 3), "images_per_second": round(total / seconds, 1)}

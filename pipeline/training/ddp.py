@@ -71,6 +71,15 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of `x` over all ranks (a new tensor; `x` itself when not distributed)."""
+    if not is_distributed() or world_size() == 1:
+        return x
+    total = x.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
 def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate equal-shape tensors from all ranks in rank order (dim 0), without autograd."""
     if not is_distributed() or world_size() == 1:

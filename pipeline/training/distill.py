@@ -1,17 +1,27 @@
-"""The optional knowledge-distillation part of a training step: a KD loss fed with the teacher's targets.
+"""The optional knowledge-distillation part of a training step: KD loss terms fed with the teacher's targets.
 
 Targets come from a lookup called with the batch (`targets(images, indices, flips, device)`); the pipeline
 uses `CachedTargets`, the (N, views, D) teacher cache looked up by sample index in the view matching each
-sample's flip. Under DDP the KD loss sees the batch gathered over all ranks (see ddp.py for the gradient).
+sample's flip. Under DDP the KD terms see the batch gathered over all ranks (see ddp.py for the gradient).
+
+A distillation has one or more terms (e.g. feature L2 + EKD), each with a weight used in one of two ways:
+- scale "weight": the term's loss is multiplied by the weight;
+- scale "grad-ratio": the weight is the wanted ratio ||d term / d embeddings|| / ||d margin / d embeddings||
+  and the multiplier follows from running averages (EMA) of the two gradient norms, so a setting carries
+  over between resolutions, embedding sizes and margin scales without retuning.
+An optional linear warm-up ramps every term from 0 over the first steps. `diagnostics()` reports, for the
+last step that measured them, the gradient norms and ratios at the embedding and each term's own statistics.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
+from pipeline.errors import PipelineError
+from pipeline.losses.config import KDScale
 from pipeline.training import ddp
 
 TargetLookup = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.device], torch.Tensor]
@@ -29,18 +39,114 @@ class CachedTargets:
 
 
 @dataclass
-class Distillation:
-    """A KD loss, the teacher targets (a lookup, or a (N, views, D) tensor for `CachedTargets`) and a weight."""
+class KDTerm:
+    """One KD loss `loss(student, teacher, labels) -> scalar` and its weight (see the module docstring)."""
 
+    name: str
     loss: nn.Module
-    targets: TargetLookup | torch.Tensor
     weight: float = 1.0
+
+
+class GradientBalance(nn.Module):
+    """Running averages (EMA) of the margin and of each term's gradient norm at the embeddings; in buffers, so
+    a resumed run continues them. Until the first update the multiplier is the plain weight."""
+
+    def __init__(self, terms: int, momentum: float = 0.99):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("margin_norm", torch.zeros(()))
+        self.register_buffer("term_norms", torch.zeros(terms))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.int64))
+
+    @torch.no_grad()
+    def update(self, margin_norm: torch.Tensor, term_norms: torch.Tensor) -> None:
+        first = int(self.updates) == 0
+        keep = 0.0 if first else self.momentum
+        self.margin_norm.mul_(keep).add_((1 - keep) * margin_norm)
+        self.term_norms.mul_(keep).add_((1 - keep) * term_norms)
+        self.updates.add_(1)
+
+    def multipliers(self, ratios: torch.Tensor) -> torch.Tensor:
+        """Multiplier of each (unit-weight) term that makes its gradient norm `ratio` x the margin's."""
+        return ratios * self.margin_norm / self.term_norms.clamp_min(1e-12)
+
+
+@dataclass
+class Distillation:
+    """KD terms on the teacher targets (a lookup, or a (N, views, D) tensor for `CachedTargets`).
+
+    `Distillation(loss=..., targets=..., weight=...)` is the one-term form.
+    """
+
+    targets: TargetLookup | torch.Tensor
+    loss: nn.Module | None = None
+    weight: float = 1.0
+    terms: list[KDTerm] = field(default_factory=list)
+    scale: str = KDScale.weight.value
+    warmup_epochs: float = 0.0
+    balance: GradientBalance | None = None
+    last: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if isinstance(self.targets, torch.Tensor):
             self.targets = CachedTargets(self.targets)
+        if self.loss is not None:
+            if self.terms:
+                raise PipelineError("Distillation: give either loss (one term) or terms, not both")
+            self.terms = [KDTerm("kd", self.loss, self.weight)]
+        if not self.terms:
+            raise PipelineError("Distillation needs at least one KD term")
+        self.scale = KDScale(self.scale).value
+        if self.scale == KDScale.grad_ratio and self.balance is None:
+            self.balance = GradientBalance(len(self.terms))
 
-    def term(self, embeddings: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Weighted KD loss on the batch gathered over all ranks; scaled so DDP's gradient averaging is exact."""
+    @property
+    def modules(self) -> list[nn.Module]:
+        """Everything with state to train, move to the device and checkpoint (losses, the balance)."""
+        return [t.loss for t in self.terms] + ([self.balance] if self.balance is not None else [])
+
+    def term_losses(self, embeddings: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor) -> list:
+        """Each term's unit-weight loss on the batch gathered over all ranks (scaled for exact DDP gradients)."""
         student, teacher, labels = ddp.gather_kd_inputs(embeddings, targets, labels)
-        return ddp.scale_for_ddp(self.loss(student.float(), teacher, labels)) * self.weight
+        return [ddp.scale_for_ddp(term.loss(student.float(), teacher, labels)) for term in self.terms]
+
+    def combine(self, losses: list[torch.Tensor], embeddings: torch.Tensor, margin_loss: torch.Tensor,
+                step: int, steps_per_epoch: int, measure: bool) -> torch.Tensor:
+        """The weighted KD loss of optimiser step `step` (0-based); with `measure` (always under grad-ratio)
+        the gradient norms at the embeddings are computed first and kept for `diagnostics`."""
+        warmup_steps = self.warmup_epochs * steps_per_epoch
+        ramp = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        weights = torch.tensor([t.weight for t in self.terms], dtype=torch.float32, device=embeddings.device)
+        if measure or self.balance is not None:
+            margin_norm, norms = _gradient_norms(margin_loss, losses, embeddings)
+            if self.balance is not None:
+                self.balance.update(margin_norm, norms)
+                weights = self.balance.multipliers(weights)
+            self.last = {"grad_norm_margin": float(margin_norm), "kd_ramp": ramp}
+            for term, norm, multiplier in zip(self.terms, norms.tolist(), weights.tolist()):
+                self.last[f"kd_multiplier_{term.name}"] = multiplier
+                self.last[f"grad_ratio_{term.name}"] = ramp * multiplier * norm / max(float(margin_norm), 1e-12)
+            for term, loss in zip(self.terms, losses):
+                self.last[f"kd_loss_{term.name}"] = float(loss.detach())
+                if hasattr(term.loss, "diagnostics"):
+                    self.last.update({f"{term.name}/{k}": v for k, v in term.loss.diagnostics().items()})
+        return ramp * sum(w * loss for w, loss in zip(weights.detach(), losses))
+
+    def diagnostics(self) -> dict[str, float]:
+        """What the last measured step saw (empty before the first)."""
+        return dict(self.last)
+
+
+def _gradient_norms(margin_loss: torch.Tensor, losses: list[torch.Tensor],
+                    embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2 norms of d margin / d embeddings and of each d loss / d embeddings over the whole batch (all ranks)."""
+    squares = []
+    for loss in [margin_loss, *losses]:
+        if loss.requires_grad:
+            (grad,) = torch.autograd.grad(loss, embeddings, retain_graph=True, allow_unused=True)
+        else:
+            grad = None
+        squares.append(grad.float().pow(2).sum() if grad is not None else embeddings.new_zeros((), dtype=torch.float32))
+    squares = ddp.all_reduce_sum(torch.stack(squares).detach())
+    norms = squares.sqrt()
+    return norms[0], norms[1:]

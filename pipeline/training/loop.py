@@ -20,11 +20,13 @@ from tqdm import tqdm
 
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
+from pipeline.evaluation.verification import monitor_metrics
 from pipeline.models.model_file import save_model
 from pipeline.training import ddp
 from pipeline.training.config import TrainConfig
 from pipeline.training.data import FaceDataset, FlipAugment, collate
 from pipeline.training.distill import Distillation
+from pipeline.training.live import RunLog
 from pipeline.training.resume import load_train_state, save_train_state
 from pipeline.training.samplers import ShuffledBatchSampler
 from pipeline.training.step import TrainStep
@@ -79,64 +81,69 @@ def train(
         # on resume (persistent workers draw once per process, not once per epoch)
         generator=torch.Generator().manual_seed(cfg.seed),
     )
-    live = _open_live(out) if rank == 0 else None
+    steps_per_epoch = len(sampler)
+    log = RunLog(out, resume_step=start_epoch * steps_per_epoch) if rank == 0 else None
     last_epoch = cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, start_epoch + cfg.stop_after_epochs)
     history = []
     for epoch in range(start_epoch, last_epoch):
         sampler.set_epoch(epoch)
         trainer.model.train()
-        stats = run_epoch(trainer, loader, epoch, cfg.epochs, show_progress=rank == 0)
+        stats = run_epoch(trainer, loader, epoch, cfg.epochs, show_progress=rank == 0, log=log,
+                          log_every=cfg.log_every)
         history.append(stats)
         if rank == 0:
             print(f"epoch {epoch + 1}/{cfg.epochs}: loss {stats['loss']:.4f} (margin {stats['margin_loss']:.4f}, "
                   f"kd {stats['kd_loss']:.4f}), lr {stats['lr']:.4g}, {stats['images_per_s']:.0f} img/s", flush=True)
+            last_step = (epoch + 1) * steps_per_epoch - 1
+            log.log(last_step, "epoch", stats)
+            if cfg.monitor is not None:
+                checked = monitor_metrics(trainer.trainee.backbone, cfg.monitor, device)
+                log.log(last_step, "eval", checked)
+                print("  " + "  ".join(f"{k} {v:.4f}" for k, v in checked.items()), flush=True)
+            # after the log: a run killed in between redoes (and relogs) this epoch on resume
             save_train_state(state_path, trainer.trainee, trainer.optimizer, trainer.scheduler, trainer.scaler,
                              trainer.extra_modules, epoch + 1, _config_key(cfg))
-            if live is not None:
-                for key, value in stats.items():
-                    live.log_metric(f"train/{key}", value)
-                live.next_step()
     finished = last_epoch >= cfg.epochs
     summary = {"epochs_done": last_epoch, "finished": finished, "history": history, "world_size": world}
     if rank == 0 and finished:
         save_model(out / "model.pt", trainer.trainee.backbone, cfg.arch, cfg.arch_kwargs,
                    extra={"train": _jsonable(cfg)})
-    if live is not None:
-        live.end()
+    if log is not None:
+        log.close()
     ddp.barrier()
     return summary
 
 
-def run_epoch(trainer: TrainStep, batches, epoch: int, epochs: int, show_progress: bool = True) -> dict:
-    """One pass over `batches` of (images, labels, indices, flips): mean losses, last LR, images/s."""
+def run_epoch(trainer: TrainStep, batches, epoch: int, epochs: int, show_progress: bool = True,
+              log: RunLog | None = None, log_every: int = 20) -> dict:
+    """One pass over `batches` of (images, labels, indices, flips): mean losses, last LR, images/s. Every
+    `log_every` steps the KD diagnostics are measured and, with `log`, the step's numbers logged."""
     totals = {"loss": 0.0, "margin_loss": 0.0, "kd_loss": 0.0}
     images_seen, started = 0, time.perf_counter()
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=None if show_progress else True)
     for step, (images, labels, indices, flips) in enumerate(bar):
+        measure = step % log_every == 0
         try:
-            losses = trainer.step(images, labels, indices, flips)
+            losses = trainer.step(images, labels, indices, flips, measure=measure and trainer.distill is not None)
         except FloatingPointError as error:
             raise FloatingPointError(f"epoch {epoch + 1} step {step}: {error}") from None
         totals["loss"] += losses.total.item()
         totals["margin_loss"] += losses.margin.item()
         totals["kd_loss"] += losses.kd.item()
         images_seen += images.shape[0]
-        if step % 10 == 0:
+        if measure:
             bar.set_postfix(loss=f"{losses.total.item():.3f}", kd=f"{losses.kd.item():.4f}", lr=f"{trainer.lr():.4f}")
+            if log is not None:
+                global_step = trainer.scheduler.last_epoch - 1
+                log.log(global_step, "train", {"loss": losses.total.item(), "margin_loss": losses.margin.item(),
+                                               "kd_loss": losses.kd.item(), "lr": trainer.lr()})
+                if trainer.distill is not None:
+                    log.log(global_step, "kd", trainer.distill.diagnostics())
     steps = max(1, len(batches))
     seconds = time.perf_counter() - started
     stats = {k: v / steps for k, v in totals.items()}
     stats.update(lr=trainer.lr(), images_per_s=images_seen * ddp.world_size() / seconds, epoch=epoch + 1)
     return stats
-
-
-def _open_live(out: Path):
-    """DVCLive logger writing under `out/dvclive` (metrics, plots), or None when dvclive is missing."""
-    try:
-        from dvclive import Live
-    except ImportError:  # dvclive is a declared dependency, but training must not hinge on a logger
-        return None
-    return Live(dir=str(out / "dvclive"), dvcyaml=None, save_dvc_exp=False, report=None)
 
 
 def _jsonable(cfg: TrainConfig) -> dict:
@@ -146,6 +153,7 @@ def _jsonable(cfg: TrainConfig) -> dict:
 def _config_key(cfg: TrainConfig) -> dict:
     """The settings a checkpoint must share with the run resuming it (not the run-length knobs)."""
     key = _jsonable(cfg)
-    for volatile in ("out_dir", "workers", "resume", "stop_after_epochs", "device", "preload"):
+    for volatile in ("out_dir", "workers", "resume", "stop_after_epochs", "device", "preload", "monitor",
+                     "log_every"):
         key.pop(volatile, None)
     return key

@@ -19,13 +19,11 @@ moves to the next epoch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.settings import Choice, check, setting
 
 
 def epoch_rng(seed: int, epoch: int, rank: int = 0, stream: int = 0) -> np.random.Generator:
@@ -114,8 +112,11 @@ class BalancedBatchSampler:
         rng = np.random.default_rng([self.seed, self.epoch, _BATCHES, self.rank])
         for _ in range(self._len):
             general = rng.choice(self.num_images, self.general, replace=False)
-            balanced = [self._images_of(c, rng) for c in self._balanced_identities(rng)]
-            yield np.concatenate([general, *balanced]).astype(np.int64).tolist()
+            yield np.concatenate([general, *self._balanced_part(rng)]).astype(np.int64).tolist()
+
+    def _balanced_part(self, rng: np.random.Generator) -> list[np.ndarray]:
+        """The balanced part: `per_identity` images of each of its identities, one array per identity."""
+        return [self._images_of(c, rng) for c in self._balanced_identities(rng)]
 
     def _balanced_identities(self, rng: np.random.Generator) -> list[int]:
         """Distinct identities of the balanced part (grouped around seeds when pool-aware)."""
@@ -159,55 +160,3 @@ def _check_neighbours(neighbours: np.ndarray, num_identities: int) -> np.ndarray
     if table.shape[0] > num_identities:  # identities beyond the labels have no images: drop them as neighbours
         table = np.where(table < num_identities, table, -1)
     return table[:num_identities]
-
-
-class SamplerKind(Choice):
-    """How a student's batches are drawn."""
-
-    random = "random"
-    balanced = "balanced"
-    pool = "pool"
-
-
-class MarginOn(Choice):
-    """Which samples of a balanced batch the margin loss sees."""
-
-    all = "all"
-    general = "general"
-
-
-@dataclass
-class SamplerConfig:
-    """A student's batch structure: the sampler and the margin loss's share of the batch."""
-
-    sampler: str = setting("pool", "random (plain batches), balanced (official general+balanced batch) or pool "
-                                   "(balanced part from neighbouring identities).", choices=SamplerKind)
-    balanced_batch_size: int = setting(64, "Balanced part of each batch (identities x --per-identity); "
-                                           "--batch-size is the general part.", min=0)
-    per_identity: int = setting(4, "Images per identity in the balanced part.", min=1)
-    margin_on: str = setting("all", "Margin loss on 'all' samples or only the 'general' part (official EKD).",
-                             choices=MarginOn)
-
-    def __post_init__(self):
-        check(self)
-        if self.sampler == SamplerKind.random and self.margin_on == MarginOn.general:
-            raise PipelineError("--margin-on general needs a balanced or pool sampler (random batches have no "
-                                "general part)")
-
-    def margin_samples(self, general: int) -> int | None:
-        """How many leading samples of each batch the margin loss sees (None = all)."""
-        return general if self.margin_on == MarginOn.general else None
-
-    def factory(self, labels: np.ndarray, general: int, seed: int,
-                neighbours: np.ndarray | None = None) -> Callable[[int, int], BalancedBatchSampler] | None:
-        """`factory(world_size, rank)` for `train`, or None for plain shuffled batches."""
-        if self.sampler == SamplerKind.random:
-            return None
-        if self.sampler == SamplerKind.pool and neighbours is None:
-            raise PipelineError("--sampler pool needs --pools (the folder written by build-pools)")
-        table = neighbours if self.sampler == SamplerKind.pool else None
-
-        def make(world_size: int, rank: int) -> BalancedBatchSampler:
-            return BalancedBatchSampler(labels, general, self.balanced_batch_size, per_identity=self.per_identity,
-                                        seed=seed, neighbours=table, world_size=world_size, rank=rank)
-        return make

@@ -57,8 +57,8 @@ class TrainStep:
         if device.type == "cuda":
             self.trainee = self.trainee.to(memory_format=torch.channels_last)
         self.device, self.distill, self.model = device, distill, self.trainee
-        self.margin_samples = margin_samples
-        self.extra_modules = [distill.loss.to(device)] if distill is not None else []
+        self.margin_samples, self.steps_per_epoch = margin_samples, steps_per_epoch
+        self.extra_modules = [m.to(device) for m in distill.modules] if distill is not None else []
         self.optimizer = sgd_without_bn_decay([self.trainee, *self.extra_modules], cfg.lr, cfg.momentum,
                                               cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -80,8 +80,10 @@ class TrainStep:
         return self.scheduler.get_last_lr()[0]
 
     def step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
-             flips: torch.Tensor) -> StepLosses:
-        """One optimisation step on a batch; FloatingPointError (naming nothing yet) on a non-finite loss."""
+             flips: torch.Tensor, measure: bool = False) -> StepLosses:
+        """One optimisation step on a batch; FloatingPointError (naming nothing yet) on a non-finite loss.
+
+        `measure`: also compute the KD diagnostics (gradient norms at the embeddings) for `Distillation`."""
         images = images.to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
@@ -93,7 +95,9 @@ class TrainStep:
         kd_loss = torch.zeros((), device=self.device)
         if self.distill is not None:
             targets = self.distill.targets(images, indices, flips, self.device)
-            kd_loss = self.distill.term(embeddings, targets, labels)
+            terms = self.distill.term_losses(embeddings, targets, labels)
+            kd_loss = self.distill.combine(terms, embeddings, margin_loss, self.scheduler.last_epoch,
+                                           self.steps_per_epoch, measure)
             loss = loss + kd_loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()}")

@@ -11,9 +11,9 @@ from pipeline.losses.config import KDConfig
 from pipeline.losses.kd import KDMethod
 from pipeline.search.pools import load_pools, load_thresholds
 from pipeline.training.config import TrainConfig
-from pipeline.training.distill import Distillation
+from pipeline.training.distill import Distillation, KDTerm
 from pipeline.training.loop import train
-from pipeline.training.samplers import SamplerConfig, SamplerKind
+from pipeline.training.sampling import SamplerConfig, SamplerKind
 
 
 def checked_pools(pools: Path, source, cache: TeacherCache | None) -> dict:
@@ -47,16 +47,17 @@ def train_student(cfg: TrainConfig, source, kd: KDConfig, sampling: SamplerConfi
         if cache is None:
             raise PipelineError(f"--kd {kd.kd} needs --cache (the teacher cache from extract-teacher)")
         targets = open_targets(cache, source, cfg.arch_kwargs["num_features"])
-    needs_pools = kd.needs_thresholds or sampling.sampler == SamplerKind.pool
+    needs_pools = kd.needs_thresholds or sampling.sampler in (SamplerKind.pool, SamplerKind.pairs)
     if needs_pools and pools is None:
-        raise PipelineError(f"{'--ekd-mode global' if kd.needs_thresholds else '--sampler pool'} needs --pools "
-                            "(the folder written by build-pools)")
+        what = "--ekd-mode global" if kd.needs_thresholds else f"--sampler {sampling.sampler}"
+        raise PipelineError(f"{what} needs --pools (the folder written by build-pools)")
     tables = checked_pools(pools, source, targets) if pools is not None else None
     if targets is not None:
         thresholds = load_thresholds(pools / "thresholds.json") if kd.needs_thresholds else None
+        terms = [KDTerm(name, loss, weight) for name, loss, weight in kd.terms(thresholds)]
         # (N, 2, D) in the stored dtype, looked up per step by sample index and flip
-        distill = Distillation(loss=kd.build(thresholds), targets=targets.to_torch(), weight=kd.kd_weight)
-    factory = sampling.factory(source.labels, cfg.batch_size, cfg.seed,
-                               tables["neighbours"] if tables is not None else None)
+        distill = Distillation(targets=targets.to_torch(), terms=terms, scale=kd.kd_scale,
+                               warmup_epochs=kd.kd_warmup_epochs)
+    factory = sampling.factory(source.labels, cfg.batch_size, cfg.seed, tables)
     return train(cfg, source, source.num_classes, distill=distill, batch_sampler_factory=factory,
                  margin_samples=sampling.margin_samples(cfg.batch_size))

@@ -16,6 +16,7 @@ from pipeline.losses.kd import build_kd_loss
 from pipeline.training import ddp
 from pipeline.training import step as training_step
 from pipeline.training.ddp import gather_kd_inputs, scale_for_ddp
+from pipeline.training.distill import KDTerm
 
 EMBEDDING_DIM = 16
 TINY_MBF = {"input_size": FACE_SIZE, "width": 0.125, "num_features": EMBEDDING_DIM}
@@ -30,14 +31,18 @@ def tiny_config(out_dir: Path, **overrides) -> training.TrainConfig:
 
 
 def ekd_reference_distillation(num_images: int, views_differ: bool = True, seed: int = 0,
-                               **kwargs) -> training.Distillation:
-    """Reference-mode EKD (EMA threshold buffers) against random (N, 2, EMBEDDING_DIM) teacher targets."""
+                               l2_weight: float | None = None, **kwargs) -> training.Distillation:
+    """Reference-mode EKD (EMA threshold buffers) against random (N, 2, EMBEDDING_DIM) teacher targets;
+    with `l2_weight`, feature L2 as a first term (the l2+ekd combination)."""
     g = torch.Generator().manual_seed(seed)
     targets = torch.randn(num_images, 2, EMBEDDING_DIM, generator=g)
     if not views_differ:
         targets[:, 1] = targets[:, 0]
     loss = build_kd_loss("ekd", mode="reference", anchors=(2, 5, 20), topk=8, temperature=0.05, momentum=0.5)
-    return training.Distillation(loss=loss, targets=targets, **kwargs)
+    if l2_weight is None:
+        return training.Distillation(loss=loss, targets=targets, **kwargs)
+    terms = [KDTerm("l2", build_kd_loss("l2"), l2_weight), KDTerm("ekd", loss, 1.0)]
+    return training.Distillation(targets=targets, terms=terms, **kwargs)
 
 
 def linear_backbone(name: str, **kwargs) -> nn.Module:

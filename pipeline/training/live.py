@@ -1,0 +1,48 @@
+"""Training history in DVCLive: one timeline whose step is the optimiser step.
+
+`train/*` (losses, learning rate) and the KD diagnostics (`kd/*`) are logged every few steps, the epoch
+summaries (`epoch/*`) and the per-epoch evaluation (`eval/*`) at each epoch's last step. A resumed run keeps
+the history up to its checkpoint and continues it: rows a killed run logged after the checkpoint are dropped
+first, so the history equals the uninterrupted run's.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from pipeline.io import write_text_atomic
+
+
+class RunLog:
+    """DVCLive under `run_dir/dvclive`; `resume_step` is the first step still to come (0 = a fresh run)."""
+
+    def __init__(self, run_dir: Path, resume_step: int = 0):
+        from dvclive import Live
+
+        self.dir = Path(run_dir) / "dvclive"
+        if resume_step > 0:
+            truncate_history(self.dir, resume_step)
+        self.live = Live(dir=str(self.dir), resume=resume_step > 0, dvcyaml=None, save_dvc_exp=False, report=None)
+
+    def log(self, step: int, group: str, metrics: dict) -> None:
+        """Log finite numbers of `metrics` as `group/name` at `step` and refresh metrics.json."""
+        self.live.step = int(step)
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+                self.live.log_metric(f"{group}/{name}", float(value))
+        self.live.make_summary()
+
+    def close(self) -> None:
+        self.live.end()
+
+
+def truncate_history(live_dir: Path, first_dropped_step: int) -> None:
+    """Remove the rows at steps >= `first_dropped_step` from every metrics history of a DVCLive folder."""
+    for path in (live_dir / "plots" / "metrics").rglob("*.tsv"):
+        with open(path, newline="") as handle:
+            rows = list(csv.reader(handle, delimiter="\t"))
+        if not rows:
+            continue
+        step = rows[0].index("step")
+        kept = [rows[0]] + [row for row in rows[1:] if int(row[step]) < first_dropped_step]
+        write_text_atomic(path, "".join("\t".join(row) + "\n" for row in kept))
