@@ -64,7 +64,10 @@ def test_contract_attributes(setup):
     assert attrs["dataset_fingerprint"] == source.fingerprint()
     assert json.loads(attrs["preprocessing"]) == {"size": 32, "mean": 0.5, "std": 0.5, "color": "RGB",
                                                   "layout": "NCHW", "flip": "horizontal"}
-    assert (attrs["dim"], attrs["views"], attrs["dtype"], attrs["format_version"]) == (32, 2, "float16", 1)
+    assert (attrs["dim"], attrs["views"], attrs["dtype"], attrs["format_version"]) == (32, 2, "float16", 2)
+    with h5py.File(setup["reference"], "r") as f:
+        for name in ("embeddings", "labels", "keys"):
+            assert attrs[f"{name}_sha256"] == hashlib.sha256(f[name][()].tobytes()).hexdigest()
     assert attrs["complete"] and not shard_dir(setup["reference"]).exists()
 
 
