@@ -118,11 +118,14 @@ def test_same_seed_same_weights_other_seed_other_weights(faces, tmp_path):
 
 def test_resume_with_changed_settings_is_refused(faces, tmp_path):
     training.train(tiny_config(tmp_path, stop_after_epochs=1), faces, faces.num_classes)
-    with pytest.raises(PipelineError, match=r"different settings \(lr\)"):
+    with pytest.raises(PipelineError, match=r"different settings: lr 0.1 -> 0.2; "):
         training.train(tiny_config(tmp_path, lr=0.2), faces, faces.num_classes)
-    with pytest.raises(PipelineError, match=r"different settings \(arch_kwargs, margin\)"):
+    with pytest.raises(PipelineError, match=r"different settings: arch_kwargs .* -> .*, margin 'arcface' -> "
+                                            r"'cosface'; "):
         training.train(tiny_config(tmp_path, margin="cosface", arch_kwargs={**TINY_MBF, "width": 0.25}),
                        faces, faces.num_classes)
+    with pytest.raises(PipelineError, match=r"different settings: kd \(not recorded\) -> 'l2'; "):
+        training.train(tiny_config(tmp_path), faces, faces.num_classes, settings={"kd": "l2"})
     # run-length and machine knobs may change
     summary = training.train(tiny_config(tmp_path, workers=1, stop_after_epochs=5), faces, faces.num_classes)
     assert summary["epochs_done"] == 2 and summary["finished"]

@@ -129,7 +129,11 @@ class FaceRecordIO:
     def decode(self, i: int) -> np.ndarray:
         """Image `i` decoded to uint8 RGB (H, W, 3)."""
         image, _ = self.read(i)
-        return decode_jpeg(image, where=f"{self.rec_path} key {int(self.keys[i])}")
+        return decode_jpeg(image, where=self.where(i))
+
+    def where(self, i: int) -> str:
+        """Image `i` as error messages name it: the .rec file and the record key."""
+        return f"{self.rec_path} key {int(self.keys[i])}"
 
     def fingerprint(self) -> str:
         """sha256 hex over the .idx bytes then the property bytes."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from pipeline.io import write_text_atomic
+from pipeline.io import disk_full_is_one_line, write_text_atomic
 
 
 class RunLog:
@@ -22,18 +22,22 @@ class RunLog:
         self.dir = Path(run_dir) / "dvclive"
         if resume_step > 0:
             truncate_history(self.dir, resume_step)
-        self.live = Live(dir=str(self.dir), resume=resume_step > 0, dvcyaml=None, save_dvc_exp=False, report=None)
+        with disk_full_is_one_line(self.dir):
+            self.live = Live(dir=str(self.dir), resume=resume_step > 0, dvcyaml=None, save_dvc_exp=False,
+                             report=None)
 
     def log(self, step: int, group: str, metrics: dict) -> None:
         """Log finite numbers of `metrics` as `group/name` at `step` and refresh metrics.json."""
         self.live.step = int(step)
-        for name, value in metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
-                self.live.log_metric(f"{group}/{name}", float(value))
-        self.live.make_summary()
+        with disk_full_is_one_line(self.dir):
+            for name, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+                    self.live.log_metric(f"{group}/{name}", float(value))
+            self.live.make_summary()
 
     def close(self) -> None:
-        self.live.end()
+        with disk_full_is_one_line(self.dir):
+            self.live.end()
 
 
 def truncate_history(live_dir: Path, first_dropped_step: int) -> None:
