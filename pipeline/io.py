@@ -98,10 +98,10 @@ def _mib(size: int) -> str:
     return f"{size / 2**20:.1f} MiB"
 
 
-def disk_full_error(path: str | os.PathLike, written: int | None = None) -> PipelineError:
-    """The one-line message for a write of `path` that ran out of space: how much got written and how much
-    the device has free, and what to do."""
-    path = Path(path)
+def disk_full_error(path: str | os.PathLike | None, written: int | None = None) -> PipelineError:
+    """The one-line message for a write of `path` (None: unknown) that ran out of space: how much got written
+    and how much the device has free, and what to do."""
+    path = Path(path) if path is not None else Path.cwd() / "(a file being written)"
     folder = next((p for p in (path, *path.parents) if p.exists()), Path("."))
     try:
         free = f"{_mib(shutil.disk_usage(folder).free)} free"
