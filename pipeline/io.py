@@ -94,8 +94,12 @@ def is_disk_full(error: BaseException) -> bool:
     return "No space left on device" in text or "Disk quota exceeded" in text
 
 
-def _mib(size: int) -> str:
-    return f"{size / 2**20:.1f} MiB"
+def _size(size: int) -> str:
+    """Bytes as a person reads them: 512 B, 44.0 KiB, 3.2 MiB, 1.5 GiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
 
 
 def disk_full_error(path: str | os.PathLike | None, written: int | None = None) -> PipelineError:
@@ -104,10 +108,10 @@ def disk_full_error(path: str | os.PathLike | None, written: int | None = None) 
     path = Path(path) if path is not None else Path.cwd() / "(a file being written)"
     folder = next((p for p in (path, *path.parents) if p.exists()), Path("."))
     try:
-        free = f"{_mib(shutil.disk_usage(folder).free)} free"
+        free = f"{_size(shutil.disk_usage(folder).free)} free"
     except OSError:
         free = "free space unknown"
-    so_far = f"{_mib(written)} written, " if written else ""
+    so_far = f"{_size(written)} written, " if written else ""
     return PipelineError(f"{path}: no space left on the device ({so_far}{free} in {folder}); the partial file was "
                          f"removed: free more space there (or write elsewhere) and rerun")
 

@@ -44,7 +44,7 @@ def save_train_state(path: Path, trainee, optimizer, scheduler, scaler, extra_mo
 
 def _shown(value) -> str:
     if value is _NOT_RECORDED:
-        return "(not recorded)"
+        return "(unset)"
     text = repr(value)
     return text if len(text) <= 40 else text[:36] + "...'"
 
