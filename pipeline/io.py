@@ -26,7 +26,8 @@ import numpy as np
 from pipeline.errors import DataError, PipelineError
 
 TEMPORARY_MARK = ".tmp-"
-TEMPORARY_PATTERN = re.compile(r"\.tmp-(\d+)-[0-9a-f]{8}")  # what temporary_name puts after the final name
+# after the final name: temporary_name's ".tmp-<pid>-<random>", or an older writer's ".tmp-<pid>"
+TEMPORARY_PATTERN = re.compile(r"\.tmp-(\d+)(?=$|[-.])")
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
