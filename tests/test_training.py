@@ -1,9 +1,13 @@
 """The training loop on CPU: exact resume, determinism, refused resumes, flips reaching model and targets,
 margin_samples. (The DDP run is in test_training_ddp.py.)"""
+import signal
+import time
+
 import numpy as np
 import pytest
 import torch
 from helpers.data import FACE_SIZE
+from helpers.processes import start_worker
 from helpers.training import (
     EMBEDDING_DIM,
     TINY_MBF,
@@ -104,6 +108,40 @@ def test_a_killed_run_leaves_no_stray_history_on_resume(tmp_path):
     truncate_history(tmp_path / "dvclive", 6)
     assert (live / "loss.tsv").read_text() == "step\tloss\n0\t3.0\n5\t2.0\n"
     assert read_history(tmp_path / "dvclive") == {"train/loss": ([0, 5], [3.0, 2.0])}
+
+
+def _logged_steps(tsv) -> list[int]:
+    """Steps of a DVCLive metric file being written (an unfinished last line is skipped)."""
+    try:
+        lines = tsv.read_text().splitlines()[1:]
+    except FileNotFoundError:
+        return []
+    return [int(line.split("\t")[0]) for line in lines if "\t" in line]
+
+
+def test_dvclive_history_is_continuous_across_a_sigkill(random_faces, tmp_path, cli):
+    """A run SIGKILLed in the middle of epoch 2 (after logging some of its steps) and rerun ends with the
+    history of the uninterrupted run: epoch 1 kept, the killed epoch's rows replaced, nothing lost."""
+    args = ["train-teacher", "--data", random_faces, "--arch", "mbf", "--width", 0.125, "--embedding-size", 16,
+            "--epochs", 3, "--batch-size", 8, "--lr", 0.05, "--workers", 0, "--device", "cpu", "--log-every", 1]
+    assert cli(*args, "--out", tmp_path / "straight").exit_code == 0
+    out = tmp_path / "killed"
+    losses = out / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv"
+    process = start_worker("slow_train", 0.2, *args, "--out", out)
+    deadline = time.monotonic() + 120
+    while not ((out / "checkpoint.pt").exists() and max(_logged_steps(losses), default=0) >= 7):  # epoch 2: 6..11
+        assert process.poll() is None, process.stderr.read()[-2000:]
+        assert time.monotonic() < deadline, "the run never reached epoch 2"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "model.pt").exists() and max(_logged_steps(losses)) >= 7  # rows past the checkpoint
+    result = cli(*args, "--out", out)
+    assert result.exit_code == 0, result.output
+    histories = [read_history(run / "dvclive") for run in (out, tmp_path / "straight")]
+    untimed = [{k: v for k, v in h.items() if "images_per_s" not in k} for h in histories]
+    assert untimed[0] == untimed[1]
+    assert untimed[0]["epoch/loss"][0] == [5, 11, 17] and untimed[0]["train/loss"][0] == list(range(18))
 
 
 def test_same_seed_same_weights_other_seed_other_weights(faces, tmp_path):
