@@ -40,7 +40,8 @@ def world(tmp_path_factory, cli):
     for name, seed in (("", 0), ("other-", 7)):
         teacher = make_teacher(root / f"{name}teacher.pt", seed=seed)
         cache, pools = root / f"{name}cache.h5", root / f"{name}pools"
-        for args in (["extract-teacher", "--data", data, "--teacher", teacher, "--out", cache, "--device", "cpu"],
+        for args in (["extract-teacher", "--data", data, "--teacher", teacher, "--out", cache, "--device", "cpu",
+                      "--threads", 1],
                      ["build-pools", "--cache", cache, "--out", pools, "--k", 2, "--m", 100]):
             result = cli(*args)
             assert result.exit_code == 0, result.output
@@ -179,7 +180,7 @@ def test_an_edited_or_reordered_thresholds_json_is_refused(world, cli, edit):
 def test_pools_of_another_cache_of_the_same_teacher_and_data_are_refused(world, cli):
     cache32, pools32 = world["root"] / "cache32.h5", world["root"] / "pools32"
     for args in (["extract-teacher", "--data", world["data"], "--teacher", world["root"] / "teacher.pt", "--out",
-                  cache32, "--device", "cpu", "--dtype", "float32"],
+                  cache32, "--device", "cpu", "--dtype", "float32", "--threads", 1],
                  ["build-pools", "--cache", cache32, "--out", pools32, "--k", 2, "--m", 100]):
         assert cli(*args).exit_code == 0
     line = refused_line(world, cli, world["root"] / "mixed", pools32)

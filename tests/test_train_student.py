@@ -89,7 +89,7 @@ def world(tmp_path_factory):
     for dtype in ("float32", "float16"):
         out = root / f"cache-{dtype}.h5"
         cfg = ExtractionConfig(data=data, teacher=teacher_path, out=out, dtype=dtype, batch_size=32,
-                               shard_size=64, device="cpu")
+                               shard_size=64, device="cpu", threads=1)
         build_teacher_cache(cfg, teacher=teacher, log=quiet)
         caches[dtype] = TeacherCache.open(out)
     return {"root": root, "data": data, "source": source, "teacher": teacher, "caches": caches, "online": {}}
@@ -200,7 +200,7 @@ def pipeline_run(world, cli):
     root.mkdir()
     teacher = shutil.copy(world["root"] / "teacher.pt", root / "teacher.pt")
     cache, pools = root / "cache.h5", root / "pools"
-    for args in (["extract-teacher", "--data", world["data"], "--teacher", teacher, "--out", cache,
+    for args in (["extract-teacher", "--threads", 1, "--data", world["data"], "--teacher", teacher, "--out", cache,
                   "--device", "cpu", "--batch-size", 32],
                  ["build-pools", "--cache", cache, "--out", pools, "--k", 4, "--m", 200]):
         result = cli(*args)
@@ -290,8 +290,8 @@ def test_cli_refuses_pools_of_another_teacher(world, pipeline_run, monkeypatch, 
     root = pipeline_run["root"]
     other_teacher = make_teacher(root / "other-teacher.pt", seed=7)
     other_cache, other_pools = root / "other-cache.h5", root / "other-pools"
-    for args in (["extract-teacher", "--data", world["data"], "--teacher", other_teacher, "--out", other_cache,
-                  "--device", "cpu"], ["build-pools", "--cache", other_cache, "--out", other_pools, "--k", 4]):
+    for args in (["extract-teacher", "--threads", 1, "--data", world["data"], "--teacher", other_teacher, "--out",
+                  other_cache, "--device", "cpu"], ["build-pools", "--cache", other_cache, "--out", other_pools, "--k", 4]):
         assert cli(*args).exit_code == 0
     forbid_teacher(monkeypatch)
     out = root / "wrong-pools"
