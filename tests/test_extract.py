@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from pipeline.cache.shards import shard_dir
 from pipeline.errors import DataError, PipelineError
 from pipeline.formats import open_face_source
 from pipeline.models.loading import load_embedder
+from pipeline.models.model_file import load_model
 from stages.extract_teacher import COMMANDS
 
 ROWS, SHARD, BATCH = 150, 32, 16  # 5 shards of 2 batches (the last shard is shorter)
@@ -238,6 +240,24 @@ def test_every_forward_runs_with_the_fixed_thread_count(setup, tmp_path, monkeyp
     before = torch.get_num_threads()
     build_teacher_cache(config(setup["data"], setup["teacher"], tmp_path / "cache.h5", threads=before + 2), log=quiet)
     assert seen and set(seen) == {before + 2} and torch.get_num_threads() == before
+
+
+def test_a_torchscript_teacher_takes_its_input_size_from_the_data(setup, tmp_path, cli):
+    """A TorchScript file declares no input size: the data's 32x32 is used (not 112), or --input-size."""
+    model, _ = load_model(setup["teacher"])
+    scripted = tmp_path / "teacher.torchscript"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.trace(model, torch.zeros(1, 3, 32, 32)).save(scripted)
+    args = ["extract-teacher", "--data", setup["data"], "--teacher", scripted, "--device", "cpu", "--threads", 1]
+    result = cli(*args, "--out", tmp_path / "cache.h5")
+    assert result.exit_code == 0, result.output
+    cache = TeacherCache.open(tmp_path / "cache.h5")
+    assert cache.preprocessing["size"] == 32
+    np.testing.assert_allclose(cache.embeddings(), TeacherCache.open(setup["reference"]).embeddings(), atol=2e-3)
+    result = cli(*args, "--out", tmp_path / "other.h5", "--input-size", 48)
+    assert result.exit_code == 2 and not (tmp_path / "other.h5").exists()
+    assert error_line(result.output).startswith(f"error: {scripted}: model fails on a (1, 3, 48, 48) input: ")
 
 
 def test_cli_commands(setup, tmp_path):

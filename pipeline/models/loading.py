@@ -210,8 +210,10 @@ def _probe_dim(forward: Callable[[torch.Tensor], torch.Tensor], input_size: int,
     try:
         with torch.no_grad():
             out = forward(torch.zeros(1, 3, input_size, input_size, device=device))
-    except Exception as exc:
-        raise DataError(f"{source}: model fails on a (1, 3, {input_size}, {input_size}) input: {exc}") from None
+    except Exception as exc:  # TorchScript errors carry an interpreter traceback: its last line says what failed
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        raise DataError(f"{source}: model fails on a (1, 3, {input_size}, {input_size}) input: {lines[-1]} (give "
+                        "the input size it takes with --input-size)") from None
     if out.dim() != 2 or out.shape[0] != 1:
         raise DataError(f"{source}: model output has shape {tuple(out.shape)}, expected (1, D)")
     return int(out.shape[1])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,9 @@ def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = 
     """torch.load restricted to tensors and plain containers; anything else becomes a one-line DataError
     that never suggests lifting the restriction."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except Exception as exc:  # UnpicklingError for forbidden globals, RuntimeError for corrupt zips, ...
