@@ -2,8 +2,8 @@
 
 Work is split into fixed row ranges. Each shard is written to `shard-00012.h5.tmp-<pid>-<random>` and renamed to
 `shard-00012.h5` only once complete, so any `shard-*.h5` that validates can be trusted after a crash. The
-final cache is always assembled from scratch, in order, from the shards: its bytes do not depend on which
-runs, workers or interruptions produced them.
+final cache is always assembled from scratch, in order, from the shards: the merge adds nothing that depends
+on which runs, workers or interruptions produced them (what the shards' own bytes depend on: build.py).
 """
 from __future__ import annotations
 
