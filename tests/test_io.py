@@ -8,11 +8,16 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 
 import pytest
 import torch
-from helpers.processes import error_line, run_pipeline, start_worker, wait_for_line
+from helpers.processes import (
+    dead_pid,
+    error_line,
+    run_pipeline,
+    start_worker,
+    wait_for_line,
+)
 
 import pipeline.io
 from pipeline.errors import PipelineError
@@ -24,13 +29,6 @@ from pipeline.io import (
     write_text_atomic,
     write_with,
 )
-
-
-def dead_pid() -> int:
-    """The PID of a process that has ended."""
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
 
 
 def test_temporaries_of_dead_writers_are_removed_those_of_live_ones_kept(tmp_path):

@@ -20,6 +20,13 @@ def environment() -> dict[str, str]:
     return env
 
 
+def dead_pid() -> int:
+    """The PID of a process that has ended (what a killed writer leaves in its temporaries' names)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
 def run_pipeline(*args, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`python -m pipeline ARGS` in a new process; text output captured."""
     command = [sys.executable, "-m", "pipeline", *map(str, args)]
