@@ -1,5 +1,6 @@
 """The training loop on CPU: exact resume, determinism, refused resumes, flips reaching model and targets,
 margin_samples. (The DDP run is in test_training_ddp.py.)"""
+import json
 import signal
 import time
 
@@ -101,13 +102,21 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(faces, tmp_path, case):
 
 
 def test_a_killed_run_leaves_no_stray_history_on_resume(tmp_path):
-    """Rows logged after the last checkpoint by a run that then died are dropped when it resumes."""
-    live = tmp_path / "dvclive" / "plots" / "metrics" / "train"
-    live.mkdir(parents=True)
-    (live / "loss.tsv").write_text("step\tloss\n0\t3.0\n5\t2.0\n6\t1.5\n11\t1.0\n")
+    """Rows logged after the last checkpoint by a run that then died are dropped when it resumes, a row and a
+    summary torn by the kill too; the summary is what it was at the checkpoint."""
+    live = tmp_path / "dvclive" / "plots" / "metrics"
+    (live / "train").mkdir(parents=True)
+    (live / "kd" / "ekd").mkdir(parents=True)
+    (live / "train" / "loss.tsv").write_text("step\tloss\n0\t3.0\n5\t2.0\n6\t1.5\n11\t1.0\n")
+    (live / "kd" / "ekd" / "pairs.tsv").write_text("step\tpairs\n0\t8.0\n5\t9.0\n1")  # torn while writing "11..."
+    (tmp_path / "dvclive" / "metrics.json").write_text('{"train": {"lo')  # torn as well
     truncate_history(tmp_path / "dvclive", 6)
-    assert (live / "loss.tsv").read_text() == "step\tloss\n0\t3.0\n5\t2.0\n"
-    assert read_history(tmp_path / "dvclive") == {"train/loss": ([0, 5], [3.0, 2.0])}
+    assert (live / "train" / "loss.tsv").read_text() == "step\tloss\n0\t3.0\n5\t2.0\n"
+    assert (live / "kd" / "ekd" / "pairs.tsv").read_text() == "step\tpairs\n0\t8.0\n5\t9.0\n"
+    assert read_history(tmp_path / "dvclive") == {"train/loss": ([0, 5], [3.0, 2.0]),
+                                                  "kd/ekd/pairs": ([0, 5], [8.0, 9.0])}
+    assert json.loads((tmp_path / "dvclive" / "metrics.json").read_text()) == {
+        "kd": {"ekd": {"pairs": 9.0}}, "train": {"loss": 2.0}, "step": 5}
 
 
 def _logged_steps(tsv) -> list[int]:
@@ -162,7 +171,7 @@ def test_resume_with_changed_settings_is_refused(faces, tmp_path):
                                             r"'cosface'; "):
         training.train(tiny_config(tmp_path, margin="cosface", arch_kwargs={**TINY_MBF, "width": 0.25}),
                        faces, faces.num_classes)
-    with pytest.raises(PipelineError, match=r"different settings: kd \(not recorded\) -> 'l2'; "):
+    with pytest.raises(PipelineError, match=r"different settings: kd \(unset\) -> 'l2'; "):
         training.train(tiny_config(tmp_path), faces, faces.num_classes, settings={"kd": "l2"})
     # run-length and machine knobs may change
     summary = training.train(tiny_config(tmp_path, workers=1, stop_after_epochs=5), faces, faces.num_classes)
