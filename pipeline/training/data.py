@@ -44,6 +44,7 @@ class FaceDataset(Dataset):
     """
 
     def __init__(self, source, preload: bool = False, image_size: tuple[int, int] | None = None):
+        image_size = image_size or getattr(source, "image_size", None)  # the model's input, else the data's
         self.source, self.image_size = source, None if image_size is None else tuple(image_size)
         self.labels = np.asarray(source.labels, dtype=np.int64)
         self.images: np.ndarray | None = None

@@ -13,9 +13,7 @@ when model.pt of this identity is already there, report the run as finished and 
 from __future__ import annotations
 
 import contextlib
-import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -27,13 +25,19 @@ from pipeline.devices import resolve_device
 from pipeline.errors import DataError, PipelineError
 from pipeline.evaluation.verification import monitor_metrics
 from pipeline.io import output_lock
-from pipeline.models.model_file import safe_torch_load, save_model
+from pipeline.models.model_file import save_model
 from pipeline.training import ddp
 from pipeline.training.config import TrainConfig
 from pipeline.training.data import FaceDataset, FlipAugment, ItemFailure, collate
 from pipeline.training.distill import Distillation
 from pipeline.training.live import RunLog
-from pipeline.training.resume import load_train_state, save_train_state
+from pipeline.training.resume import (
+    finished_identity,
+    jsonable,
+    load_train_state,
+    run_identity,
+    save_train_state,
+)
 from pipeline.training.samplers import ShuffledBatchSampler
 from pipeline.training.step import TrainStep
 
@@ -130,7 +134,7 @@ def _train(cfg, out, device, source, num_classes, distill, batch_sampler_factory
                "world_size": world}
     if rank == 0 and finished:
         save_model(model_path, trainer.trainee.backbone, cfg.arch, cfg.arch_kwargs,
-                   extra={"train": _jsonable(cfg), "run": identity})
+                   extra={"train": jsonable(cfg), "run": identity})
     if log is not None:
         log.close()
     ddp.barrier()
@@ -171,41 +175,3 @@ def run_epoch(trainer: TrainStep, batches, epoch: int, epochs: int, show_progres
     stats = {k: v / steps for k, v in totals.items()}
     stats.update(lr=trainer.lr(), images_per_s=images_seen * ddp.world_size() / seconds, epoch=epoch + 1)
     return stats
-
-
-def _jsonable(cfg: TrainConfig) -> dict:
-    return json.loads(json.dumps(asdict(cfg), default=str))
-
-
-def _config_key(cfg: TrainConfig) -> dict:
-    """The settings a checkpoint must share with the run resuming it (not the run-length knobs)."""
-    key = _jsonable(cfg)
-    for volatile in ("out_dir", "workers", "resume", "stop_after_epochs", "device", "preload", "monitor",
-                     "log_every"):
-        key.pop(volatile, None)
-    return key
-
-
-def run_identity(cfg: TrainConfig, source, num_classes: int, margin_samples: int | None,
-                 settings: dict | None) -> dict:
-    """Every setting that changes the trained model: `cfg`'s result-changing fields, the data (its
-    fingerprint, or its size for in-memory sources), the margin's share of the batch and `settings`."""
-    identity = _config_key(cfg)
-    fingerprint = source.fingerprint() if hasattr(source, "fingerprint") else f"{len(source)} images"
-    identity.update(data=fingerprint, num_classes=int(num_classes), margin_samples=margin_samples)
-    clash = set(identity) & set(settings or {})
-    if clash:
-        raise ValueError(f"run settings {sorted(clash)} repeat TrainConfig fields")
-    identity.update(json.loads(json.dumps(settings or {}, default=str)))
-    return identity
-
-
-def finished_identity(model_path: Path) -> dict | None:
-    """The identity recorded in a finished run's model.pt (None when there is none or it cannot be read)."""
-    if not model_path.is_file():
-        return None
-    try:
-        extra = safe_torch_load(model_path).get("extra") or {}
-    except (DataError, AttributeError):
-        return None
-    return extra.get("run") if isinstance(extra, dict) else None

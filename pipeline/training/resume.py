@@ -8,13 +8,15 @@ another identity is refused with the differing settings named. Resume points are
 """
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from pipeline.errors import PipelineError
+from pipeline.errors import DataError, PipelineError
 from pipeline.io import write_with
-from pipeline.models.model_file import load_failure
+from pipeline.models.model_file import load_failure, safe_torch_load
 
 FORMAT = "ekd-pipeline-train-state"
 _NOT_RECORDED = object()
@@ -83,3 +85,42 @@ def load_train_state(path: Path, trainee, optimizer, scheduler, scaler, extra_mo
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return int(state["epochs_done"])
+
+
+def jsonable(cfg) -> dict:
+    """A config dataclass as plain JSON values (what checkpoint.pt and model.pt store)."""
+    return json.loads(json.dumps(asdict(cfg), default=str))
+
+
+def _config_key(cfg) -> dict:
+    """The settings a checkpoint must share with the run resuming it (not the run-length knobs)."""
+    key = jsonable(cfg)
+    for volatile in ("out_dir", "workers", "resume", "stop_after_epochs", "device", "preload", "monitor",
+                     "log_every"):
+        key.pop(volatile, None)
+    return key
+
+
+def run_identity(cfg, source, num_classes: int, margin_samples: int | None,
+                 settings: dict | None) -> dict:
+    """Every setting that changes the trained model (a TrainConfig `cfg`): its result-changing fields, the data (its
+    fingerprint, or its size for in-memory sources), the margin's share of the batch and `settings`."""
+    identity = _config_key(cfg)
+    fingerprint = source.fingerprint() if hasattr(source, "fingerprint") else f"{len(source)} images"
+    identity.update(data=fingerprint, num_classes=int(num_classes), margin_samples=margin_samples)
+    clash = set(identity) & set(settings or {})
+    if clash:
+        raise ValueError(f"run settings {sorted(clash)} repeat TrainConfig fields")
+    identity.update(json.loads(json.dumps(settings or {}, default=str)))
+    return identity
+
+
+def finished_identity(model_path: Path) -> dict | None:
+    """The identity recorded in a finished run's model.pt (None when there is none or it cannot be read)."""
+    if not model_path.is_file():
+        return None
+    try:
+        extra = safe_torch_load(model_path).get("extra") or {}
+    except (DataError, AttributeError):
+        return None
+    return extra.get("run") if isinstance(extra, dict) else None
