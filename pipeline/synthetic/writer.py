@@ -47,7 +47,7 @@ from pipeline.errors import PipelineError
 from pipeline.formats.jpeg import encode_jpeg
 from pipeline.formats.recordio import write_face_recordio
 from pipeline.formats.verification_bin import write_verification_bin
-from pipeline.io import output_lock, temporary_name
+from pipeline.io import disk_full_is_one_line, output_lock, temporary_name
 from pipeline.settings import check, setting
 from pipeline.synthetic.identity import (
     FAMILY_SIZE,
@@ -250,7 +250,7 @@ def synthesize(out_dir: str | os.PathLike, config: SyntheticConfig | None = None
     args["difficulty"] = float(cfg.difficulty)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with output_lock(out_dir):
+    with output_lock(out_dir), disk_full_is_one_line(out_dir):
         return _synthesize(out_dir, cfg, args)
 
 
