@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers.processes import error_line
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -150,3 +151,25 @@ def test_without_histories_the_figures_say_so(evaluations):
     report = (evaluations / "report" / "report.md").read_text()
     assert "Training curves" not in report and "KD diagnostics" not in report
     assert (evaluations / "report" / "curves.png").is_file()  # a placeholder, so the declared outputs exist
+
+
+def test_a_baseline_that_names_no_student_is_refused(evaluations):
+    result = run_report(evaluations, "--baseline", "nosuch")
+    assert result.exit_code == 2 and not (evaluations / "report").exists()
+    assert error_line(result.output) == (f"error: --baseline 'nosuch': no evaluated student of that name in "
+                                         f"{evaluations / 'students'} (found baseline, ekd); name the no-KD run, "
+                                         "or give --baseline '' for a report without 'gap closed' columns")
+    result = run_report(evaluations, "--baseline", "")
+    assert result.exit_code == 0, result.output
+    assert "gap closed" not in (evaluations / "report" / "report.md").read_text()
+
+
+def test_reordered_thresholds_are_refused(evaluations):
+    path = evaluations / "thresholds.json"
+    document = json.loads(path.read_text())
+    document["1e-3"], document["1e-4"] = document["1e-4"], document["1e-3"]
+    path.write_text(json.dumps(document))
+    result = run_report(evaluations, "--thresholds", path)
+    assert result.exit_code == 2 and not (evaluations / "report").exists()
+    assert error_line(result.output).startswith(f"error: {path}: threshold at FPR 1e-4 (0.55) is below the one at "
+                                                "FPR 1e-3 (0.65); thresholds must not decrease as the FPR falls")

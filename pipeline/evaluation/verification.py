@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.devices import DEVICE_HELP
+from pipeline.devices import device_setting
 from pipeline.errors import DataError, PipelineError
 from pipeline.evaluation.metrics import (
     Roc,
@@ -191,7 +191,7 @@ class EvalConfig:
 
     arch: Optional[str] = setting(None, "Backbone of a plain state dict when it cannot be inferred.", choices=Arch)
     batch_size: int = setting(64, "Images per forward pass.", min=1)
-    device: str = setting("auto", DEVICE_HELP)
+    device: str = device_setting()
     flip: bool = setting(True, "Add the embedding of the mirrored image (flip TTA).")
     tpr_method: str = setting("nearest", "TPR@FPR read-out: 'nearest' (insightface IJB tables) or 'exact' (best "
                                          "TPR with FPR <= target).", choices=TprMethod)

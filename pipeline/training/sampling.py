@@ -50,6 +50,13 @@ class SamplerConfig:
             raise PipelineError("--margin-on general needs a balanced or pool sampler (random batches have no "
                                 "general part)")
 
+    def identity(self) -> dict:
+        """The settings that shape the batches (a resumed run must share them)."""
+        if self.sampler == SamplerKind.random:
+            return {"sampler": self.sampler}
+        return {"sampler": self.sampler, "balanced_batch_size": self.balanced_batch_size,
+                "per_identity": self.per_identity, "margin_on": self.margin_on}
+
     def margin_samples(self, general: int) -> int | None:
         """How many leading samples of each batch the margin loss sees (None = all)."""
         return general if self.margin_on == MarginOn.general else None
