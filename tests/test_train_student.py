@@ -30,7 +30,7 @@ from pipeline.models.loading import load_embedder
 from pipeline.models.model_file import load_model, safe_torch_load, save_model
 from pipeline.models.preprocess import to_tensor
 from pipeline.search.pools import load_pools
-from pipeline.training import samplers
+from pipeline.training import sampling
 from pipeline.training.data import FlipAugment
 from pipeline.training.loop import Distillation, TrainConfig, train
 from pipeline.training.samplers import BalancedBatchSampler
@@ -230,7 +230,7 @@ def test_cli_ekd_global_with_pools(world, pipeline_run, no_teacher, monkeypatch,
             seen["neighbours"] = kwargs["neighbours"]
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(samplers, "BalancedBatchSampler", SpySampler)
+    monkeypatch.setattr(sampling, "BalancedBatchSampler", SpySampler)  # the name the sampler factory calls
     out = pipeline_run["root"] / "ekd-global"
     queue = 1000  # larger than every embedding the run produces: the queue then counts them all
     result = cli(*student_args(world, out, "--cache", pipeline_run["cache"], "--pools", pipeline_run["pools"],
