@@ -11,6 +11,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import h5py
 import numpy as np
@@ -112,10 +113,25 @@ def _same(stored, expected) -> bool:
 
 
 def assemble(out: Path, shards: list[Shard], attrs: dict) -> None:
-    """Concatenate complete shards into a temporary file, mark it complete last, then rename it to `out`.
+    """Concatenate complete shards into the final cache (see `write_cache`), in shard order.
 
-    Always rebuilt from scratch in shard order with fixed (contiguous) layout and no timestamps, so the
-    bytes are identical whatever happened before.
+    Always rebuilt from scratch in shard order, so the bytes are identical whatever happened before.
+    """
+
+    def parts():
+        for shard in shards:
+            with h5py.File(shard.path, "r") as part:
+                yield shard.start, part["embeddings"][()], part["labels"][()], part["keys"][()]
+
+    write_cache(out, attrs, parts())
+
+
+def write_cache(out: Path, attrs: dict, parts: Iterable[tuple[int, np.ndarray, np.ndarray, np.ndarray]]) -> None:
+    """Write a teacher cache from `(start row, embeddings, labels, keys)` parts covering every row: into a
+    temporary file, attributes in their fixed order, `complete` last, then renamed to `out`.
+
+    `embeddings` is stored contiguous and uncompressed (the HDF5 default layout) with no timestamps: the same
+    parts give the same bytes, and the array can be memory-mapped at its file offset (`cache/mapped.py`).
     """
     rows, dim, dtype = int(attrs["rows"]), int(attrs["dim"]), attrs["dtype"]
     with atomic_path(out) as tmp:
@@ -125,11 +141,11 @@ def assemble(out: Path, shards: list[Shard], attrs: dict) -> None:
             )
             labels = handle.create_dataset("labels", shape=(rows,), dtype=np.int64, track_times=False)
             keys = handle.create_dataset("keys", shape=(rows,), dtype=np.int64, track_times=False)
-            for shard in shards:
-                with h5py.File(shard.path, "r") as part:
-                    embeddings[shard.start : shard.stop] = part["embeddings"][()]
-                    labels[shard.start : shard.stop] = part["labels"][()]
-                    keys[shard.start : shard.stop] = part["keys"][()]
+            for start, part_embeddings, part_labels, part_keys in parts:
+                stop = start + len(part_embeddings)
+                embeddings[start:stop] = part_embeddings
+                labels[start:stop] = part_labels
+                keys[start:stop] = part_keys
             write_attrs(handle, attrs)
             mark_complete(handle)
 
