@@ -4,17 +4,23 @@ One row per training image, in dataset order: `embeddings` (N, views, D) raw tea
 default) with views = (original, horizontally flipped), `labels` (N,) int64, `keys` (N,) int64, and
 attributes that say which teacher, which dataset and which preprocessing produced them. `complete=True` is
 written last, so a file without it is never trusted. The writer lives in `shards.py` / `build.py`.
+
+`embeddings` is written contiguous and uncompressed, so training processes map it at its file offset and
+share one copy per machine (`mapped.py`, `TeacherCache.to_torch`); chunked caches are read into RAM.
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import h5py
 import numpy as np
 
+from pipeline.cache.mapped import Layout, convert_hint, inspect_layout, map_embeddings
 from pipeline.errors import DataError, PipelineError
 from pipeline.io import open_artifact, refuse_mismatch
 from pipeline.settings import Choice
@@ -103,7 +109,8 @@ def _plain(value):
 class TeacherCache:
     """A validated, read-only teacher cache. Safe to pass to DataLoader workers (reopens per process).
 
-    Use `TeacherCache.open(path)`; `load_all()` keeps the whole array in RAM when it fits.
+    Use `TeacherCache.open(path)`; `to_torch()` gives the training targets (memory-mapped: one copy per
+    machine), `load_all()` keeps the whole array in this process's RAM when it fits.
     """
 
     def __init__(self, path: Path, attrs: dict):
@@ -114,6 +121,8 @@ class TeacherCache:
         self._handle: h5py.File | None = None
         self._pid: int | None = None
         self._memory: np.ndarray | None = None
+        self._mapped: np.ndarray | None = None
+        self.layout = Layout(None, "not inspected")
 
     # ------------------------------------------------------------------ opening and validation
     @classmethod
@@ -132,6 +141,7 @@ class TeacherCache:
             attrs = {name: _plain(handle.attrs[name]) for name in CONTRACT_ATTRS}
             cache = cls(path, attrs)
             cache._validate_shapes(handle)
+            cache.layout = inspect_layout(path, handle["embeddings"])
             cache.labels = handle["labels"][()].astype(np.int64, copy=False)
             cache.keys = handle["keys"][()].astype(np.int64, copy=False)
         return cache
@@ -193,7 +203,7 @@ class TeacherCache:
     def _embeddings_dataset(self) -> h5py.Dataset:
         """The HDF5 dataset, opened once per process (h5py handles must not cross a fork)."""
         if self._handle is None or self._pid != os.getpid():
-            self._handle = h5py.File(self.path, "r")
+            self._handle = open_artifact(self.path, "teacher cache", "extract-teacher")
             self._pid = os.getpid()
         return self._handle["embeddings"]
 
@@ -205,13 +215,13 @@ class TeacherCache:
     def __getstate__(self) -> dict:
         # Workers reopen the file themselves; the RAM copy is not shipped to them either.
         state = self.__dict__.copy()
-        state.update(_handle=None, _pid=None, _memory=None)
+        state.update(_handle=None, _pid=None, _memory=None, _mapped=None)
         return state
 
     def _read_sorted(self, rows: np.ndarray) -> np.ndarray:
         """Stored rows for sorted unique indices: one slab when they are dense, batched point reads otherwise."""
-        if self._memory is not None:
-            return self._memory[rows]
+        if self._memory is not None or self._mapped is not None:
+            return (self._memory if self._memory is not None else self._mapped)[rows]
         dataset = self._embeddings_dataset()
         if rows.size == 0:
             return np.empty((0,) + dataset.shape[1:], dataset.dtype)
@@ -220,6 +230,12 @@ class TeacherCache:
             return dataset[first : last + 1][rows - first]
         parts = [dataset[rows[i : i + 4096]] for i in range(0, rows.size, 4096)]
         return np.concatenate(parts)
+
+    def stored_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of every view in the stored dtype (a streaming read; a copy)."""
+        if self._memory is not None or self._mapped is not None:
+            return np.array((self._memory if self._memory is not None else self._mapped)[start:stop])
+        return self._embeddings_dataset()[start:stop]
 
     def embeddings(
         self,
@@ -263,10 +279,44 @@ class TeacherCache:
         self._memory = memory
         return True
 
-    def to_torch(self, views: Sequence[int] = (0, 1), max_bytes: int | None = None):
-        """The whole cache as a torch tensor (N, len(views), D) in the stored dtype (training targets)."""
+    @property
+    def shareable(self) -> bool:
+        """True when the embeddings can be memory-mapped (contiguous, uncompressed: what extract-teacher writes)."""
+        return self.layout.mappable
+
+    def mapped(self) -> np.ndarray:
+        """The stored (N, views, D) array memory-mapped read-only at its file offset: every process mapping it
+        reads the same page-cache pages (one copy per machine). PipelineError when it cannot be mapped."""
+        if self._mapped is None:
+            if not self.shareable:
+                raise PipelineError(f"{self.path}: embeddings are {self.layout.reason} and cannot be memory-mapped; "
+                                    f"{convert_hint(self.path)}")
+            shape = (len(self), self.views, self.dim)
+            self._mapped = map_embeddings(self.path, self.layout.offset, shape, self.dtype, self._read_hdf5_rows)
+        return self._mapped
+
+    def _read_hdf5_rows(self, rows: np.ndarray) -> np.ndarray:
+        return self._embeddings_dataset()[rows]
+
+    def to_torch(self, views: Sequence[int] = (0, 1), max_bytes: int | None = None, shared: bool = True,
+                 log: Callable[[str], None] | None = None):
+        """The whole cache as a torch tensor (N, len(views), D) in the stored dtype (training targets).
+
+        `shared` with every view of a contiguous cache: the memory-mapped array (`mapped()`), read-only, one
+        copy per machine whatever the number of processes. Otherwise (a subset of views, `shared=False`, or a
+        chunked cache, which `log` reports with the way to convert it) the array is read into this process's
+        RAM, refused when larger than `max_bytes` (default: half the available memory).
+        """
         import torch
 
+        every_view = list(views) == list(range(self.views))
+        if shared and every_view and self.shareable:
+            with warnings.catch_warnings():  # read-only on purpose: the targets are looked up, never written
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                return torch.from_numpy(self.mapped())
+        if shared and every_view:
+            (log or _to_stderr)(f"{self.path}: embeddings are {self.layout.reason}, so each process reads its own "
+                                f"copy into RAM; {convert_hint(self.path)}")
         if not self.load_all(max_bytes=max_bytes):
             raise PipelineError(
                 f"{self.path}: the teacher cache ({self.nbytes() / 2**30:.1f} GiB) does not fit in memory"
@@ -298,8 +348,14 @@ class TeacherCache:
             "dataset": {"fingerprint": self.dataset_fingerprint},
             "preprocessing": self.preprocessing,
             "format_version": self.attrs["format_version"],
+            "layout": ({"memory_mapped": True, "offset": self.layout.offset} if self.shareable else
+                       {"memory_mapped": False, "reason": self.layout.reason, "convert": convert_hint(self.path)}),
             "norms": {"sampled_rows": int(rows.size), **stats},
         }
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _available_memory() -> int:
