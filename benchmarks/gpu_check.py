@@ -12,9 +12,11 @@ falls back to another path (never a silent CPU fallback), 2 when there is no CUD
    similarity is exact in float32, so thresholds and top negative pairs must be identical; on real-valued
    embeddings the differences (float32 rounding of single products) are reported and bounded.
 3. training (`TrainStep`, `benchmarks/train_step.py`'s pieces): an mbf student at 112x112, batch 256, under
-   AMP: plain step, EKD on cached targets, EKD with an r50 teacher run online; ratios cached/plain and
-   cached/online (median over rounds of the within-round ratio), checking that AMP and channels-last are on.
-Peak GPU memory (torch's allocator; faiss allocates outside it) of every part.
+   AMP: plain step, EKD on cached targets, EKD with an r50 teacher run online (also in fp16 autocast); ratios
+   cached/plain and cached/online (median over rounds of the within-round ratio), checking that the student's
+   and the teacher's convolutions run in fp16 on channels-last tensors.
+Peak GPU memory (torch's allocator; faiss allocates outside it) of every part; for the training steps, the
+peak during each variant's steps (the other variants' resident weights included).
 
     python benchmarks/gpu_check.py                       # on a CUDA machine
     python benchmarks/gpu_check.py --device cpu --tiny   # the same code paths on CPU at toy sizes:
