@@ -12,7 +12,7 @@ from helpers.processes import start_worker
 from helpers.training import (
     EMBEDDING_DIM,
     TINY_MBF,
-    ekd_reference_distillation,
+    ekd_distillation,
     tiny_config,
 )
 
@@ -28,6 +28,7 @@ from pipeline.training.data import FaceDataset
 from pipeline.training.distill import CachedTargets
 from pipeline.training.live import truncate_history
 from pipeline.training.samplers import ShuffledBatchSampler
+from pipeline.training.sampling import SamplerConfig
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,9 @@ RESUME_CASES = {
     "margin-ekd-reference": (dict(), {}),
     # two terms with gradient-ratio weights (running norms in buffers), a KD warm-up, per-epoch evaluation
     "l2-ekd-grad-ratio-monitor": (dict(log_every=2), {"scale": "grad-ratio", "warmup_epochs": 1.5, "l2": 0.5}),
+    # global EKD: the student queue (a ring buffer that wraps within an epoch); the official balanced sampler
+    # (a mid-epoch resume draws its first batches again and drops them) with the margin on the general part
+    "ekd-global-queue-balanced-sampler": (dict(log_every=3), {"mode": "global", "balanced": True}),
 }
 
 
@@ -64,41 +68,95 @@ def monitor_folder(root):
     return root
 
 
+class Crash(Exception):
+    """Stands for the death of the process at the start of an optimiser step."""
+
+
+REAL_STEP = training_step.TrainStep.step
+
+
+def _record_steps(monkeypatch, crash_before: int | None = None) -> list:
+    """Record (step, indices, flips) of every optimiser step `train` runs; with `crash_before`, raise Crash
+    instead of running that step (0-based, counted over the whole run)."""
+    seen = []
+
+    def step(self, images, labels, indices, flips, **kwargs):
+        done = self.scheduler.last_epoch
+        if done == crash_before:
+            raise Crash()
+        seen.append((done, indices.tolist(), flips.tolist()))
+        return REAL_STEP(self, images, labels, indices, flips, **kwargs)
+
+    monkeypatch.setattr(training_step.TrainStep, "step", step)
+    return seen
+
+
+def _assert_same_run(got, want, summary_history=None, want_history=None):
+    """model.pt, the final checkpoint (head, KD buffers) and the DVCLive history (timings aside) equal."""
+    _assert_same_tensors(_weights(got), _weights(want))
+    states = [safe_torch_load(run_dir / "checkpoint.pt") for run_dir in (got, want)]
+    _assert_same_tensors(states[0]["trainee"], states[1]["trainee"])  # the head too
+    for got_state, want_state in zip(states[0]["extra_modules"], states[1]["extra_modules"], strict=True):
+        _assert_same_tensors(got_state, want_state)
+    histories = [read_history(run_dir / "dvclive") for run_dir in (got, want)]
+    untimed = [{k: v for k, v in h.items() if "images_per_s" not in k} for h in histories]
+    assert untimed[0] == untimed[1] and "train/loss" in untimed[0] and "epoch/loss" in untimed[0]
+    return states[1], untimed[1]
+
+
 @pytest.mark.parametrize("case", RESUME_CASES)
-def test_resume_reproduces_the_uninterrupted_run_exactly(faces, tmp_path, case):
+def test_resume_reproduces_the_uninterrupted_run_exactly(faces, tmp_path, case, monkeypatch):
+    """Resumed at an epoch boundary, or from a checkpoint in the middle of an epoch by a run that died
+    later in that epoch, training ends with the uninterrupted run's weights, KD state and history."""
     overrides, kd = RESUME_CASES[case]
     if kd and "l2" in kd:
         overrides = {**overrides, "monitor": monitor_folder(tmp_path)}
+    sampling = {}
+    if kd and kd.get("balanced"):
+        sampler = SamplerConfig(sampler="balanced", balanced_batch_size=8, per_identity=4, margin_on="general")
+        sampling = dict(batch_sampler_factory=sampler.factory(faces.labels, 8, seed=0), margin_samples=8)
 
     def run(out, **more):
         distill = None
         if kd is not None:  # a fresh loss, as in a new process
-            distill = ekd_reference_distillation(len(faces), l2_weight=kd.get("l2"), scale=kd.get("scale", "weight"),
-                                                 warmup_epochs=kd.get("warmup_epochs", 0.0))
-        return training.train(tiny_config(out, **overrides, **more), faces, faces.num_classes, distill)
+            distill = ekd_distillation(len(faces), l2_weight=kd.get("l2"), scale=kd.get("scale", "weight"),
+                                       warmup_epochs=kd.get("warmup_epochs", 0.0), mode=kd.get("mode", "reference"))
+        return training.train(tiny_config(out, **overrides, **more), faces, faces.num_classes, distill, **sampling)
 
-    straight = run(tmp_path / "straight")
+    steps = _record_steps(monkeypatch)
+    straight = run(tmp_path / "straight")  # no checkpoint inside an epoch
+    straight_steps = list(steps)
+    assert [s[0] for s in straight_steps] == list(range(12))  # 2 epochs of 6 steps
+
     first = run(tmp_path / "resumed", stop_after_epochs=1)
     assert first["epochs_done"] == 1 and not first["finished"]
     assert not (tmp_path / "resumed" / "model.pt").exists()  # nothing that looks finished
     second = run(tmp_path / "resumed")
     assert second["epochs_done"] == 2 and second["finished"] and len(second["history"]) == 1
     assert second["history"][0]["loss"] == straight["history"][1]["loss"]
-    _assert_same_tensors(_weights(tmp_path / "resumed"), _weights(tmp_path / "straight"))
-    states = [safe_torch_load(tmp_path / run_dir / "checkpoint.pt") for run_dir in ("resumed", "straight")]
-    _assert_same_tensors(states[0]["trainee"], states[1]["trainee"])  # the head too
-    for got, want in zip(states[0]["extra_modules"], states[1]["extra_modules"]):
-        _assert_same_tensors(got, want)
+    final_state, history = _assert_same_run(tmp_path / "resumed", tmp_path / "straight")
     if kd is not None:
-        ekd_state = next(s for s in states[1]["extra_modules"] if "ema_student_thresholds" in s)
-        assert ekd_state["ema_student_thresholds"].abs().sum() > 0
-    # the DVCLive history continues across the resume: equal to the uninterrupted run's (timings aside)
-    histories = [read_history(tmp_path / run_dir / "dvclive") for run_dir in ("resumed", "straight")]
-    untimed = [{k: v for k, v in h.items() if "images_per_s" not in k} for h in histories]
-    assert untimed[0] == untimed[1] and "train/loss" in untimed[0] and "epoch/loss" in untimed[0]
+        ekd_state = next(s for s in final_state["extra_modules"] if "ema_student_thresholds" in s or "queue.ptr" in s)
+        assert ekd_state.get("ema_student_thresholds", ekd_state.get("queue.embeddings")).abs().sum() > 0
     if kd and "l2" in kd:
-        assert "eval/check/accuracy" in untimed[0] and "kd/grad_ratio_ekd" in untimed[0]
-        assert states[1]["extra_modules"][-1]["updates"] == 12  # the balance updated every step
+        assert "eval/check/accuracy" in history and "kd/grad_ratio_ekd" in history
+        assert final_state["extra_modules"][-1]["updates"] == 12  # the balance updated every step
+
+    # checkpoints every 4 steps; the process dies before step 5, in epoch 1 (checkpoint after step 4)
+    mid = tmp_path / "mid-epoch"
+    steps = _record_steps(monkeypatch, crash_before=5)
+    with pytest.raises(Crash):
+        run(mid, checkpoint_every=4)
+    state = safe_torch_load(mid / "checkpoint.pt")
+    assert (state["epochs_done"], state["epoch_steps"], state["world_size"]) == (0, 4, 1)
+    steps = _record_steps(monkeypatch)
+    third = run(mid, checkpoint_every=4)
+    assert third["finished"] and [s[0] for s in steps] == list(range(4, 12))
+    assert steps == straight_steps[4:]  # the same batches and flips from the resume point on
+    # the resumed epoch's means cover all its steps, the 4 of the dead run too
+    assert [h["loss"] for h in third["history"]] == [h["loss"] for h in straight["history"]]
+    assert [h["kd_loss"] for h in third["history"]] == [h["kd_loss"] for h in straight["history"]]
+    _assert_same_run(mid, tmp_path / "straight")
 
 
 def test_a_killed_run_leaves_no_stray_history_on_resume(tmp_path):

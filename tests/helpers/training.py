@@ -30,15 +30,17 @@ def tiny_config(out_dir: Path, **overrides) -> training.TrainConfig:
     return training.TrainConfig(**knobs)
 
 
-def ekd_reference_distillation(num_images: int, views_differ: bool = True, seed: int = 0,
-                               l2_weight: float | None = None, **kwargs) -> training.Distillation:
-    """Reference-mode EKD (EMA threshold buffers) against random (N, 2, EMBEDDING_DIM) teacher targets;
-    with `l2_weight`, feature L2 as a first term (the l2+ekd combination)."""
+def ekd_distillation(num_images: int, views_differ: bool = True, seed: int = 0, l2_weight: float | None = None,
+                     mode: str = "reference", **kwargs) -> training.Distillation:
+    """EKD against random (N, 2, EMBEDDING_DIM) teacher targets: reference mode (EMA threshold buffers) or
+    global mode (fixed teacher thresholds, a 24-row queue of recent student embeddings that wraps within an
+    epoch); with `l2_weight`, feature L2 as a first term (the l2+ekd combination)."""
     g = torch.Generator().manual_seed(seed)
     targets = torch.randn(num_images, 2, EMBEDDING_DIM, generator=g)
     if not views_differ:
         targets[:, 1] = targets[:, 0]
-    loss = build_kd_loss("ekd", mode="reference", anchors=(2, 5, 20), topk=8, temperature=0.05, momentum=0.5)
+    options = {"momentum": 0.5} if mode == "reference" else {"teacher_thresholds": [0.1, 0.4, 0.7], "queue_size": 24}
+    loss = build_kd_loss("ekd", mode=mode, anchors=(2, 5, 20), topk=8, temperature=0.05, **options)
     if l2_weight is None:
         return training.Distillation(loss=loss, targets=targets, **kwargs)
     terms = [KDTerm("l2", build_kd_loss("l2"), l2_weight), KDTerm("ekd", loss, 1.0)]
@@ -76,7 +78,7 @@ def train_linear_on_mirrored(out_dir: Path, global_batch: int = 8, kd: bool = Tr
     over all ranks; returns the trained parameters."""
     source = MirroredFaces()
     cfg = tiny_config(out_dir, batch_size=global_batch // ddp.world_size(), epochs=1, warmup_epochs=0.0)
-    distill = ekd_reference_distillation(len(source), views_differ=False) if kd else None
+    distill = ekd_distillation(len(source), views_differ=False) if kd else None
     with capture_trainees(linear_backbone) as built:
         training.train(cfg, source, source.num_classes, distill)
     return {k: v.detach().clone() for k, v in built[0].named_parameters()}
