@@ -151,20 +151,21 @@ def load_train_state(path: Path, trainee, optimizer, scheduler, scaler, extra_mo
 
 
 def _own_row(rows: torch.Tensor) -> torch.Tensor:
-    """This rank's row of a (world_size, ...) checkpoint entry; rank 0's when the run has another number of
-    processes (only at an epoch boundary)."""
-    return rows[ddp.rank()] if rows.shape[0] == ddp.world_size() else rows[0]
+    """This rank's row of a (world_size, ...) checkpoint entry (rank 0's when the run has another number of
+    processes: only at an epoch boundary), as a tensor of its own: torch.set_rng_state reads a view of a
+    row at the wrong place (and crashes)."""
+    return (rows[ddp.rank()] if rows.shape[0] == ddp.world_size() else rows[0]).clone()
 
 
 def _restore_rng(state: dict, device: torch.device) -> None:
     """This rank's torch RNG states (older checkpoints hold one CPU state and all CUDA states of rank 0)."""
     cpu = state["torch_rng"]
-    torch.set_rng_state(cpu if cpu.dim() == 1 else _own_row(cpu).contiguous())
+    torch.set_rng_state(cpu if cpu.dim() == 1 else _own_row(cpu))
     cuda = state.get("cuda_rng")
     if cuda is None or not torch.cuda.is_available():
         return
     if isinstance(cuda, torch.Tensor) and device.type == "cuda":
-        torch.cuda.set_rng_state(_own_row(cuda).contiguous(), device)
+        torch.cuda.set_rng_state(_own_row(cuda), device)
     elif isinstance(cuda, (list, tuple)):
         torch.cuda.set_rng_state_all(cuda)
 
