@@ -1,17 +1,17 @@
 """The training loop on CPU: exact resume, determinism, refused resumes, flips reaching model and targets,
 margin_samples. (The DDP run is in test_training_ddp.py.)"""
 import json
-import signal
-import time
 
 import numpy as np
 import pytest
 import torch
 from helpers.data import FACE_SIZE
-from helpers.processes import start_worker
+from helpers.processes import kill_tree, start_worker, wait_for_line
 from helpers.training import (
     EMBEDDING_DIM,
     TINY_MBF,
+    assert_same_run,
+    assert_same_tensors,
     ekd_distillation,
     tiny_config,
 )
@@ -39,12 +39,6 @@ def faces(random_faces):
 
 def _weights(run_dir):
     return safe_torch_load(run_dir / "model.pt")["state_dict"]
-
-
-def _assert_same_tensors(got: dict, want: dict):
-    assert got.keys() == want.keys()
-    for key in want:
-        assert torch.equal(got[key], want[key]), key
 
 
 RESUME_CASES = {
@@ -91,19 +85,6 @@ def _record_steps(monkeypatch, crash_before: int | None = None) -> list:
     return seen
 
 
-def _assert_same_run(got, want, summary_history=None, want_history=None):
-    """model.pt, the final checkpoint (head, KD buffers) and the DVCLive history (timings aside) equal."""
-    _assert_same_tensors(_weights(got), _weights(want))
-    states = [safe_torch_load(run_dir / "checkpoint.pt") for run_dir in (got, want)]
-    _assert_same_tensors(states[0]["trainee"], states[1]["trainee"])  # the head too
-    for got_state, want_state in zip(states[0]["extra_modules"], states[1]["extra_modules"], strict=True):
-        _assert_same_tensors(got_state, want_state)
-    histories = [read_history(run_dir / "dvclive") for run_dir in (got, want)]
-    untimed = [{k: v for k, v in h.items() if "images_per_s" not in k} for h in histories]
-    assert untimed[0] == untimed[1] and "train/loss" in untimed[0] and "epoch/loss" in untimed[0]
-    return states[1], untimed[1]
-
-
 @pytest.mark.parametrize("case", RESUME_CASES)
 def test_resume_reproduces_the_uninterrupted_run_exactly(faces, tmp_path, case, monkeypatch):
     """Resumed at an epoch boundary, or from a checkpoint in the middle of an epoch by a run that died
@@ -134,7 +115,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(faces, tmp_path, case, 
     second = run(tmp_path / "resumed")
     assert second["epochs_done"] == 2 and second["finished"] and len(second["history"]) == 1
     assert second["history"][0]["loss"] == straight["history"][1]["loss"]
-    final_state, history = _assert_same_run(tmp_path / "resumed", tmp_path / "straight")
+    final_state, history = assert_same_run(tmp_path / "resumed", tmp_path / "straight")
     if kd is not None:
         ekd_state = next(s for s in final_state["extra_modules"] if "ema_student_thresholds" in s or "queue.ptr" in s)
         assert ekd_state.get("ema_student_thresholds", ekd_state.get("queue.embeddings")).abs().sum() > 0
@@ -156,7 +137,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(faces, tmp_path, case, 
     # the resumed epoch's means cover all its steps, the 4 of the dead run too
     assert [h["loss"] for h in third["history"]] == [h["loss"] for h in straight["history"]]
     assert [h["kd_loss"] for h in third["history"]] == [h["kd_loss"] for h in straight["history"]]
-    _assert_same_run(mid, tmp_path / "straight")
+    assert_same_run(mid, tmp_path / "straight")
 
 
 def test_a_killed_run_leaves_no_stray_history_on_resume(tmp_path):
@@ -186,29 +167,55 @@ def _logged_steps(tsv) -> list[int]:
     return [int(line.split("\t")[0]) for line in lines if "\t" in line]
 
 
-def test_dvclive_history_is_continuous_across_a_sigkill(random_faces, tmp_path, cli):
-    """A run SIGKILLed in the middle of epoch 2 (after logging some of its steps) and rerun ends with the
-    history of the uninterrupted run: epoch 1 kept, the killed epoch's rows replaced, nothing lost."""
-    args = ["train-teacher", "--data", random_faces, "--arch", "mbf", "--width", 0.125, "--embedding-size", 16,
-            "--epochs", 3, "--batch-size", 8, "--lr", 0.05, "--workers", 0, "--device", "cpu", "--log-every", 1]
-    assert cli(*args, "--out", tmp_path / "straight").exit_code == 0
-    out = tmp_path / "killed"
-    losses = out / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv"
-    process = start_worker("slow_train", 0.2, *args, "--out", out)
-    deadline = time.monotonic() + 120
-    while not ((out / "checkpoint.pt").exists() and max(_logged_steps(losses), default=0) >= 7):  # epoch 2: 6..11
-        assert process.poll() is None, process.stderr.read()[-2000:]
-        assert time.monotonic() < deadline, "the run never reached epoch 2"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (out / "model.pt").exists() and max(_logged_steps(losses)) >= 7  # rows past the checkpoint
-    result = cli(*args, "--out", out)
+def teacher_args(data) -> list:
+    """train-teacher of the tiny MobileFaceNet with partial FC: 3 epochs of 6 steps, every step logged."""
+    return ["train-teacher", "--data", data, "--arch", "mbf", "--width", 0.125, "--embedding-size", 16, "--epochs", 3,
+            "--batch-size", 8, "--lr", 0.05, "--sample-rate", 0.5, "--workers", 0, "--device", "cpu", "--log-every", 1]
+
+
+@pytest.fixture(scope="module")
+def straight_teacher(random_faces, tmp_path_factory, cli):
+    """The uninterrupted run of `teacher_args` (checkpoints at epoch ends only)."""
+    out = tmp_path_factory.mktemp("straight-teacher")
+    result = cli(*teacher_args(random_faces), "--out", out)
     assert result.exit_code == 0, result.output
-    histories = [read_history(run / "dvclive") for run in (out, tmp_path / "straight")]
-    untimed = [{k: v for k, v in h.items() if "images_per_s" not in k} for h in histories]
-    assert untimed[0] == untimed[1]
-    assert untimed[0]["epoch/loss"][0] == [5, 11, 17] and untimed[0]["train/loss"][0] == list(range(18))
+    return out
+
+
+KILLS = {  # extra options, where the run is held and SIGKILLed, the resume point (epochs done, steps into the next)
+    # checkpoints at epoch ends only; killed before step 8 (steps 6 and 7 of epoch 2 logged): resumes at step 6
+    "epoch-end": ([], "step:8", (1, 0)),
+    # a checkpoint every 4 steps, a DataLoader worker; killed before step 10: resumes at step 8, inside epoch 2
+    "mid-epoch": (["--checkpoint-every", 4, "--workers", 1], "step:10", (1, 2)),
+    # a checkpoint every 2 steps; killed while writing step 10's: resumes from step 8's, the torn file removed
+    "mid-checkpoint-write": (["--checkpoint-every", 2], "checkpoint:5", (1, 2)),
+}
+
+
+@pytest.mark.parametrize("kill", KILLS)
+def test_a_sigkilled_run_resumes_to_the_uninterrupted_result(random_faces, straight_teacher, tmp_path, cli, kill):
+    """A run SIGKILLed in the middle of epoch 2, or while writing a checkpoint, and rerun ends with the
+    uninterrupted run's model.pt (bit for bit), final checkpoint and DVCLive history (timings aside): the rows
+    logged after the last checkpoint replaced, nothing lost or repeated."""
+    options, where, resume_point = KILLS[kill]
+    out = tmp_path / "killed"
+    args = [*teacher_args(random_faces), *options, "--out", out]
+    process = start_worker("slow_train", 0, "--hold", where, *args)
+    try:
+        wait_for_line(process, "holding", timeout=120)
+    finally:
+        kill_tree(process)
+    assert not (out / "model.pt").exists()
+    state = safe_torch_load(out / "checkpoint.pt")
+    assert (state["epochs_done"], state["epoch_steps"]) == resume_point
+    logged = _logged_steps(out / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv")
+    assert max(logged) >= resume_point[0] * 6 + resume_point[1]  # rows past the checkpoint, to be replaced
+    assert len(list(out.glob("checkpoint.pt.tmp-*"))) == (kill == "mid-checkpoint-write")  # the torn write
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    assert not list(out.rglob("*.tmp-*"))
+    _, history = assert_same_run(out, straight_teacher)
+    assert history["epoch/loss"][0] == [5, 11, 17] and history["train/loss"][0] == list(range(18))
 
 
 def test_same_seed_same_weights_other_seed_other_weights(faces, tmp_path):
@@ -217,7 +224,7 @@ def test_same_seed_same_weights_other_seed_other_weights(faces, tmp_path):
         return _weights(tmp_path / name)
 
     first, again, other = run("a", 0), run("b", 0), run("c", 1)
-    _assert_same_tensors(again, first)
+    assert_same_tensors(again, first)
     assert any(not torch.equal(other[k], first[k]) for k in first if other[k].is_floating_point())
 
 
