@@ -243,6 +243,26 @@ def test_resume_with_changed_settings_is_refused(faces, tmp_path):
     assert summary["epochs_done"] == 2 and summary["finished"]
 
 
+def test_a_mid_epoch_checkpoint_resumes_only_with_its_settings_and_process_count(faces, tmp_path, monkeypatch):
+    _record_steps(monkeypatch, crash_before=5)
+    with pytest.raises(Crash):
+        training.train(tiny_config(tmp_path, checkpoint_every=4), faces, faces.num_classes)
+    monkeypatch.undo()
+    path = tmp_path / "checkpoint.pt"
+    with pytest.raises(PipelineError, match=r"different settings: lr 0.1 -> 0.2; "):
+        training.train(tiny_config(tmp_path, lr=0.2), faces, faces.num_classes)
+    state = torch.load(path, weights_only=True)
+    assert (state["epochs_done"], state["epoch_steps"]) == (0, 4)
+    torch.save({**state, "world_size": 2, "steps_per_epoch": 3}, path)  # as a 2-rank run would have written it
+    with pytest.raises(PipelineError, match=r"different settings: steps_per_epoch 3 -> 6, world_size 2 -> 1 \(it "
+                                            r"stopped after step 4 of epoch 1\); rerun with its settings"):
+        training.train(tiny_config(tmp_path), faces, faces.num_classes)
+    torch.save(state, path)
+    # --checkpoint-every, like the run-length and machine knobs, may change
+    summary = training.train(tiny_config(tmp_path, checkpoint_every=5, workers=1), faces, faces.num_classes)
+    assert summary["finished"] and len(summary["history"]) == 2
+
+
 def test_torn_checkpoint_is_refused(faces, tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(PipelineError, match="checkpoint.pt: cannot read training checkpoint"):
