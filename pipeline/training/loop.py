@@ -122,9 +122,9 @@ def _train(cfg, out, device, source, num_classes, distill, batch_sampler_factory
             save_train_state(state_path, trainer.trainee, trainer.optimizer, trainer.scheduler, trainer.scaler,
                              trainer.extra_modules, identity, ranks, epochs_done, progress.steps, steps_per_epoch)
 
-    def inside_epoch(epoch: int, progress: EpochProgress) -> None:
-        """After each step (and its logs): the checkpoint every `checkpoint_every` steps, but at epoch ends,
-        which come after the epoch's logs."""
+    def checkpoint_inside_epoch(epoch: int, progress: EpochProgress) -> None:
+        """After each step and its logs: the checkpoint of every `checkpoint_every`-th step, except at the
+        epoch's end, whose checkpoint comes after the epoch's logs."""
         steps_done = trainer.scheduler.last_epoch
         if cfg.checkpoint_every and steps_done % cfg.checkpoint_every == 0 and progress.steps < steps_per_epoch:
             checkpoint(epoch, progress)
@@ -137,7 +137,7 @@ def _train(cfg, out, device, source, num_classes, distill, batch_sampler_factory
         trainer.model.train()
         stats = run_epoch(trainer, loader, epoch, cfg.epochs, show_progress=rank == 0, log=log,
                           log_every=cfg.log_every, progress=progress,
-                          after_step=functools.partial(inside_epoch, epoch))
+                          after_step=functools.partial(checkpoint_inside_epoch, epoch))
         history.append(stats)
         if rank == 0:
             print(f"epoch {epoch + 1}/{cfg.epochs}: loss {stats['loss']:.4f} (margin {stats['margin_loss']:.4f}, "

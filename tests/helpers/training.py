@@ -1,6 +1,6 @@
 """Training helpers: tiny configs, distillation against random teacher targets, trainee capture, the comparison of
-two finished runs, and two small reference trainings (a linear backbone on mirrored faces; a linear student under a KD loss) that the DDP
-tests also run as one rank of a process group."""
+two finished runs, and two small reference trainings (a linear backbone on mirrored faces; a linear student
+under a KD loss) that the DDP tests also run as one rank of a process group."""
 from __future__ import annotations
 
 import contextlib
