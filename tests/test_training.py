@@ -1,18 +1,18 @@
 """The training loop on CPU: exact resume, determinism, refused resumes, flips reaching model and targets,
 margin_samples. (The DDP run is in test_training_ddp.py.)"""
 import json
-import signal
-import time
 
 import numpy as np
 import pytest
 import torch
 from helpers.data import FACE_SIZE
-from helpers.processes import start_worker
+from helpers.processes import kill_tree, start_worker, wait_for_line
 from helpers.training import (
     EMBEDDING_DIM,
     TINY_MBF,
-    ekd_reference_distillation,
+    assert_same_run,
+    assert_same_tensors,
+    ekd_distillation,
     tiny_config,
 )
 
@@ -28,6 +28,7 @@ from pipeline.training.data import FaceDataset
 from pipeline.training.distill import CachedTargets
 from pipeline.training.live import truncate_history
 from pipeline.training.samplers import ShuffledBatchSampler
+from pipeline.training.sampling import SamplerConfig
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +41,6 @@ def _weights(run_dir):
     return safe_torch_load(run_dir / "model.pt")["state_dict"]
 
 
-def _assert_same_tensors(got: dict, want: dict):
-    assert got.keys() == want.keys()
-    for key in want:
-        assert torch.equal(got[key], want[key]), key
-
-
 RESUME_CASES = {
     # partial FC draws classes from the global torch RNG; a DataLoader worker must not shift that stream
     "margin-partial-fc-worker": (dict(sample_rate=0.5, workers=1), None),
@@ -53,6 +48,9 @@ RESUME_CASES = {
     "margin-ekd-reference": (dict(), {}),
     # two terms with gradient-ratio weights (running norms in buffers), a KD warm-up, per-epoch evaluation
     "l2-ekd-grad-ratio-monitor": (dict(log_every=2), {"scale": "grad-ratio", "warmup_epochs": 1.5, "l2": 0.5}),
+    # global EKD: the student queue (a ring buffer that wraps within an epoch); the official balanced sampler
+    # (a mid-epoch resume draws its first batches again and drops them) with the margin on the general part
+    "ekd-global-queue-balanced-sampler": (dict(log_every=3), {"mode": "global", "balanced": True}),
 }
 
 
@@ -64,41 +62,82 @@ def monitor_folder(root):
     return root
 
 
+class Crash(Exception):
+    """Stands for the death of the process at the start of an optimiser step."""
+
+
+REAL_STEP = training_step.TrainStep.step
+
+
+def _record_steps(monkeypatch, crash_before: int | None = None) -> list:
+    """Record (step, indices, flips) of every optimiser step `train` runs; with `crash_before`, raise Crash
+    instead of running that step (0-based, counted over the whole run)."""
+    seen = []
+
+    def step(self, images, labels, indices, flips, **kwargs):
+        done = self.scheduler.last_epoch
+        if done == crash_before:
+            raise Crash()
+        seen.append((done, indices.tolist(), flips.tolist()))
+        return REAL_STEP(self, images, labels, indices, flips, **kwargs)
+
+    monkeypatch.setattr(training_step.TrainStep, "step", step)
+    return seen
+
+
 @pytest.mark.parametrize("case", RESUME_CASES)
-def test_resume_reproduces_the_uninterrupted_run_exactly(faces, tmp_path, case):
+def test_resume_reproduces_the_uninterrupted_run_exactly(faces, tmp_path, case, monkeypatch):
+    """Resumed at an epoch boundary, or from a checkpoint in the middle of an epoch by a run that died
+    later in that epoch, training ends with the uninterrupted run's weights, KD state and history."""
     overrides, kd = RESUME_CASES[case]
     if kd and "l2" in kd:
         overrides = {**overrides, "monitor": monitor_folder(tmp_path)}
+    sampling = {}
+    if kd and kd.get("balanced"):
+        sampler = SamplerConfig(sampler="balanced", balanced_batch_size=8, per_identity=4, margin_on="general")
+        sampling = dict(batch_sampler_factory=sampler.factory(faces.labels, 8, seed=0), margin_samples=8)
 
     def run(out, **more):
         distill = None
         if kd is not None:  # a fresh loss, as in a new process
-            distill = ekd_reference_distillation(len(faces), l2_weight=kd.get("l2"), scale=kd.get("scale", "weight"),
-                                                 warmup_epochs=kd.get("warmup_epochs", 0.0))
-        return training.train(tiny_config(out, **overrides, **more), faces, faces.num_classes, distill)
+            distill = ekd_distillation(len(faces), l2_weight=kd.get("l2"), scale=kd.get("scale", "weight"),
+                                       warmup_epochs=kd.get("warmup_epochs", 0.0), mode=kd.get("mode", "reference"))
+        return training.train(tiny_config(out, **overrides, **more), faces, faces.num_classes, distill, **sampling)
 
-    straight = run(tmp_path / "straight")
+    steps = _record_steps(monkeypatch)
+    straight = run(tmp_path / "straight")  # no checkpoint inside an epoch
+    straight_steps = list(steps)
+    assert [s[0] for s in straight_steps] == list(range(12))  # 2 epochs of 6 steps
+
     first = run(tmp_path / "resumed", stop_after_epochs=1)
     assert first["epochs_done"] == 1 and not first["finished"]
     assert not (tmp_path / "resumed" / "model.pt").exists()  # nothing that looks finished
     second = run(tmp_path / "resumed")
     assert second["epochs_done"] == 2 and second["finished"] and len(second["history"]) == 1
     assert second["history"][0]["loss"] == straight["history"][1]["loss"]
-    _assert_same_tensors(_weights(tmp_path / "resumed"), _weights(tmp_path / "straight"))
-    states = [safe_torch_load(tmp_path / run_dir / "checkpoint.pt") for run_dir in ("resumed", "straight")]
-    _assert_same_tensors(states[0]["trainee"], states[1]["trainee"])  # the head too
-    for got, want in zip(states[0]["extra_modules"], states[1]["extra_modules"]):
-        _assert_same_tensors(got, want)
+    final_state, history = assert_same_run(tmp_path / "resumed", tmp_path / "straight")
     if kd is not None:
-        ekd_state = next(s for s in states[1]["extra_modules"] if "ema_student_thresholds" in s)
-        assert ekd_state["ema_student_thresholds"].abs().sum() > 0
-    # the DVCLive history continues across the resume: equal to the uninterrupted run's (timings aside)
-    histories = [read_history(tmp_path / run_dir / "dvclive") for run_dir in ("resumed", "straight")]
-    untimed = [{k: v for k, v in h.items() if "images_per_s" not in k} for h in histories]
-    assert untimed[0] == untimed[1] and "train/loss" in untimed[0] and "epoch/loss" in untimed[0]
+        ekd_state = next(s for s in final_state["extra_modules"] if "ema_student_thresholds" in s or "queue.ptr" in s)
+        assert ekd_state.get("ema_student_thresholds", ekd_state.get("queue.embeddings")).abs().sum() > 0
     if kd and "l2" in kd:
-        assert "eval/check/accuracy" in untimed[0] and "kd/grad_ratio_ekd" in untimed[0]
-        assert states[1]["extra_modules"][-1]["updates"] == 12  # the balance updated every step
+        assert "eval/check/accuracy" in history and "kd/grad_ratio_ekd" in history
+        assert final_state["extra_modules"][-1]["updates"] == 12  # the balance updated every step
+
+    # checkpoints every 4 steps; the process dies before step 5, in epoch 1 (checkpoint after step 4)
+    mid = tmp_path / "mid-epoch"
+    steps = _record_steps(monkeypatch, crash_before=5)
+    with pytest.raises(Crash):
+        run(mid, checkpoint_every=4)
+    state = safe_torch_load(mid / "checkpoint.pt")
+    assert (state["epochs_done"], state["epoch_steps"], state["world_size"]) == (0, 4, 1)
+    steps = _record_steps(monkeypatch)
+    third = run(mid, checkpoint_every=4)
+    assert third["finished"] and [s[0] for s in steps] == list(range(4, 12))
+    assert steps == straight_steps[4:]  # the same batches and flips from the resume point on
+    # the resumed epoch's means cover all its steps, the 4 of the dead run too
+    assert [h["loss"] for h in third["history"]] == [h["loss"] for h in straight["history"]]
+    assert [h["kd_loss"] for h in third["history"]] == [h["kd_loss"] for h in straight["history"]]
+    assert_same_run(mid, tmp_path / "straight")
 
 
 def test_a_killed_run_leaves_no_stray_history_on_resume(tmp_path):
@@ -128,29 +167,55 @@ def _logged_steps(tsv) -> list[int]:
     return [int(line.split("\t")[0]) for line in lines if "\t" in line]
 
 
-def test_dvclive_history_is_continuous_across_a_sigkill(random_faces, tmp_path, cli):
-    """A run SIGKILLed in the middle of epoch 2 (after logging some of its steps) and rerun ends with the
-    history of the uninterrupted run: epoch 1 kept, the killed epoch's rows replaced, nothing lost."""
-    args = ["train-teacher", "--data", random_faces, "--arch", "mbf", "--width", 0.125, "--embedding-size", 16,
-            "--epochs", 3, "--batch-size", 8, "--lr", 0.05, "--workers", 0, "--device", "cpu", "--log-every", 1]
-    assert cli(*args, "--out", tmp_path / "straight").exit_code == 0
-    out = tmp_path / "killed"
-    losses = out / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv"
-    process = start_worker("slow_train", 0.2, *args, "--out", out)
-    deadline = time.monotonic() + 120
-    while not ((out / "checkpoint.pt").exists() and max(_logged_steps(losses), default=0) >= 7):  # epoch 2: 6..11
-        assert process.poll() is None, process.stderr.read()[-2000:]
-        assert time.monotonic() < deadline, "the run never reached epoch 2"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (out / "model.pt").exists() and max(_logged_steps(losses)) >= 7  # rows past the checkpoint
-    result = cli(*args, "--out", out)
+def teacher_args(data) -> list:
+    """train-teacher of the tiny MobileFaceNet with partial FC: 3 epochs of 6 steps, every step logged."""
+    return ["train-teacher", "--data", data, "--arch", "mbf", "--width", 0.125, "--embedding-size", 16, "--epochs", 3,
+            "--batch-size", 8, "--lr", 0.05, "--sample-rate", 0.5, "--workers", 0, "--device", "cpu", "--log-every", 1]
+
+
+@pytest.fixture(scope="module")
+def straight_teacher(random_faces, tmp_path_factory, cli):
+    """The uninterrupted run of `teacher_args` (checkpoints at epoch ends only)."""
+    out = tmp_path_factory.mktemp("straight-teacher")
+    result = cli(*teacher_args(random_faces), "--out", out)
     assert result.exit_code == 0, result.output
-    histories = [read_history(run / "dvclive") for run in (out, tmp_path / "straight")]
-    untimed = [{k: v for k, v in h.items() if "images_per_s" not in k} for h in histories]
-    assert untimed[0] == untimed[1]
-    assert untimed[0]["epoch/loss"][0] == [5, 11, 17] and untimed[0]["train/loss"][0] == list(range(18))
+    return out
+
+
+KILLS = {  # extra options, where the run is held and SIGKILLed, the resume point (epochs done, steps into the next)
+    # checkpoints at epoch ends only; killed before step 8 (steps 6 and 7 of epoch 2 logged): resumes at step 6
+    "epoch-end": ([], "step:8", (1, 0)),
+    # a checkpoint every 4 steps, a DataLoader worker; killed before step 10: resumes at step 8, inside epoch 2
+    "mid-epoch": (["--checkpoint-every", 4, "--workers", 1], "step:10", (1, 2)),
+    # a checkpoint every 2 steps; killed while writing step 10's: resumes from step 8's, the torn file removed
+    "mid-checkpoint-write": (["--checkpoint-every", 2], "checkpoint:5", (1, 2)),
+}
+
+
+@pytest.mark.parametrize("kill", KILLS)
+def test_a_sigkilled_run_resumes_to_the_uninterrupted_result(random_faces, straight_teacher, tmp_path, cli, kill):
+    """A run SIGKILLed in the middle of epoch 2, or while writing a checkpoint, and rerun ends with the
+    uninterrupted run's model.pt (bit for bit), final checkpoint and DVCLive history (timings aside): the rows
+    logged after the last checkpoint replaced, nothing lost or repeated."""
+    options, where, resume_point = KILLS[kill]
+    out = tmp_path / "killed"
+    args = [*teacher_args(random_faces), *options, "--out", out]
+    process = start_worker("slow_train", 0, "--hold", where, *args)
+    try:
+        wait_for_line(process, "holding", timeout=120)
+    finally:
+        kill_tree(process)
+    assert not (out / "model.pt").exists()
+    state = safe_torch_load(out / "checkpoint.pt")
+    assert (state["epochs_done"], state["epoch_steps"]) == resume_point
+    logged = _logged_steps(out / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv")
+    assert max(logged) >= resume_point[0] * 6 + resume_point[1]  # rows past the checkpoint, to be replaced
+    assert len(list(out.glob("checkpoint.pt.tmp-*"))) == (kill == "mid-checkpoint-write")  # the torn write
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    assert not list(out.rglob("*.tmp-*"))
+    _, history = assert_same_run(out, straight_teacher)
+    assert history["epoch/loss"][0] == [5, 11, 17] and history["train/loss"][0] == list(range(18))
 
 
 def test_same_seed_same_weights_other_seed_other_weights(faces, tmp_path):
@@ -159,7 +224,7 @@ def test_same_seed_same_weights_other_seed_other_weights(faces, tmp_path):
         return _weights(tmp_path / name)
 
     first, again, other = run("a", 0), run("b", 0), run("c", 1)
-    _assert_same_tensors(again, first)
+    assert_same_tensors(again, first)
     assert any(not torch.equal(other[k], first[k]) for k in first if other[k].is_floating_point())
 
 
@@ -176,6 +241,26 @@ def test_resume_with_changed_settings_is_refused(faces, tmp_path):
     # run-length and machine knobs may change
     summary = training.train(tiny_config(tmp_path, workers=1, stop_after_epochs=5), faces, faces.num_classes)
     assert summary["epochs_done"] == 2 and summary["finished"]
+
+
+def test_a_mid_epoch_checkpoint_resumes_only_with_its_settings_and_process_count(faces, tmp_path, monkeypatch):
+    _record_steps(monkeypatch, crash_before=5)
+    with pytest.raises(Crash):
+        training.train(tiny_config(tmp_path, checkpoint_every=4), faces, faces.num_classes)
+    monkeypatch.undo()
+    path = tmp_path / "checkpoint.pt"
+    with pytest.raises(PipelineError, match=r"different settings: lr 0.1 -> 0.2; "):
+        training.train(tiny_config(tmp_path, lr=0.2), faces, faces.num_classes)
+    state = torch.load(path, weights_only=True)
+    assert (state["epochs_done"], state["epoch_steps"]) == (0, 4)
+    torch.save({**state, "world_size": 2, "steps_per_epoch": 3}, path)  # as a 2-rank run would have written it
+    with pytest.raises(PipelineError, match=r"different settings: steps_per_epoch 3 -> 6, world_size 2 -> 1 \(it "
+                                            r"stopped after step 4 of epoch 1\); rerun with its settings"):
+        training.train(tiny_config(tmp_path), faces, faces.num_classes)
+    torch.save(state, path)
+    # --checkpoint-every, like the run-length and machine knobs, may change
+    summary = training.train(tiny_config(tmp_path, checkpoint_every=5, workers=1), faces, faces.num_classes)
+    assert summary["finished"] and len(summary["history"]) == 2
 
 
 def test_torn_checkpoint_is_refused(faces, tmp_path):

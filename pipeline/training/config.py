@@ -51,6 +51,9 @@ class TrainConfig:
     resume: bool = setting(True, "Continue from OUT/checkpoint.pt when present.")
     stop_after_epochs: Optional[int] = setting(None, "Stop after this many epochs of the schedule (resume later).",
                                                min=1)
+    checkpoint_every: Optional[int] = setting(None, "Also write checkpoint.pt every this many optimiser steps inside "
+                                                    "an epoch, so that a rerun continues from the middle of the "
+                                                    "epoch exactly (default: at epoch ends only).", min=1)
     monitor: Optional[Path] = setting(None, "After every epoch evaluate on this folder's *.bin files and its "
                                             "monitor.rec (all pairs, TPR@FPR): the per-epoch curves in DVCLive.")
     log_every: int = setting(20, "Log losses and KD diagnostics (gradient norms, critical pairs, thresholds) to "

@@ -95,21 +95,31 @@ def collate(items: Sequence[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 class FlipAugment:
-    """Wraps a batch sampler: each index becomes `(index, flip)` with flip ~ Bernoulli(p)."""
+    """Wraps a batch sampler: each index becomes `(index, flip)` with flip ~ Bernoulli(p).
+
+    `set_epoch(epoch, start)` selects the epoch and the first batch to yield: a run resumed from the middle of
+    an epoch draws the `start` batches already done (and their flips) and drops them, so every later batch
+    is the one the whole epoch yields (batches and flips are pure functions of (seed, epoch, rank)).
+    `len()` counts the batches still to come; `len(batch_sampler)` is the epoch's length.
+    """
 
     def __init__(self, batch_sampler, seed: int = 0, p: float = 0.5, rank: int = 0):
         self.batch_sampler, self.seed, self.p, self.rank, self.epoch = batch_sampler, seed, p, rank, 0
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        if not 0 <= start <= len(self.batch_sampler):
+            raise ValueError(f"epoch {epoch} has {len(self.batch_sampler)} batches; cannot start at batch {start}")
+        self.epoch, self.start = epoch, start
         if hasattr(self.batch_sampler, "set_epoch"):
             self.batch_sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(self.batch_sampler)
+        return len(self.batch_sampler) - self.start
 
     def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
         rng = epoch_rng(self.seed, self.epoch, self.rank, stream=1)
-        for batch in self.batch_sampler:
+        for number, batch in enumerate(self.batch_sampler):
             flips = rng.random(len(batch)) < self.p
-            yield [(int(i), bool(f)) for i, f in zip(batch, flips)]
+            if number >= self.start:
+                yield [(int(i), bool(f)) for i, f in zip(batch, flips)]

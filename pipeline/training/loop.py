@@ -3,8 +3,8 @@
 A backbone plus a margin head (ArcFace/CosFace, optional partial FC), optionally plus a knowledge-distillation
 loss fed with per-sample cached teacher targets (the view matching each sample's flip). SGD, warmup + step
 or polynomial LR, AMP on CUDA, DDP under `torchrun` (gloo on CPU, NCCL on GPU), a checkpoint every epoch
-with everything needed to resume exactly, a progress bar and DVCLive metrics. The per-batch work is
-`TrainStep.step` (step.py).
+(and with `checkpoint_every` every N steps inside one) with everything needed to resume exactly, a progress
+bar and DVCLive metrics. The per-batch work is `TrainStep.step` (step.py).
 
 A run folder has one writer at a time (`output_lock`). Its identity (resume.py) decides what a rerun does:
 continue the checkpoint of the same identity, refuse one of another (naming the differing settings), or,
@@ -13,6 +13,7 @@ when model.pt of this identity is already there, report the run as finished and 
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from pathlib import Path
 from typing import Callable
@@ -32,9 +33,12 @@ from pipeline.training.data import FaceDataset, FlipAugment, ItemFailure, collat
 from pipeline.training.distill import Distillation
 from pipeline.training.live import RunLog
 from pipeline.training.resume import (
+    EpochProgress,
+    ResumePoint,
     finished_identity,
     jsonable,
     load_train_state,
+    rank_states,
     run_identity,
     save_train_state,
 )
@@ -85,13 +89,14 @@ def _train(cfg, out, device, source, num_classes, distill, batch_sampler_factory
         else ShuffledBatchSampler(len(dataset), cfg.batch_size, cfg.seed, world, rank)
     )
     sampler = FlipAugment(index_batches, seed=cfg.seed, rank=rank)
+    steps_per_epoch = len(index_batches)
     torch.manual_seed(cfg.seed)
-    trainer = TrainStep(cfg, num_classes, len(sampler), device, distill, margin_samples)
+    trainer = TrainStep(cfg, num_classes, steps_per_epoch, device, distill, margin_samples)
 
-    start_epoch = 0
+    start = ResumePoint()
     if cfg.resume and state_path.exists():
-        start_epoch = load_train_state(state_path, trainer.trainee, trainer.optimizer, trainer.scheduler,
-                                       trainer.scaler, trainer.extra_modules, expected_config=identity)
+        start = load_train_state(state_path, trainer.trainee, trainer.optimizer, trainer.scheduler, trainer.scaler,
+                                 trainer.extra_modules, identity, steps_per_epoch, device)
     elif rank == 0:
         model_path.unlink(missing_ok=True)  # a fresh run: no earlier run's model may pass for this one's
     trainer.wrap_ddp()
@@ -103,19 +108,36 @@ def _train(cfg, out, device, source, num_classes, distill, batch_sampler_factory
         collate_fn=collate,
         pin_memory=device.type == "cuda",
         persistent_workers=cfg.workers > 0,
-        # its own generator: drawing worker seeds from the global RNG would shift the partial-FC stream
-        # on resume (persistent workers draw once per process, not once per epoch)
+        # its own generator: drawing worker seeds from the global RNG would shift the partial-FC stream on
+        # resume. Persistent workers draw their seeds from it once per process, so a resumed process (at an
+        # epoch boundary or inside an epoch) seeds its workers as the uninterrupted run did
         generator=torch.Generator().manual_seed(cfg.seed),
     )
-    steps_per_epoch = len(sampler)
-    log = RunLog(out, resume_step=start_epoch * steps_per_epoch) if rank == 0 else None
-    last_epoch = cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, start_epoch + cfg.stop_after_epochs)
+    # the history keeps the rows of the steps before the resume point (they were logged before it was saved)
+    log = RunLog(out, resume_step=start.global_step(steps_per_epoch)) if rank == 0 else None
+
+    def checkpoint(epochs_done: int, progress: EpochProgress) -> None:
+        ranks = rank_states(progress, device)  # every rank takes part: a collective under DDP
+        if rank == 0:
+            save_train_state(state_path, trainer.trainee, trainer.optimizer, trainer.scheduler, trainer.scaler,
+                             trainer.extra_modules, identity, ranks, epochs_done, progress.steps, steps_per_epoch)
+
+    def checkpoint_inside_epoch(epoch: int, progress: EpochProgress) -> None:
+        """After each step and its logs: the checkpoint of every `checkpoint_every`-th step, except at the
+        epoch's end, whose checkpoint comes after the epoch's logs."""
+        steps_done = trainer.scheduler.last_epoch
+        if cfg.checkpoint_every and steps_done % cfg.checkpoint_every == 0 and progress.steps < steps_per_epoch:
+            checkpoint(epoch, progress)
+
+    last_epoch = cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, start.epoch + cfg.stop_after_epochs)
     history = []
-    for epoch in range(start_epoch, last_epoch):
-        sampler.set_epoch(epoch)
+    for epoch in range(start.epoch, last_epoch):
+        progress = start.progress if epoch == start.epoch else EpochProgress()
+        sampler.set_epoch(epoch, progress.steps)
         trainer.model.train()
         stats = run_epoch(trainer, loader, epoch, cfg.epochs, show_progress=rank == 0, log=log,
-                          log_every=cfg.log_every)
+                          log_every=cfg.log_every, progress=progress,
+                          after_step=functools.partial(checkpoint_inside_epoch, epoch))
         history.append(stats)
         if rank == 0:
             print(f"epoch {epoch + 1}/{cfg.epochs}: loss {stats['loss']:.4f} (margin {stats['margin_loss']:.4f}, "
@@ -126,9 +148,8 @@ def _train(cfg, out, device, source, num_classes, distill, batch_sampler_factory
                 checked = monitor_metrics(trainer.trainee.backbone, cfg.monitor, device)
                 log.log(last_step, "eval", checked)
                 print("  " + "  ".join(f"{k} {v:.4f}" for k, v in checked.items()), flush=True)
-            # after the log: a run killed in between redoes (and relogs) this epoch on resume
-            save_train_state(state_path, trainer.trainee, trainer.optimizer, trainer.scheduler, trainer.scaler,
-                             trainer.extra_modules, epoch + 1, identity)
+        # after the logs: a run killed in between redoes (and relogs) the steps after its last checkpoint
+        checkpoint(epoch + 1, EpochProgress())
     finished = last_epoch >= cfg.epochs
     summary = {"epochs_done": last_epoch, "finished": finished, "already_finished": False, "history": history,
                "world_size": world}
@@ -142,26 +163,34 @@ def _train(cfg, out, device, source, num_classes, distill, batch_sampler_factory
 
 
 def run_epoch(trainer: TrainStep, batches, epoch: int, epochs: int, show_progress: bool = True,
-              log: RunLog | None = None, log_every: int = 20) -> dict:
+              log: RunLog | None = None, log_every: int = 20, progress: EpochProgress | None = None,
+              after_step: Callable[[EpochProgress], None] | None = None) -> dict:
     """One pass over `batches` of (images, labels, indices, flips): mean losses, last LR, images/s. Every
-    `log_every` steps the KD diagnostics are measured and, with `log`, the step's numbers logged."""
-    totals = {"loss": 0.0, "margin_loss": 0.0, "kd_loss": 0.0}
-    images_seen, started = 0, time.perf_counter()
-    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=None if show_progress else True)
-    for step, batch in enumerate(bar):
+    `log_every` steps the KD diagnostics are measured and, with `log`, the step's numbers logged.
+
+    `progress`: the epoch's position and running sums so far (a resumed epoch: `batches` are the rest of it),
+    updated in place; `after_step(progress)` runs after each step and its logs (the mid-epoch checkpoint)."""
+    progress = progress if progress is not None else EpochProgress()
+    first = progress.steps
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", initial=first, total=first + len(batches),
+               disable=None if show_progress else True)
+    resumed = time.perf_counter()
+    for batch in bar:
         if isinstance(batch, ItemFailure):  # a sample failed to load, maybe in a DataLoader worker
             raise DataError(batch.message)
         images, labels, indices, flips = batch
+        step = progress.steps
         measure = step % log_every == 0
         try:
             losses = trainer.step(images, labels, indices, flips, measure=measure and trainer.distill is not None)
         except FloatingPointError as error:
             raise PipelineError(f"epoch {epoch + 1} step {step}: {error} (diverged: lower --lr or the KD weights, "
-                                "or check the inputs); a rerun resumes from the last finished epoch") from None
-        totals["loss"] += losses.total.item()
-        totals["margin_loss"] += losses.margin.item()
-        totals["kd_loss"] += losses.kd.item()
-        images_seen += images.shape[0]
+                                "or check the inputs); a rerun resumes from the last checkpoint") from None
+        progress.loss += losses.total.item()
+        progress.margin_loss += losses.margin.item()
+        progress.kd_loss += losses.kd.item()
+        progress.images += images.shape[0]
+        progress.steps += 1
         if measure:
             bar.set_postfix(loss=f"{losses.total.item():.3f}", kd=f"{losses.kd.item():.4f}", lr=f"{trainer.lr():.4f}")
             if log is not None:
@@ -170,8 +199,13 @@ def run_epoch(trainer: TrainStep, batches, epoch: int, epochs: int, show_progres
                                                "kd_loss": losses.kd.item(), "lr": trainer.lr()})
                 if trainer.distill is not None:
                     log.log(global_step, "kd", trainer.distill.diagnostics())
-    steps = max(1, len(batches))
-    seconds = time.perf_counter() - started
-    stats = {k: v / steps for k, v in totals.items()}
-    stats.update(lr=trainer.lr(), images_per_s=images_seen * ddp.world_size() / seconds, epoch=epoch + 1)
+        progress.seconds += time.perf_counter() - resumed
+        if after_step is not None:
+            after_step(progress)
+        resumed = time.perf_counter()  # a checkpoint's write is not training time
+    steps = max(1, progress.steps)
+    stats = {"loss": progress.loss / steps, "margin_loss": progress.margin_loss / steps,
+             "kd_loss": progress.kd_loss / steps}
+    stats.update(lr=trainer.lr(), images_per_s=progress.images * ddp.world_size() / max(progress.seconds, 1e-9),
+                 epoch=epoch + 1)
     return stats

@@ -3,13 +3,19 @@
 The identity is a flat dict of every setting that changes the result (the `TrainConfig` fields but the
 machine and run-length knobs, the data's fingerprint, and what the caller adds: KD method and weights,
 sampler, cache and pools fingerprints). It is stored in checkpoint.pt and in model.pt; a checkpoint of
-another identity is refused with the differing settings named. Resume points are epoch boundaries
-(`epochs_done`); the state dict is the place to add a position inside an epoch.
+another identity is refused with the differing settings named.
+
+A resume point is an epoch boundary (`epochs_done`) or a step inside the next epoch (`epoch_steps` batches
+of it done, with `--checkpoint-every`). Besides the model, optimiser, schedule, scaler and the KD modules'
+buffers (EKD queue and EMAs, gradient-balance norms), a checkpoint holds what each rank needs to continue
+the same streams: its torch RNG states (partial FC draws from them, and under DDP the ranks' draws differ)
+and its running sums of the epoch (the epoch's logged means). Batches and flips need no saved state: they
+are pure functions of (seed, epoch, rank), and a resumed epoch skips the batches already done (data.py).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,30 +23,79 @@ import torch
 from pipeline.errors import DataError, PipelineError
 from pipeline.io import write_with
 from pipeline.models.model_file import load_failure, safe_torch_load
+from pipeline.training import ddp
 
 FORMAT = "ekd-pipeline-train-state"
 _NOT_RECORDED = object()
 
 
-def save_train_state(path: Path, trainee, optimizer, scheduler, scaler, extra_modules, epochs_done: int, config: dict):
-    """Write model, head, optimiser, scheduler, AMP scaler, KD-loss buffers and torch RNG states atomically.
+@dataclass
+class EpochProgress:
+    """How far one rank is into an epoch: batches done, and the running sums behind the epoch's logged means
+    (losses; images and seconds for its throughput)."""
 
-    `config` is the run's identity. Samplers draw from generators seeded by (seed, epoch, rank), so they need
-    no saved state.
-    """
+    steps: int = 0
+    loss: float = 0.0
+    margin_loss: float = 0.0
+    kd_loss: float = 0.0
+    images: int = 0
+    seconds: float = 0.0
+
+    def sums(self) -> list[float]:
+        return [self.loss, self.margin_loss, self.kd_loss, float(self.images), self.seconds]
+
+    @classmethod
+    def from_sums(cls, steps: int, sums: list[float]) -> "EpochProgress":
+        loss, margin_loss, kd_loss, images, seconds = sums
+        return cls(steps, loss, margin_loss, kd_loss, int(images), seconds)
+
+
+@dataclass
+class ResumePoint:
+    """Where a run continues: `epoch` epochs finished, and this rank's progress into the next one."""
+
+    epoch: int = 0
+    progress: EpochProgress = field(default_factory=EpochProgress)
+
+    def global_step(self, steps_per_epoch: int) -> int:
+        """Optimiser steps already done."""
+        return self.epoch * steps_per_epoch + self.progress.steps
+
+
+def _gathered(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(world_size, ...) on the CPU: `x` of every rank, in rank order (on the device for NCCL)."""
+    return ddp.all_gather_no_grad(x.to(device)[None]).cpu()
+
+
+def rank_states(progress: EpochProgress, device: torch.device) -> dict:
+    """Every rank's RNG states and epoch sums, stacked in rank order. A collective under DDP: every rank
+    calls it at the same step; rank 0 passes the result to `save_train_state`."""
+    states = {"epoch_sums": _gathered(torch.tensor(progress.sums(), dtype=torch.float64), device),
+              "torch_rng": _gathered(torch.get_rng_state(), device)}
+    if device.type == "cuda":
+        states["cuda_rng"] = _gathered(torch.cuda.get_rng_state(device), device)
+    return states
+
+
+def save_train_state(path: Path, trainee, optimizer, scheduler, scaler, extra_modules, config: dict,
+                     ranks: dict, epochs_done: int, epoch_steps: int = 0, steps_per_epoch: int = 0):
+    """Write model, head, optimiser, scheduler, AMP scaler, KD-loss buffers and every rank's RNG states and
+    epoch sums (`ranks`, from `rank_states`) atomically. `config` is the run's identity; `epoch_steps`
+    batches of epoch `epochs_done` are done (0: an epoch boundary), of `steps_per_epoch`."""
     state = {
         "format": FORMAT,
         "epochs_done": epochs_done,
+        "epoch_steps": epoch_steps,
+        "steps_per_epoch": steps_per_epoch,
+        "world_size": int(ranks["torch_rng"].shape[0]),
         "config": config,
         "trainee": trainee.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         "extra_modules": [m.state_dict() for m in extra_modules],
-        "torch_rng": torch.get_rng_state(),
+        **ranks,
     }
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
     write_with(path, lambda handle: torch.save(state, handle))
 
 
@@ -58,10 +113,12 @@ def differences(saved: dict, wanted: dict) -> list[str]:
             for name in names if saved.get(name, _NOT_RECORDED) != wanted.get(name, _NOT_RECORDED)]
 
 
-def load_train_state(path: Path, trainee, optimizer, scheduler, scaler, extra_modules, expected_config: dict) -> int:
-    """Restore a checkpoint written by `save_train_state`; returns the number of epochs already done.
+def load_train_state(path: Path, trainee, optimizer, scheduler, scaler, extra_modules, expected_config: dict,
+                     steps_per_epoch: int, device: torch.device) -> ResumePoint:
+    """Restore a checkpoint written by `save_train_state`; returns where the run continues.
 
-    PipelineError naming every differing setting when the checkpoint belongs to another run identity."""
+    PipelineError naming every differing setting when the checkpoint belongs to another run identity, and,
+    for a checkpoint inside an epoch, another number of processes (the epoch's batches would differ)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a torn or foreign file: say which, never guess
@@ -69,7 +126,13 @@ def load_train_state(path: Path, trainee, optimizer, scheduler, scaler, extra_mo
                             "over") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise PipelineError(f"{path}: not a training checkpoint of this pipeline")
+    epoch_steps = int(state.get("epoch_steps", 0))
     changed = differences(state.get("config") or {}, expected_config)
+    if epoch_steps and not changed:  # a position inside an epoch means the same batches only on as many ranks
+        changed = differences({"world_size": state.get("world_size"), "steps_per_epoch": state.get("steps_per_epoch")},
+                              {"world_size": ddp.world_size(), "steps_per_epoch": steps_per_epoch})
+        if changed:
+            changed[-1] += f" (it stopped after step {epoch_steps} of epoch {int(state['epochs_done']) + 1})"
     if changed:
         raise PipelineError(
             f"{path}: the checkpoint was written with different settings: {', '.join(changed)}; rerun with its "
@@ -81,10 +144,30 @@ def load_train_state(path: Path, trainee, optimizer, scheduler, scaler, extra_mo
     scaler.load_state_dict(state["scaler"])
     for module, module_state in zip(extra_modules, state["extra_modules"], strict=True):
         module.load_state_dict(module_state)
-    torch.set_rng_state(state["torch_rng"])
-    if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return int(state["epochs_done"])
+    _restore_rng(state, device)
+    sums = state.get("epoch_sums")
+    progress = EpochProgress.from_sums(epoch_steps, _own_row(sums).tolist()) if epoch_steps else EpochProgress()
+    return ResumePoint(int(state["epochs_done"]), progress)
+
+
+def _own_row(rows: torch.Tensor) -> torch.Tensor:
+    """This rank's row of a (world_size, ...) checkpoint entry (rank 0's when the run has another number of
+    processes: only at an epoch boundary), as a tensor of its own: torch.set_rng_state reads a view of a
+    row at the wrong place (and crashes)."""
+    return (rows[ddp.rank()] if rows.shape[0] == ddp.world_size() else rows[0]).clone()
+
+
+def _restore_rng(state: dict, device: torch.device) -> None:
+    """This rank's torch RNG states (older checkpoints hold one CPU state and all CUDA states of rank 0)."""
+    cpu = state["torch_rng"]
+    torch.set_rng_state(cpu if cpu.dim() == 1 else _own_row(cpu))
+    cuda = state.get("cuda_rng")
+    if cuda is None or not torch.cuda.is_available():
+        return
+    if isinstance(cuda, torch.Tensor) and device.type == "cuda":
+        torch.cuda.set_rng_state(_own_row(cuda), device)
+    elif isinstance(cuda, (list, tuple)):
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def jsonable(cfg) -> dict:
@@ -95,8 +178,8 @@ def jsonable(cfg) -> dict:
 def _config_key(cfg) -> dict:
     """The settings a checkpoint must share with the run resuming it (not the run-length knobs)."""
     key = jsonable(cfg)
-    for volatile in ("out_dir", "workers", "resume", "stop_after_epochs", "device", "preload", "monitor",
-                     "log_every"):
+    for volatile in ("out_dir", "workers", "resume", "stop_after_epochs", "checkpoint_every", "device", "preload",
+                     "monitor", "log_every"):
         key.pop(volatile, None)
     return key
 

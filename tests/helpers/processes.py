@@ -1,8 +1,10 @@
 """Running the pipeline and test workers in processes of their own: `python -m pipeline ...` exactly as a user
-runs it (this checkout's code first on the path), and checks of what a failed command printed."""
+runs it (this checkout's code first on the path), workers under torchrun on CPU ranks, killing what a test
+started, and checks of what a failed command printed."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -37,6 +39,46 @@ def start_worker(name: str, *args) -> subprocess.Popen:
     """tests/workers/NAME.py ARGS in the background (stdout/stderr piped)."""
     command = [sys.executable, str(WORKERS / f"{name}.py"), *map(str, args)]
     return subprocess.Popen(command, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def torchrun_environment() -> dict[str, str]:
+    """`environment()` for a torchrun launch from a test: no variables of an enclosing torchrun, CPU only."""
+    env = {k: v for k, v in environment().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    return env
+
+
+def torchrun_command(*program, processes: int = 2) -> list[str]:
+    """`torchrun --standalone` of `program` (a script and its arguments, or "-m", a module, ...) on CPU ranks."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+            *map(str, program)]
+
+
+def run_torchrun(*program, timeout: float = 240) -> None:
+    """Run `program` under torchrun on 2 CPU ranks (gloo) to the end; asserts that it succeeded."""
+    done = subprocess.run(torchrun_command(*program), env=torchrun_environment(), capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def start_torchrun(*program) -> subprocess.Popen:
+    """`program` under torchrun on 2 CPU ranks in the background (stdout/stderr piped)."""
+    return subprocess.Popen(torchrun_command(*program), env=torchrun_environment(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL a process a test started and every process below it (torchrun starts its ranks in sessions of
+    their own, so a process group would miss them), the deepest first; then reap it."""
+    import psutil  # ships with dask.distributed
+
+    for child in reversed(psutil.Process(process.pid).children(recursive=True)):
+        try:
+            child.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    process.send_signal(signal.SIGKILL)
+    process.wait()
 
 
 def wait_for_line(process: subprocess.Popen, expected: str, timeout: float = 60.0) -> None:

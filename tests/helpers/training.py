@@ -1,6 +1,6 @@
-"""Training helpers: tiny configs, distillation against random teacher targets, trainee capture, and two small
-reference trainings (a linear backbone on mirrored faces; a linear student under a KD loss) that the DDP
-tests also run as one rank of a process group."""
+"""Training helpers: tiny configs, distillation against random teacher targets, trainee capture, the comparison of
+two finished runs, and two small reference trainings (a linear backbone on mirrored faces; a linear student
+under a KD loss) that the DDP tests also run as one rank of a process group."""
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +12,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from helpers.data import FACE_SIZE, MirroredFaces
 from pipeline import training
+from pipeline.evaluation.curves import read_history
 from pipeline.losses.kd import build_kd_loss
+from pipeline.models.model_file import safe_torch_load
 from pipeline.training import ddp
 from pipeline.training import step as training_step
 from pipeline.training.ddp import gather_kd_inputs, scale_for_ddp
@@ -30,19 +32,44 @@ def tiny_config(out_dir: Path, **overrides) -> training.TrainConfig:
     return training.TrainConfig(**knobs)
 
 
-def ekd_reference_distillation(num_images: int, views_differ: bool = True, seed: int = 0,
-                               l2_weight: float | None = None, **kwargs) -> training.Distillation:
-    """Reference-mode EKD (EMA threshold buffers) against random (N, 2, EMBEDDING_DIM) teacher targets;
-    with `l2_weight`, feature L2 as a first term (the l2+ekd combination)."""
+def ekd_distillation(num_images: int, views_differ: bool = True, seed: int = 0, l2_weight: float | None = None,
+                     mode: str = "reference", **kwargs) -> training.Distillation:
+    """EKD against random (N, 2, EMBEDDING_DIM) teacher targets: reference mode (EMA threshold buffers) or
+    global mode (fixed teacher thresholds, a 24-row queue of recent student embeddings that wraps within an
+    epoch); with `l2_weight`, feature L2 as a first term (the l2+ekd combination)."""
     g = torch.Generator().manual_seed(seed)
     targets = torch.randn(num_images, 2, EMBEDDING_DIM, generator=g)
     if not views_differ:
         targets[:, 1] = targets[:, 0]
-    loss = build_kd_loss("ekd", mode="reference", anchors=(2, 5, 20), topk=8, temperature=0.05, momentum=0.5)
+    options = {"momentum": 0.5} if mode == "reference" else {"teacher_thresholds": [0.1, 0.4, 0.7], "queue_size": 24}
+    loss = build_kd_loss("ekd", mode=mode, anchors=(2, 5, 20), topk=8, temperature=0.05, **options)
     if l2_weight is None:
         return training.Distillation(loss=loss, targets=targets, **kwargs)
     terms = [KDTerm("l2", build_kd_loss("l2"), l2_weight), KDTerm("ekd", loss, 1.0)]
     return training.Distillation(targets=targets, terms=terms, **kwargs)
+
+
+def assert_same_run(got: Path, want: Path) -> tuple[dict, dict]:
+    """Two finished run folders hold the same result: model.pt weights and run identity bit for bit, the final
+    checkpoint (head, KD buffers) and the DVCLive history (timings aside). Returns `want`'s checkpoint and
+    history."""
+    models = [safe_torch_load(run / "model.pt") for run in (got, want)]
+    assert_same_tensors(models[0]["state_dict"], models[1]["state_dict"])
+    assert models[0]["extra"]["run"] == models[1]["extra"]["run"]
+    states = [safe_torch_load(run / "checkpoint.pt") for run in (got, want)]
+    assert_same_tensors(states[0]["trainee"], states[1]["trainee"])  # the head too
+    for got_state, want_state in zip(states[0]["extra_modules"], states[1]["extra_modules"], strict=True):
+        assert_same_tensors(got_state, want_state)
+    histories = [read_history(run / "dvclive") for run in (got, want)]
+    untimed = [{k: v for k, v in h.items() if "images_per_s" not in k} for h in histories]
+    assert untimed[0] == untimed[1] and "train/loss" in untimed[0] and "epoch/loss" in untimed[0]
+    return states[1], untimed[1]
+
+
+def assert_same_tensors(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
 
 
 def linear_backbone(name: str, **kwargs) -> nn.Module:
@@ -76,7 +103,7 @@ def train_linear_on_mirrored(out_dir: Path, global_batch: int = 8, kd: bool = Tr
     over all ranks; returns the trained parameters."""
     source = MirroredFaces()
     cfg = tiny_config(out_dir, batch_size=global_batch // ddp.world_size(), epochs=1, warmup_epochs=0.0)
-    distill = ekd_reference_distillation(len(source), views_differ=False) if kd else None
+    distill = ekd_distillation(len(source), views_differ=False) if kd else None
     with capture_trainees(linear_backbone) as built:
         training.train(cfg, source, source.num_classes, distill)
     return {k: v.detach().clone() for k, v in built[0].named_parameters()}

@@ -16,7 +16,7 @@ if __name__ == "__main__":  # run by path: sys.path[0] is tests/workers, and `he
 import torch
 from helpers.training import (
     capture_trainees,
-    ekd_reference_distillation,
+    ekd_distillation,
     tiny_config,
     train_linear_on_mirrored,
 )
@@ -32,7 +32,7 @@ def main(data: Path, out: Path) -> None:
     source = FaceRecordIO(data)
     with capture_trainees() as built:
         training.train(tiny_config(out / "mbf", epochs=1, batch_size=4), source, source.num_classes,
-                       ekd_reference_distillation(len(source)))
+                       ekd_distillation(len(source)))
     trainee = built[0]
     torch.save({"parameters": {k: v.detach() for k, v in trainee.named_parameters()},
                 "initial": trainee.initial, "buffers": dict(trainee.named_buffers())},
