@@ -1,5 +1,9 @@
-"""The input preprocessing every model in this project expects (arcface_torch's): RGB, (x/255 - 0.5) / 0.5."""
+"""The input preprocessing every model in this project expects (arcface_torch's): RGB, (x/255 - 0.5) / 0.5, and
+the two-view forward (each image and its horizontal flip) that extraction and IJB evaluation run: fp16
+autocast and channels_last on CUDA."""
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -18,3 +22,35 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 def preprocessing_attrs(size: int) -> dict:
     """The preprocessing every model in this project expects, as recorded in caches and checkpoints."""
     return {"size": int(size), "mean": MEAN, "std": STD, "color": "RGB", "layout": "NCHW"}
+
+
+def prepare_teacher(teacher):
+    """channels_last weights on CUDA (tensor cores like NHWC); a no-op elsewhere."""
+    if teacher.module is not None and torch.device(teacher.device).type == "cuda":
+        teacher.module.to(memory_format=torch.channels_last)
+    return teacher
+
+
+def preprocess_views(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float32 (2B, 3, H, W) on `device`: originals then horizontal flips, (x/255-.5)/.5."""
+    x = torch.from_numpy(images)
+    if device.type == "cuda":
+        x = x.pin_memory().to(device, non_blocking=True)
+    x = x.permute(0, 3, 1, 2)
+    both = torch.cat([x, x.flip(3)]).float().div_(255.0).sub_(MEAN).div_(STD)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    return both.contiguous(memory_format=fmt)
+
+
+def forward_views(teacher, images: np.ndarray) -> torch.Tensor:
+    """(B, 2, D) on the teacher's device: the teacher on each image (view 0) and on its flip (view 1).
+
+    On CUDA the result is not waited for, so the caller can queue the next batch before reading it back.
+    """
+    device = torch.device(teacher.device)
+    batch = preprocess_views(images, device)
+    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
+    with autocast:
+        out = teacher(batch)
+    b = len(images)
+    return torch.stack([out[:b], out[b:]], dim=1).float()
