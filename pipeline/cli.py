@@ -21,6 +21,7 @@ STAGE_MODULES = (
     "stages.build_pools",
     "stages.train_student",
     "stages.evaluate",
+    "stages.evaluate_ijb",
     "stages.report",
     "stages.export",
 )
