@@ -8,11 +8,16 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from pipeline.evaluation.alignment import reference_points, similarity_transforms
+from pipeline.evaluation.alignment import (
+    align_face,
+    reference_points,
+    similarity_transforms,
+)
 from pipeline.formats.ijb import read_ijb
 from pipeline.formats.jpeg import decode_jpeg
 from pipeline.synthetic import synthesize
 from pipeline.synthetic.identity import draw_nuisance
+from pipeline.synthetic.ijb import placed_template
 from pipeline.synthetic.render import face_landmarks, render_face
 from pipeline.synthetic.streams import generator, split_identity
 
@@ -92,3 +97,24 @@ def test_landmarks_are_the_rendered_eyes_nose_and_mouth():
     matrices, _ = similarity_transforms(points[None], reference_points(112))
     moved = points @ matrices[0, :, :2].T + matrices[0, :, 2]
     assert np.abs(moved - reference_points(112)).max() < 6
+
+
+def test_aligning_a_loose_crop_with_its_landmarks_gives_back_the_training_framing():
+    """The same face and nuisance rendered at the training size and, placed by another scale, rotation and
+    shift, in a larger crop: aligned with the carried template points (no detector noise) it is the training
+    render again up to resampling, better registered than with the points moved by half a pixel, and far
+    closer than a render of another identity. (No lighting gradient: it is laid over the image, not the face.)"""
+    identity = split_identity(0, 4, 3, 0.5)
+    nuisance = replace(draw_nuisance(generator(0, (98, 0, 0)), 0.5), noise=0.0, blur=0.0, gradient=(0.0, 1.0, 0.0))
+    placed = replace(nuisance, scale=nuisance.scale * 0.55, roll=nuisance.roll - 0.35, shift=(0.06, -0.04))
+    training = render_face(identity, nuisance, 32, generator(0, (98, 1, 0))).astype(float)
+    crop = render_face(identity, placed, 64, generator(0, (98, 2, 0)))
+    points = placed_template(identity, nuisance, 32, placed, 64)
+    other = render_face(split_identity(0, 4, 9, 0.5), nuisance, 32, generator(0, (98, 1, 0))).astype(float)
+    inner = (slice(4, 28), slice(4, 28))  # away from the crop's border
+
+    def difference(offset):
+        return np.abs(align_face(crop, points + offset, 32).astype(float) - training)[inner].mean()
+
+    assert difference((0, 0)) < 6 and difference((0, 0)) < 0.3 * np.abs(other - training)[inner].mean()
+    assert all(difference((0, 0)) < difference(offset) for offset in ((0.5, 0), (-0.5, 0), (0, 0.5), (0, -0.5)))

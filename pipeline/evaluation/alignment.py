@@ -11,17 +11,13 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-ARCFACE_SIZE = 112
-# left eye, right eye, nose tip, left and right mouth corner of the 96 x 112 crop, then +8 px in x; kept in
-# float32 like the reference implementation so that the points are the same numbers
-ARCFACE_TEMPLATE = np.array([[30.2946, 51.6963], [65.5318, 51.5014], [48.0252, 71.7366], [33.5493, 92.3655],
-                             [62.7299, 92.2041]], dtype=np.float32) + np.array([8.0, 0.0], dtype=np.float32)
+from pipeline.models.preprocess import (  # noqa: F401  (part of this module's interface)
+    ARCFACE_SIZE,
+    ARCFACE_TEMPLATE,
+    reference_points,
+)
+
 ALIGNMENT = "arcface-5pt-similarity-umeyama/+8px/scaled-size-over-112/bilinear/border-0"  # recorded in caches
-
-
-def reference_points(size: int) -> np.ndarray:
-    """(5, 2) float64 target points for a `size` x `size` model input."""
-    return ARCFACE_TEMPLATE.astype(np.float64) * (size / ARCFACE_SIZE)
 
 
 def similarity_transforms(landmarks: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,5 +1,5 @@
-"""The input preprocessing every model in this project expects (arcface_torch's): RGB, (x/255 - 0.5) / 0.5, and
-the two-view forward (each image and its horizontal flip) that extraction and IJB evaluation run: fp16
+"""The input every model in this project expects (arcface_torch's): RGB, (x/255 - 0.5) / 0.5, faces aligned
+on the ArcFace five-point template, and the two-view forward (each image and its horizontal flip) that extraction and IJB evaluation run: fp16
 autocast and channels_last on CUDA."""
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ import torch
 
 MEAN = 0.5
 STD = 0.5
+ARCFACE_SIZE = 112
+# where an aligned face's five landmarks sit in a 112 x 112 input (left eye, right eye, nose tip, left and right
+# mouth corner, as seen): the standard points of the 96 x 112 crop moved 8 px right; float32 as published
+ARCFACE_TEMPLATE = np.array([[30.2946, 51.6963], [65.5318, 51.5014], [48.0252, 71.7366], [33.5493, 92.3655],
+                             [62.7299, 92.2041]], dtype=np.float32) + np.array([8.0, 0.0], dtype=np.float32)
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -17,6 +22,12 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     tensor = torch.from_numpy(np.array(images, dtype=np.float32))  # one copy: also handles flipped views
     tensor = tensor.div_(255.0).sub_(MEAN).div_(STD)
     return tensor.permute(2, 0, 1) if tensor.ndim == 3 else tensor.permute(0, 3, 1, 2)
+
+
+def reference_points(size: int) -> np.ndarray:
+    """(5, 2) float64 landmark positions of an aligned face in a `size` x `size` input: the template scaled by
+    size / 112."""
+    return ARCFACE_TEMPLATE.astype(np.float64) * (size / ARCFACE_SIZE)
 
 
 def preprocessing_attrs(size: int) -> dict:

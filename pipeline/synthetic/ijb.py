@@ -5,10 +5,15 @@ layout (`pipeline.formats.ijb`), so that `pipeline evaluate-ijb` runs on every m
   media of several frames (one nuisance for the video, each frame a small change of pose and expression,
   its own noise and detector crop). Template and media ids are non-contiguous integers.
 - Loose crops: larger than the face (CROP_RATIO times the face side; the face side is ZOOM times the
-  training image side `size`, so 160-200 px at 112, ~40-80 px at the small default of 32), the face placed
-  by a random similarity (scale, an extra in-plane rotation, a shift) on top of its own nuisance pose; the
-  five landmarks written to the meta file are the rendered face's eye centres, nose tip and mouth corners
-  moved by the same pose, plus Gaussian detector noise (LANDMARK_NOISE face widths).
+  training image side `size`, so 160-200 px at 112, ~40-80 px at the small default of 32). Each shows what
+  a training image of that face and nuisance (pose, light, occluders, ...) shows, placed by a random
+  similarity (scale, an extra in-plane rotation, a shift) into the larger crop and rendered there; the five
+  landmarks written to the meta file are the ArcFace template points of the training image's frame moved by
+  that similarity, plus Gaussian detector noise (LANDMARK_NOISE face sides). Aligning a crop with them gives
+  back the training image's framing, so the models see the framing they were trained on. The drawn face
+  follows the template's layout, so for a frontal face the points lie within a few pixels of its eyes, nose
+  tip and mouth corners (`render.face_landmarks`); a turned head's features move away from them, exactly
+  as in the training images.
 - Faceness: near 1 for frontal, clear faces, lower with yaw, pitch, blur, a mask or sunglasses.
 - Pairs: every pair of templates, in random order and orientation: genuine when both are of one identity.
 
@@ -26,8 +31,9 @@ from tqdm import tqdm
 
 from pipeline.formats.ijb import IjbMeta, IjbPaths, write_ijb_meta
 from pipeline.formats.jpeg import encode_jpeg
-from pipeline.synthetic.identity import Nuisance, draw_nuisance
-from pipeline.synthetic.render import face_landmarks, render_face
+from pipeline.models.preprocess import reference_points
+from pipeline.synthetic.identity import Identity, Nuisance, draw_nuisance
+from pipeline.synthetic.render import image_transform, render_face
 from pipeline.synthetic.streams import chunks, generator, ordered_map, split_identity
 
 ROLE_IJB = 4  # identities: (ROLE_IJB, identity, 0), disjoint from train / val / test / monitor
@@ -70,6 +76,14 @@ def _frame(base: Nuisance, rng: np.random.Generator) -> Nuisance:
                    shift=(base.shift[0] + rng.normal(0, 0.005), base.shift[1] + rng.normal(0, 0.005)))
 
 
+def placed_template(identity: Identity, nuisance: Nuisance, size: int, placed: Nuisance, crop: int) -> np.ndarray:
+    """(5, 2) ArcFace template points of the `size` render of (identity, nuisance), carried into the `crop` render
+    of (identity, placed) by the similarity between the two images' frames."""
+    train, loose = image_transform(identity, nuisance, size), image_transform(identity, placed, crop)
+    linear = loose[:, :2] @ np.linalg.inv(train[:, :2])
+    return reference_points(size) @ linear.T + (loose[:, 2] - linear @ train[:, 2])
+
+
 def render_crop(seed: int, identity_index: int, image_key: tuple, video_key: tuple | None, size: int,
                 difficulty: float) -> tuple[bytes, np.ndarray, float]:
     """One loose crop: (JPEG, (5, 2) noisy landmarks, faceness score)."""
@@ -90,7 +104,7 @@ def render_crop(seed: int, identity_index: int, image_key: tuple, video_key: tup
                             float(nuisance.shift[1] * share + rng.uniform(-room, room))),
                      blur=nuisance.blur * share)  # blur is given per output size: keep it per face size
     pixels = render_face(identity, placed, crop, rng)
-    landmarks = face_landmarks(identity, placed, crop) + rng.normal(0, LANDMARK_NOISE * face, (5, 2))
+    landmarks = placed_template(identity, nuisance, size, placed, crop) + rng.normal(0, LANDMARK_NOISE * face, (5, 2))
     return encode_jpeg(pixels, placed.jpeg_quality), landmarks, faceness(placed, rng)
 
 

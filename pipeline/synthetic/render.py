@@ -263,6 +263,15 @@ def render_face(identity: Identity, nuisance: Nuisance, size: int, rng: np.rando
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
+def image_transform(identity: Identity, nuisance: Nuisance, size: int) -> np.ndarray:
+    """(2, 3) similarity of `render_face`'s pose from the canonical plane (after the head's 3-D turn) to output
+    pixel centres: the image's frame, whose composition with another image's inverse frame maps one render of a
+    face onto another of the same face and nuisance at another scale, rotation and place."""
+    s = supersample_factor(size)
+    pose = Pose(identity.params, nuisance, size * s)
+    return np.c_[pose.linear / s, (pose.offset - (s - 1) / 2) / s]
+
+
 def face_landmarks(identity: Identity, nuisance: Nuisance, size: int) -> np.ndarray:
     """(5, 2) float64 pixel positions (pixel centres at integers) in `render_face`'s image of the five points an
     IJB detector reports: eye centres, nose tip, mouth corners, left to right as seen, through the same pose."""
