@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from helpers.teachers import Projection
 
 from pipeline.evaluation.alignment import (
     align_face,
@@ -31,18 +31,6 @@ SIZE, DIM = 16, 8
 TEMPLATE_112 = np.array([[30.2946, 51.6963], [65.5318, 51.5014], [48.0252, 71.7366], [33.5493, 92.3655],
                          [62.7299, 92.2041]]) + [8.0, 0.0]
 LEVELS = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
-
-
-class Projection(nn.Module):
-    """embedding = flattened NCHW input @ p."""
-
-    def __init__(self, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.register_buffer("p", torch.randn(3 * SIZE * SIZE, DIM, generator=g) / SIZE)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1) @ self.p
 
 
 # ------------------------------------------------------------------------------------- independent pieces
@@ -161,7 +149,7 @@ def write_ijb_folder(folder, identities=6, templates_per_identity=3, seed=0) -> 
 def ijb(tmp_path_factory):
     root = tmp_path_factory.mktemp("ijb")
     counts = write_ijb_folder(root / "IJBC")
-    model = Projection()
+    model = Projection(SIZE, DIM)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch >= 2.9 flags TorchScript as deprecated
         torch.jit.script(model).save(str(root / "model.ts"))
@@ -284,7 +272,7 @@ def test_feature_file_is_not_reused_for_another_model_or_other_images(ijb, cli, 
     shutil.copytree(root / "IJBC", other / "IJBC")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.script(Projection(seed=1)).save(str(other / "model.ts"))
+        torch.jit.script(Projection(SIZE, DIM, seed=1)).save(str(other / "model.ts"))
     shutil.copy(root / "model.ts", other / "same.ts")
     different_model = _run(cli, other, tmp_path, "--workers", 0)
     assert different_model.exit_code == 0 and "reused" not in different_model.output
