@@ -94,7 +94,8 @@ def main() -> None:
                    for s in range(0, len(decoded), args.batch_size)]
         cfg = ExtractionConfig(data=work / "data", teacher=work / "teacher.pt", out=work / "cache.h5",
                                batch_size=args.batch_size, shard_size=args.shard_size, device=device,
-                               dtype="float32")  # an untrained teacher's raw outputs can exceed float16
+                               dtype="float32",  # an untrained teacher's raw outputs can exceed float16
+                               threads=torch.get_num_threads())  # the bare forward's threads: like for like
         forward_rate(teacher, batches[:2])  # warm-up (allocator, kernel selection)
         forward, e2e = [], []
         for _ in range(args.repeats):

@@ -7,8 +7,22 @@ import re
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.settings import setting
 
 DEVICE_HELP = "auto (CUDA when available, else CPU), cpu, cuda or cuda:N."
+_DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_device_name(option: str, text) -> None:
+    """PipelineError unless `text` is auto / cpu / cuda / cuda:N (whether that device exists is checked
+    where it is used, by `resolve_device`)."""
+    if not isinstance(text, torch.device) and not _DEVICE_NAME.fullmatch(str(text)):
+        raise PipelineError(f"{option} {str(text)!r}: use {DEVICE_HELP}")
+
+
+def device_setting():
+    """The `--device` field of every config."""
+    return setting("auto", DEVICE_HELP, validate=check_device_name)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -24,8 +38,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if text == "cpu":
         return torch.device("cpu")
-    if not re.fullmatch(r"cuda(:\d+)?", text):
-        raise PipelineError(f"--device {text!r}: use {DEVICE_HELP}")
+    check_device_name("--device", text)
     if not torch.cuda.is_available():
         raise PipelineError(f"--device {text}: torch sees no CUDA device")
     index = torch.device(text).index

@@ -34,15 +34,16 @@ class Choice(str, enum.Enum):
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, min: float | None = None,
             max: float | None = None, above: float | None = None, choices: type[Choice] | None = None,
             flag: str | None = None, factory: typing.Callable[[], Any] | None = None, cli: bool = True,
-            cli_text: bool = False) -> Any:
+            cli_text: bool = False, validate: typing.Callable[[str, Any], None] | None = None) -> Any:
     """A config field: `default`, `help` (the --help text), bounds `min <= v <= max` and `v > above`,
     `choices` (the allowed values, as a Choice enum). No default: a required option.
 
     `flag` overrides the option name (default `--field-name`); `cli=False` keeps a field out of the CLI;
-    `cli_text=True` makes the CLI take the value as text, converted by the config's `__post_init__`.
+    `cli_text=True` makes the CLI take the value as text, converted by the config's `__post_init__`;
+    `validate(option_name, value)` checks what bounds and choices cannot (raising a one-line PipelineError).
     """
     metadata = {"help": help, "min": min, "max": max, "above": above, "choices": choices, "flag": flag,
-                "cli": cli, "cli_text": cli_text}
+                "cli": cli, "cli_text": cli_text, "validate": validate}
     if choices is not None and default not in (dataclasses.MISSING, None):
         default = choices(default).value
     if factory is not None:
@@ -69,6 +70,8 @@ def check(config: Any) -> None:
         value = getattr(config, field.name)
         if value is None:
             continue
+        if field.metadata.get("validate") is not None:
+            field.metadata["validate"](flag(field), value)
         choices = field.metadata.get("choices")
         if choices is not None:
             if str(value) not in choices.values():

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from pipeline.cache import TeacherCache
+from pipeline.io import output_lock
 from pipeline.search.pools import PoolsConfig, build_pools, describe, write_pools
 from stages import options
 
@@ -20,12 +21,13 @@ def build_pools_command(
 ) -> None:
     """Build identity-neighbour and hard-negative pools and the teacher's exact FPR thresholds."""
     started = time.perf_counter()
-    source = TeacherCache.open(cache)
-    try:
-        results = build_pools(source, config=cfg, progress=True)
-    finally:
-        source.close()
-    pools_path, thresholds_path = write_pools(out, results)
+    with output_lock(out):  # one build per folder; stale temporaries of killed builds go first
+        source = TeacherCache.open(cache)
+        try:
+            results = build_pools(source, config=cfg, progress=True)
+        finally:
+            source.close()
+        pools_path, thresholds_path = write_pools(out, results)
     print(f"wrote {pools_path} (centres {results.centres.shape[0]:,} x {results.centres.shape[1]}, "
           f"neighbours k={results.neighbours.shape[1]}, negative pairs m={results.neg_pairs.shape[0]:,})")
     print(f"wrote {thresholds_path}")

@@ -18,7 +18,8 @@ def command(
     teacher: Annotated[Path, typer.Option("--teacher", help="The teacher's evaluation folder (metrics.json, roc.csv).")],
     students: Annotated[Path, typer.Option("--students", help="Folder of student runs: every sub-folder with metrics.json.")],
     out: Annotated[Path, typer.Option("--out", help="Report folder: report.md, roc.png, summary.json.")],
-    baseline: Annotated[str, typer.Option("--baseline", help="Name of the no-KD student the gap is measured from.")] = "baseline",
+    baseline: Annotated[str, typer.Option("--baseline", help="Name of the no-KD student the gap is measured from "
+                                          "('' for a report without 'gap closed' columns).")] = "baseline",
     thresholds: Annotated[Optional[Path], typer.Option("--thresholds", help="thresholds.json from build-pools.")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Training folder: its contact_sheet.png (written by "
                                                  "synthesize) or a grid of its first identities goes in the report.")] = None,
@@ -31,9 +32,11 @@ def command(
     evaluated = sorted(p for p in students.iterdir() if (p / "metrics.json").is_file()) if students.is_dir() else []
     if not evaluated:
         raise PipelineError(f"{students}: no evaluated student runs (sub-folders with metrics.json)")
+    if baseline and baseline not in {run.name for run in evaluated}:
+        raise PipelineError(f"--baseline {baseline!r}: no evaluated student of that name in {students} (found "
+                            f"{', '.join(run.name for run in evaluated)}); name the no-KD run, or give --baseline '' "
+                            "for a report without 'gap closed' columns")
     results += [load_result(run, run.name, "baseline" if run.name == baseline else "student") for run in evaluated]
-    if not any(r.role == "baseline" for r in results):
-        print(f"warning: no student named {baseline!r}: the report has no 'gap closed' columns")
     teacher_train = load_thresholds(thresholds) if thresholds is not None else {}
     histories = {run.name: read_history(run / "dvclive") for run in run_folders(runs or [])}
     text, written = write_report(results, teacher_train, out, faces=training_faces(data) if data else None,

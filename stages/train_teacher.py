@@ -22,10 +22,17 @@ def run_config(cfg: TrainConfig, shape: BackboneShape, out: Path, source) -> Tra
 
 
 def print_summary(out: Path, summary: dict) -> None:
-    """Say how training ended and what it wrote."""
-    last = summary["history"][-1] if summary["history"] else {}
+    """Say how training ended and what it wrote (or that an earlier run had already finished it)."""
+    if summary.get("already_finished"):
+        print(f"training already finished: {out / 'model.pt'} was trained with these settings "
+              f"({summary['epochs_done']} epochs); nothing to do (--no-resume trains it again)")
+        return
     state = "finished" if summary["finished"] else f"stopped after epoch {summary['epochs_done']}"
-    print(f"training {state}: loss {last.get('loss', float('nan')):.4f}, {last.get('images_per_s', 0):.0f} img/s")
+    if summary["history"]:
+        last = summary["history"][-1]
+        print(f"training {state}: loss {last['loss']:.4f}, {last['images_per_s']:.0f} img/s")
+    else:
+        print(f"training {state}: every epoch was done by an earlier run")
     if summary["finished"]:
         print(f"wrote {out / 'model.pt'}")
     print(f"wrote {out / 'checkpoint.pt'} (resume point)")

@@ -23,6 +23,11 @@ TEACHER_FP = "a" * 64
 DATASET_FP = "b" * 64
 
 
+def sha256_of(array):
+    """The documented checksum: sha256 of the array's little-endian bytes in C order."""
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
 def write_cache_by_hand(path, rows=50, dim=8, seed=0, dtype="float16", complete=True, skip_attr=None):
     """A cache written directly with h5py from the documented key names (independent of the writer)."""
     rng = np.random.default_rng(seed)
@@ -30,7 +35,7 @@ def write_cache_by_hand(path, rows=50, dim=8, seed=0, dtype="float16", complete=
     labels = np.arange(rows, dtype=np.int64) // 5
     keys = np.arange(rows, dtype=np.int64) + 1
     attrs = {
-        "format_version": 1,
+        "format_version": 2,
         "teacher_fingerprint": TEACHER_FP,
         "teacher_name": "r18",
         "dataset_fingerprint": DATASET_FP,
@@ -40,14 +45,17 @@ def write_cache_by_hand(path, rows=50, dim=8, seed=0, dtype="float16", complete=
         "views": 2,
         "view_names": json.dumps(["original", "flipped"]),
         "dtype": dtype,
+        "embeddings_sha256": sha256_of(embeddings),
+        "labels_sha256": sha256_of(labels),
+        "keys_sha256": sha256_of(keys),
     }
     with h5py.File(path, "w") as f:
         f["embeddings"], f["labels"], f["keys"] = embeddings, labels, keys
         for name, value in attrs.items():
             if name != skip_attr:
                 f.attrs[name] = value
-        if complete:
-            f.attrs["complete"] = True
+        if complete is not None:
+            f.attrs["complete"] = complete
     return embeddings, labels, keys
 
 
@@ -133,6 +141,8 @@ def test_summary_norms_match_brute_force(tmp_path):
     "mutation, error, words",
     [
         ({"complete": False}, PipelineError, "incomplete"),
+        ({"complete": None}, PipelineError, "incomplete"),
+        ({"complete": "no"}, PipelineError, "incomplete"),  # a truthy string is not the mark
         ({"skip_attr": "dataset_fingerprint"}, DataError, "dataset_fingerprint"),
     ],
 )
@@ -153,6 +163,17 @@ def test_open_refuses_missing_garbage_and_inconsistent_files(tmp_path):
     with h5py.File(tmp_path / "c.h5", "a") as f:
         f.attrs["dim"] = 16  # the array is (50, 2, 8)
     with pytest.raises(DataError, match="shape"):
+        TeacherCache.open(tmp_path / "c.h5")
+
+
+@pytest.mark.parametrize("column", ["labels", "keys"])
+def test_an_edited_label_or_key_column_is_refused(tmp_path, column):
+    """Shifted labels (or keys) no longer match the checksum written with them."""
+    _, labels, keys = write_cache_by_hand(tmp_path / "c.h5")
+    shifted = np.roll(labels if column == "labels" else keys, 1)
+    with h5py.File(tmp_path / "c.h5", "a") as f:
+        f[column][...] = shifted
+    with pytest.raises(DataError, match=rf"c\.h5: dataset '{column}' does not match its checksum"):
         TeacherCache.open(tmp_path / "c.h5")
 
 
@@ -213,3 +234,5 @@ def test_assemble_concatenates_deterministically_with_complete_last(tmp_path):
     np.testing.assert_array_equal(cache.keys, np.arange(11) + 100)
     with h5py.File(tmp_path / "a.h5", "r") as f:
         assert list(f.attrs)[-1] == "complete"  # creation order is tracked in the final file
+        for name in ("embeddings", "labels", "keys"):  # the checksums, against a direct re-computation
+            assert f.attrs[f"{name}_sha256"] == sha256_of(f[name][()])

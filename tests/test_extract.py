@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -15,16 +16,19 @@ import pytest
 import torch
 import typer
 from helpers.data import write_gradient_faces
+from helpers.processes import environment, error_line
 from helpers.teachers import FailingTeacher, make_teacher, quiet
 from typer.testing import CliRunner
 from workers.dask_tasks import exit_once_then_run
 
+import pipeline.cache.worker as worker
 from pipeline.cache.build import ExtractionConfig, build_teacher_cache, shard_progress
 from pipeline.cache.format import TeacherCache
 from pipeline.cache.shards import shard_dir
 from pipeline.errors import DataError, PipelineError
 from pipeline.formats import open_face_source
 from pipeline.models.loading import load_embedder
+from pipeline.models.model_file import load_model
 from stages.extract_teacher import COMMANDS
 
 ROWS, SHARD, BATCH = 150, 32, 16  # 5 shards of 2 batches (the last shard is shorter)
@@ -44,8 +48,9 @@ def setup(tmp_path_factory):
 
 
 def config(data, teacher, out, **kw):
+    """One torch thread per forward unless `kw` says otherwise (the suite shares two busy cores)."""
     return ExtractionConfig(data=data, teacher=teacher, out=out, shard_size=SHARD, batch_size=BATCH,
-                            device="cpu", **kw)
+                            device="cpu", **{"threads": 1, **kw})
 
 
 def sha256(path):
@@ -64,7 +69,10 @@ def test_contract_attributes(setup):
     assert attrs["dataset_fingerprint"] == source.fingerprint()
     assert json.loads(attrs["preprocessing"]) == {"size": 32, "mean": 0.5, "std": 0.5, "color": "RGB",
                                                   "layout": "NCHW", "flip": "horizontal"}
-    assert (attrs["dim"], attrs["views"], attrs["dtype"], attrs["format_version"]) == (32, 2, "float16", 1)
+    assert (attrs["dim"], attrs["views"], attrs["dtype"], attrs["format_version"]) == (32, 2, "float16", 2)
+    with h5py.File(setup["reference"], "r") as f:
+        for name in ("embeddings", "labels", "keys"):
+            assert attrs[f"{name}_sha256"] == hashlib.sha256(f[name][()].tobytes()).hexdigest()
     assert attrs["complete"] and not shard_dir(setup["reference"]).exists()
 
 
@@ -159,7 +167,7 @@ def test_image_size_must_match_teacher(setup, tmp_path):
 def _start_slow_run(setup, out, delay=0.25):
     args = [sys.executable, str(SLOW_EXTRACTION), str(setup["data"]), str(setup["teacher"]), str(out), str(SHARD),
             str(BATCH), str(delay)]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment())
 
 
 def _kill_when(process, condition, timeout=60.0):
@@ -197,6 +205,61 @@ def test_sigkill_at_any_point_then_rerun_is_bit_identical(setup, tmp_path):
     assert not shards.exists() and not partial_final.exists()
 
 
+def test_a_second_extraction_into_the_same_cache_is_refused_naming_the_first(setup, tmp_path, cli):
+    out = tmp_path / "cache.h5"
+    first = _start_slow_run(setup, out)
+    try:
+        deadline = time.monotonic() + 60
+        while not (shard_dir(out) / "manifest.json").exists():  # the first run holds the lock by now
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read().decode()[-2000:]
+            time.sleep(0.02)
+        args = ["extract-teacher", "--data", setup["data"], "--teacher", setup["teacher"], "--out", out,
+                "--device", "cpu", "--batch-size", BATCH, "--shard-size", SHARD, "--threads", 1]
+        second = cli(*args)
+        assert second.exit_code == 2
+        assert error_line(second.output).startswith(f"error: {out}: another run (PID {first.pid}) is writing it")
+        assert first.poll() is None and not out.exists()  # the first run goes on undisturbed
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert cli(*args).exit_code == 0  # the killed run's lock went with it; its shards are reused
+    assert sha256(out) == sha256(setup["reference"])
+
+
+def test_every_forward_runs_with_the_fixed_thread_count(setup, tmp_path, monkeypatch):
+    """The cache's bytes depend on the intra-op thread count: each forward runs with --threads, whatever this
+    process (or a Dask worker) is set to, and the process's own setting is restored afterwards."""
+    seen = []
+    forward = worker.forward_views
+
+    def recording_forward(teacher, images):
+        seen.append(torch.get_num_threads())
+        return forward(teacher, images)
+
+    monkeypatch.setattr(worker, "forward_views", recording_forward)
+    before = torch.get_num_threads()
+    build_teacher_cache(config(setup["data"], setup["teacher"], tmp_path / "cache.h5", threads=before + 2), log=quiet)
+    assert seen and set(seen) == {before + 2} and torch.get_num_threads() == before
+
+
+def test_a_torchscript_teacher_takes_its_input_size_from_the_data(setup, tmp_path, cli):
+    """A TorchScript file declares no input size: the data's 32x32 is used (not 112), or --input-size."""
+    model, _ = load_model(setup["teacher"])
+    scripted = tmp_path / "teacher.torchscript"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.trace(model, torch.zeros(1, 3, 32, 32)).save(scripted)
+    args = ["extract-teacher", "--data", setup["data"], "--teacher", scripted, "--device", "cpu", "--threads", 1]
+    result = cli(*args, "--out", tmp_path / "cache.h5")
+    assert result.exit_code == 0, result.output
+    cache = TeacherCache.open(tmp_path / "cache.h5")
+    assert cache.preprocessing["size"] == 32
+    np.testing.assert_allclose(cache.embeddings(), TeacherCache.open(setup["reference"]).embeddings(), atol=2e-3)
+    result = cli(*args, "--out", tmp_path / "other.h5", "--input-size", 48)
+    assert result.exit_code == 2 and not (tmp_path / "other.h5").exists()
+    assert error_line(result.output).startswith(f"error: {scripted}: model fails on a (1, 3, 48, 48) input: ")
+
+
 def test_cli_commands(setup, tmp_path):
     app = typer.Typer()
     for name, function in COMMANDS.items():
@@ -205,7 +268,7 @@ def test_cli_commands(setup, tmp_path):
     out = tmp_path / "cache.h5"
     result = runner.invoke(app, ["extract-teacher", "--data", str(setup["data"]), "--teacher", str(setup["teacher"]),
                                  "--out", str(out), "--batch-size", str(BATCH), "--shard-size", str(SHARD),
-                                 "--device", "cpu"])
+                                 "--device", "cpu", "--threads", "1"])
     assert result.exit_code == 0, result.output
     assert sha256(out) == sha256(setup["reference"])
     info = runner.invoke(app, ["cache-info", str(out)])
@@ -226,6 +289,16 @@ def test_two_worker_cluster_matches_in_process(setup, tmp_path, dask_client):
     out = tmp_path / "cache.h5"
     summary = build_teacher_cache(config(setup["data"], setup["teacher"], out), client=dask_client, log=quiet)
     assert summary["shards_run"] == 5
+    assert sha256(out) == sha256(setup["reference"])
+
+
+def test_an_in_process_run_resumed_on_dask_gives_the_same_bytes(setup, tmp_path, dask_client):
+    out = tmp_path / "cache.h5"
+    failing = FailingTeacher(load_embedder(setup["teacher"]), raise_on=5)  # two shards done in this process
+    with pytest.raises(OSError):
+        build_teacher_cache(config(setup["data"], setup["teacher"], out), teacher=failing, log=quiet)
+    summary = build_teacher_cache(config(setup["data"], setup["teacher"], out), client=dask_client, log=quiet)
+    assert (summary["shards_reused"], summary["shards_run"]) == (2, 3)
     assert sha256(out) == sha256(setup["reference"])
 
 

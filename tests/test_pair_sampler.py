@@ -97,3 +97,15 @@ def test_sampler_config_builds_the_pair_sampler_from_pools_tables():
         HardPairBatchSampler(LABELS, 4, 8, pairs, per_identity=4, seed=1))
     with pytest.raises(PipelineError, match="--sampler pairs needs --pools"):
         SamplerConfig(sampler="pairs").factory(LABELS, 4, 0, None)
+
+
+def test_pair_share_fills_the_rest_with_random_identities():
+    pairs = pool_pairs(15)
+    pool = {tuple(p) for p in pairs.tolist()}
+    sampler = HardPairBatchSampler(LABELS, 4, 32, pairs, per_identity=4, seed=5, pair_share=0.5)  # 8 identities
+    for batch in sampler:
+        parts = blocks(batch, 4, 4)
+        assert len({int(LABELS[b[0]]) for b in parts}) == 8
+        assert all((first[0], second[0]) in pool for first, second in zip(parts[0:4:2], parts[1:4:2]))
+    with pytest.raises(PipelineError, match="pair share 1.5"):
+        HardPairBatchSampler(LABELS, 4, 8, pairs, pair_share=1.5)

@@ -1,4 +1,5 @@
 """pipeline.search.pools and the build-pools stage: contents against brute force, the files' contract, bad input."""
+import hashlib
 import json
 import logging
 
@@ -91,7 +92,8 @@ def test_files_round_trip_and_thresholds_json_is_dvc_metrics(tmp_path):
         np.testing.assert_array_equal(pools[name], getattr(results, name))
     assert pools["centres"].dtype == np.float32 and pools["neg_pairs"].dtype == np.int64
     assert pools["neighbours"].dtype == np.int64 and pools["class_sizes"].dtype == np.int64
-    assert pools["attrs"]["complete"] and pools["attrs"]["format_version"] == 1
+    assert pools["attrs"]["complete"] and pools["attrs"]["format_version"] == 2
+    assert pools["attrs"]["thresholds_json_sha256"] == hashlib.sha256(thresholds_path.read_bytes()).hexdigest()
 
     document = json.load(open(thresholds_path))
     assert [key for key in document if not isinstance(document[key], dict)] == FPR_KEYS
@@ -117,15 +119,17 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path):
 def test_load_pools_refuses_incomplete_and_malformed_files(tmp_path):
     path = tmp_path / "pools.h5"
     with h5py.File(path, "w") as f:  # every dataset, but the writer never reached `complete`
+        f.attrs["format_version"] = 2
         f["centres"], f["class_sizes"] = np.zeros((3, 4), np.float32), np.ones(3, np.int64)
         f["neighbours"], f["neighbour_sims"] = np.zeros((3, 2), np.int64), np.zeros((3, 2), np.float32)
         f["neg_pairs"], f["neg_sims"] = np.zeros((5, 2), np.int64), np.zeros(5, np.float32)
     with pytest.raises(DataError, match="incomplete"):
         load_pools(path)
-    with h5py.File(path, "a") as f:
-        f.attrs["complete"] = False
-    with pytest.raises(DataError, match="incomplete"):
-        load_pools(path)
+    for mark in (False, "no"):  # only the boolean True marks a complete file
+        with h5py.File(path, "a") as f:
+            f.attrs["complete"] = mark
+        with pytest.raises(DataError, match="incomplete"):
+            load_pools(path)
     with h5py.File(path, "a") as f:
         f.attrs["complete"] = True
         del f["neg_sims"]
@@ -173,10 +177,13 @@ def write_cache(path, views, labels, nan_row=None):
     data = views.astype(np.float16)
     if nan_row is not None:
         data[nan_row, 1, 2] = np.nan
+    keys = np.arange(len(labels), dtype=np.int64) + 1
     attrs = contract_attrs(teacher_fingerprint="t" * 64, teacher_name="r18", dataset_fingerprint="d" * 64,
                            preprocessing={"size": 112}, rows=len(labels), dim=views.shape[2], dtype="float16")
+    for name, values in (("embeddings", data), ("labels", labels), ("keys", keys)):
+        attrs[f"{name}_sha256"] = hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
     with h5py.File(path, "w") as f:
-        f["embeddings"], f["labels"], f["keys"] = data, labels, np.arange(len(labels), dtype=np.int64) + 1
+        f["embeddings"], f["labels"], f["keys"] = data, labels, keys
         for name, value in attrs.items():
             f.attrs[name] = value
         f.attrs["complete"] = True

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers.processes import error_line
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -180,3 +181,23 @@ def test_ijb_table_when_runs_have_ijb_results(evaluations):
     assert ekd["gap closed @1e-4"] == f"{(0.3 - 0.1) / (0.5 - 0.1):.3f}"
     summary = json.loads((evaluations / "report" / "summary.json").read_text())
     assert summary["teacher"]["ijbc_tpr@1e-4"] == 0.5 and summary["ekd"]["ijbc_tpr@1e-6"] == 0.1
+def test_a_baseline_that_names_no_student_is_refused(evaluations):
+    result = run_report(evaluations, "--baseline", "nosuch")
+    assert result.exit_code == 2 and not (evaluations / "report").exists()
+    assert error_line(result.output) == (f"error: --baseline 'nosuch': no evaluated student of that name in "
+                                         f"{evaluations / 'students'} (found baseline, ekd); name the no-KD run, "
+                                         "or give --baseline '' for a report without 'gap closed' columns")
+    result = run_report(evaluations, "--baseline", "")
+    assert result.exit_code == 0, result.output
+    assert "gap closed" not in (evaluations / "report" / "report.md").read_text()
+
+
+def test_reordered_thresholds_are_refused(evaluations):
+    path = evaluations / "thresholds.json"
+    document = json.loads(path.read_text())
+    document["1e-3"], document["1e-4"] = document["1e-4"], document["1e-3"]
+    path.write_text(json.dumps(document))
+    result = run_report(evaluations, "--thresholds", path)
+    assert result.exit_code == 2 and not (evaluations / "report").exists()
+    assert error_line(result.output).startswith(f"error: {path}: threshold at FPR 1e-4 (0.55) is below the one at "
+                                                "FPR 1e-3 (0.65); thresholds must not decrease as the FPR falls")

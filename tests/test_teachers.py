@@ -1,6 +1,7 @@
 """Teacher loading (arcface_torch state dicts, own checkpoints, TorchScript, ONNX) and model checkpoints."""
 
 import hashlib
+import pickle
 import sys
 import warnings
 
@@ -132,12 +133,27 @@ def test_pickle_with_arbitrary_globals_is_refused_without_executing(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"conv1.weight": torch.zeros(1), "payload": _Payload(marker)}, path)
     for loader in (load_embedder, load_model):
-        with pytest.raises(PipelineError, match="weights-only"):
+        with pytest.raises(PipelineError, match=r"evil\.pt: not a plain state dict: loading it would run code "
+                                                r"\(.*open\), which is refused; .*model\.state_dict\(\)") as info:
             loader(path)
+        assert "weights_only" not in str(info.value) and "\n" not in str(info.value)  # never the advice to lift it
     assert not marker.exists()
     # The payload is live: an unrestricted load would have run it.
     torch.load(path, weights_only=False)
     assert marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"garbage, not a torch file", pickle.dumps({"a": 1.0}, protocol=4),
+                                     b"PK\x03\x04 a torn zip"])
+def test_a_garbage_file_is_one_line_without_torch_advice(tmp_path, content, cli):
+    path = tmp_path / "weights.pt"
+    path.write_bytes(content)
+    with pytest.raises(PipelineError, match=r"weights\.pt: not a torch weights file \(corrupt, truncated or another "
+                                            r"format; ") as info:
+        load_embedder(path)
+    assert "weights_only" not in str(info.value) and "\n" not in str(info.value)
+    result = cli("evaluate", "--model", path, "--data", tmp_path, "--out", tmp_path / "eval")
+    assert result.exit_code == 2 and result.output.strip() == f"error: {info.value}"
 
 
 # ------------------------------------------------------------------ own checkpoints

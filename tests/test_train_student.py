@@ -30,7 +30,7 @@ from pipeline.models.loading import load_embedder
 from pipeline.models.model_file import load_model, safe_torch_load, save_model
 from pipeline.models.preprocess import to_tensor
 from pipeline.search.pools import load_pools
-from pipeline.training import samplers
+from pipeline.training import sampling
 from pipeline.training.data import FlipAugment
 from pipeline.training.loop import Distillation, TrainConfig, train
 from pipeline.training.samplers import BalancedBatchSampler
@@ -89,7 +89,7 @@ def world(tmp_path_factory):
     for dtype in ("float32", "float16"):
         out = root / f"cache-{dtype}.h5"
         cfg = ExtractionConfig(data=data, teacher=teacher_path, out=out, dtype=dtype, batch_size=32,
-                               shard_size=64, device="cpu")
+                               shard_size=64, device="cpu", threads=1)
         build_teacher_cache(cfg, teacher=teacher, log=quiet)
         caches[dtype] = TeacherCache.open(out)
     return {"root": root, "data": data, "source": source, "teacher": teacher, "caches": caches, "online": {}}
@@ -200,7 +200,7 @@ def pipeline_run(world, cli):
     root.mkdir()
     teacher = shutil.copy(world["root"] / "teacher.pt", root / "teacher.pt")
     cache, pools = root / "cache.h5", root / "pools"
-    for args in (["extract-teacher", "--data", world["data"], "--teacher", teacher, "--out", cache,
+    for args in (["extract-teacher", "--threads", 1, "--data", world["data"], "--teacher", teacher, "--out", cache,
                   "--device", "cpu", "--batch-size", 32],
                  ["build-pools", "--cache", cache, "--out", pools, "--k", 4, "--m", 200]):
         result = cli(*args)
@@ -230,7 +230,7 @@ def test_cli_ekd_global_with_pools(world, pipeline_run, no_teacher, monkeypatch,
             seen["neighbours"] = kwargs["neighbours"]
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(samplers, "BalancedBatchSampler", SpySampler)
+    monkeypatch.setattr(sampling, "BalancedBatchSampler", SpySampler)
     out = pipeline_run["root"] / "ekd-global"
     queue = 1000  # larger than every embedding the run produces: the queue then counts them all
     result = cli(*student_args(world, out, "--cache", pipeline_run["cache"], "--pools", pipeline_run["pools"],
@@ -290,8 +290,8 @@ def test_cli_refuses_pools_of_another_teacher(world, pipeline_run, monkeypatch, 
     root = pipeline_run["root"]
     other_teacher = make_teacher(root / "other-teacher.pt", seed=7)
     other_cache, other_pools = root / "other-cache.h5", root / "other-pools"
-    for args in (["extract-teacher", "--data", world["data"], "--teacher", other_teacher, "--out", other_cache,
-                  "--device", "cpu"], ["build-pools", "--cache", other_cache, "--out", other_pools, "--k", 4]):
+    for args in (["extract-teacher", "--threads", 1, "--data", world["data"], "--teacher", other_teacher, "--out",
+                  other_cache, "--device", "cpu"], ["build-pools", "--cache", other_cache, "--out", other_pools, "--k", 4]):
         assert cli(*args).exit_code == 0
     forbid_teacher(monkeypatch)
     out = root / "wrong-pools"

@@ -1,9 +1,14 @@
 """The training loop on CPU: exact resume, determinism, refused resumes, flips reaching model and targets,
 margin_samples. (The DDP run is in test_training_ddp.py.)"""
+import json
+import signal
+import time
+
 import numpy as np
 import pytest
 import torch
 from helpers.data import FACE_SIZE
+from helpers.processes import start_worker
 from helpers.training import (
     EMBEDDING_DIM,
     TINY_MBF,
@@ -97,13 +102,55 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(faces, tmp_path, case):
 
 
 def test_a_killed_run_leaves_no_stray_history_on_resume(tmp_path):
-    """Rows logged after the last checkpoint by a run that then died are dropped when it resumes."""
-    live = tmp_path / "dvclive" / "plots" / "metrics" / "train"
-    live.mkdir(parents=True)
-    (live / "loss.tsv").write_text("step\tloss\n0\t3.0\n5\t2.0\n6\t1.5\n11\t1.0\n")
+    """Rows logged after the last checkpoint by a run that then died are dropped when it resumes, a row and a
+    summary torn by the kill too; the summary is what it was at the checkpoint."""
+    live = tmp_path / "dvclive" / "plots" / "metrics"
+    (live / "train").mkdir(parents=True)
+    (live / "kd" / "ekd").mkdir(parents=True)
+    (live / "train" / "loss.tsv").write_text("step\tloss\n0\t3.0\n5\t2.0\n6\t1.5\n11\t1.0\n")
+    (live / "kd" / "ekd" / "pairs.tsv").write_text("step\tpairs\n0\t8.0\n5\t9.0\n1")  # torn while writing "11..."
+    (tmp_path / "dvclive" / "metrics.json").write_text('{"train": {"lo')  # torn as well
     truncate_history(tmp_path / "dvclive", 6)
-    assert (live / "loss.tsv").read_text() == "step\tloss\n0\t3.0\n5\t2.0\n"
-    assert read_history(tmp_path / "dvclive") == {"train/loss": ([0, 5], [3.0, 2.0])}
+    assert (live / "train" / "loss.tsv").read_text() == "step\tloss\n0\t3.0\n5\t2.0\n"
+    assert (live / "kd" / "ekd" / "pairs.tsv").read_text() == "step\tpairs\n0\t8.0\n5\t9.0\n"
+    assert read_history(tmp_path / "dvclive") == {"train/loss": ([0, 5], [3.0, 2.0]),
+                                                  "kd/ekd/pairs": ([0, 5], [8.0, 9.0])}
+    assert json.loads((tmp_path / "dvclive" / "metrics.json").read_text()) == {
+        "kd": {"ekd": {"pairs": 9.0}}, "train": {"loss": 2.0}, "step": 5}
+
+
+def _logged_steps(tsv) -> list[int]:
+    """Steps of a DVCLive metric file being written (an unfinished last line is skipped)."""
+    try:
+        lines = tsv.read_text().splitlines()[1:]
+    except FileNotFoundError:
+        return []
+    return [int(line.split("\t")[0]) for line in lines if "\t" in line]
+
+
+def test_dvclive_history_is_continuous_across_a_sigkill(random_faces, tmp_path, cli):
+    """A run SIGKILLed in the middle of epoch 2 (after logging some of its steps) and rerun ends with the
+    history of the uninterrupted run: epoch 1 kept, the killed epoch's rows replaced, nothing lost."""
+    args = ["train-teacher", "--data", random_faces, "--arch", "mbf", "--width", 0.125, "--embedding-size", 16,
+            "--epochs", 3, "--batch-size", 8, "--lr", 0.05, "--workers", 0, "--device", "cpu", "--log-every", 1]
+    assert cli(*args, "--out", tmp_path / "straight").exit_code == 0
+    out = tmp_path / "killed"
+    losses = out / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv"
+    process = start_worker("slow_train", 0.2, *args, "--out", out)
+    deadline = time.monotonic() + 120
+    while not ((out / "checkpoint.pt").exists() and max(_logged_steps(losses), default=0) >= 7):  # epoch 2: 6..11
+        assert process.poll() is None, process.stderr.read()[-2000:]
+        assert time.monotonic() < deadline, "the run never reached epoch 2"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "model.pt").exists() and max(_logged_steps(losses)) >= 7  # rows past the checkpoint
+    result = cli(*args, "--out", out)
+    assert result.exit_code == 0, result.output
+    histories = [read_history(run / "dvclive") for run in (out, tmp_path / "straight")]
+    untimed = [{k: v for k, v in h.items() if "images_per_s" not in k} for h in histories]
+    assert untimed[0] == untimed[1]
+    assert untimed[0]["epoch/loss"][0] == [5, 11, 17] and untimed[0]["train/loss"][0] == list(range(18))
 
 
 def test_same_seed_same_weights_other_seed_other_weights(faces, tmp_path):
@@ -118,11 +165,14 @@ def test_same_seed_same_weights_other_seed_other_weights(faces, tmp_path):
 
 def test_resume_with_changed_settings_is_refused(faces, tmp_path):
     training.train(tiny_config(tmp_path, stop_after_epochs=1), faces, faces.num_classes)
-    with pytest.raises(PipelineError, match=r"different settings \(lr\)"):
+    with pytest.raises(PipelineError, match=r"different settings: lr 0.1 -> 0.2; "):
         training.train(tiny_config(tmp_path, lr=0.2), faces, faces.num_classes)
-    with pytest.raises(PipelineError, match=r"different settings \(arch_kwargs, margin\)"):
+    with pytest.raises(PipelineError, match=r"different settings: arch_kwargs .* -> .*, margin 'arcface' -> "
+                                            r"'cosface'; "):
         training.train(tiny_config(tmp_path, margin="cosface", arch_kwargs={**TINY_MBF, "width": 0.25}),
                        faces, faces.num_classes)
+    with pytest.raises(PipelineError, match=r"different settings: kd \(unset\) -> 'l2'; "):
+        training.train(tiny_config(tmp_path), faces, faces.num_classes, settings={"kd": "l2"})
     # run-length and machine knobs may change
     summary = training.train(tiny_config(tmp_path, workers=1, stop_after_epochs=5), faces, faces.num_classes)
     assert summary["epochs_done"] == 2 and summary["finished"]

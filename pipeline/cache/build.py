@@ -2,7 +2,14 @@
 
 A rerun on a complete, matching cache is a no-op; after a crash it keeps every finished shard, redoes the
 rest, and produces the same bytes as an uninterrupted run. A cache or shard folder from another teacher,
-dataset, dim, dtype or shard size is refused (both fingerprints printed) unless `overwrite=True`.
+dataset, dim, dtype, shard size or thread count is refused (both fingerprints printed) unless
+`overwrite=True`. One extraction writes a cache at a time (`output_lock`).
+
+What is guaranteed about the bytes: on CPU, with the same torch build, CPU instruction set and `threads`,
+the cache is byte-identical whatever the worker layout (in this process, any number of Dask workers,
+interrupted and resumed in either): shards are fixed row ranges, batches fixed within a shard, and every
+forward runs with `threads` intra-op threads. Another `threads`, another CPU or a GPU (cuDNN's algorithm
+choice, fp16 autocast) gives values that agree to rounding, not the same bytes.
 """
 from __future__ import annotations
 
@@ -34,13 +41,14 @@ from pipeline.cache.shards import (
 from pipeline.cache.worker import (
     ShardJob,
     default_decode_threads,
+    default_forward_threads,
     prepare_teacher,
     run_shard,
 )
-from pipeline.devices import DEVICE_HELP, resolve_device
+from pipeline.devices import device_setting, resolve_device
 from pipeline.errors import DataError, PipelineError
 from pipeline.formats import open_face_source
-from pipeline.io import refuse_mismatch
+from pipeline.io import output_lock, refuse_mismatch
 from pipeline.models import Arch
 from pipeline.models.loading import file_sha256, load_embedder
 from pipeline.models.preprocess import preprocessing_attrs
@@ -60,9 +68,14 @@ class ExtractionConfig:
     batch_size: int = setting(256, "Images per forward (each is run with its flip).", min=1)
     shard_size: int = setting(16384, "Rows per resumable shard file.", min=1)
     dtype: str = setting("float16", "Stored embedding type: float16 or float32.", choices=CacheDtype)
-    device: str = setting("auto", DEVICE_HELP)
+    device: str = device_setting()
     decode_threads: int = setting(0, "JPEG decode threads per process (0 = sized to the machine).", min=0,
                                   cli=False)
+    threads: int = setting(0, "Torch threads of each teacher forward on CPU, in this process and in every Dask "
+                              "worker: the cache's bytes depend on it, not on --workers (0 = min(4, CPU cores)).",
+                           min=0)
+    input_size: Optional[int] = setting(None, "Input size of a TorchScript/ONNX teacher that does not declare it "
+                                              "(default: the data's image size).", min=16)
     overwrite: bool = setting(False, "Rebuild even if a cache from another teacher/dataset exists.")
 
     def __post_init__(self):
@@ -103,6 +116,7 @@ def _manifest(cfg: ExtractionConfig, teacher, dataset_fp: str, rows: int) -> dic
         "dtype": cfg.dtype,
         "rows": int(rows),
         "shard_size": int(cfg.shard_size),
+        "threads": int(cfg.threads),
     }
 
 
@@ -149,14 +163,31 @@ def _reusable_shards(cfg: ExtractionConfig, folder: Path, manifest: dict, log) -
     return done
 
 
-def _check_config(cfg: ExtractionConfig) -> ExtractionConfig:
-    return replace(cfg, decode_threads=cfg.decode_threads or default_decode_threads())
+def _check_config(cfg: ExtractionConfig, teacher_given: bool) -> ExtractionConfig:
+    """`cfg` with its automatic values resolved; PipelineError for a missing teacher or a folder as --out."""
+    if not teacher_given and not cfg.teacher.is_file():
+        raise PipelineError(f"--teacher {cfg.teacher}: file not found")
+    if cfg.out.is_dir():
+        raise PipelineError(f"--out {cfg.out}: is a folder; name the cache file to write, e.g. "
+                            f"{cfg.out / 'teacher.h5'}")
+    return replace(cfg, decode_threads=cfg.decode_threads or default_decode_threads(),
+                   threads=cfg.threads or default_forward_threads())
+
+
+def _size_hint(cfg: ExtractionConfig, source) -> int | None:
+    """--input-size, else the data's side for square images: what a TorchScript/ONNX teacher gets when its
+    file does not declare its input size."""
+    if cfg.input_size is not None:
+        return cfg.input_size
+    size = source.image_size
+    return int(size[0]) if size is not None and size[0] == size[1] else None
 
 
 def _load_checked_teacher(cfg: ExtractionConfig, source, on_dask: bool):
     """The teacher (on CPU when it only has to describe itself for Dask workers), its input size checked."""
     device = "cpu" if on_dask else resolve_device(cfg.device)
-    teacher = prepare_teacher(load_embedder(cfg.teacher, arch=cfg.arch, device=device))
+    teacher = prepare_teacher(load_embedder(cfg.teacher, arch=cfg.arch, device=device,
+                                            size_hint=_size_hint(cfg, source)))
     _check_image_size(cfg, source, teacher)
     return teacher
 
@@ -182,7 +213,12 @@ def build_teacher_cache(
     (instrumentation and fault-injection hook; it must be importable by the workers).
     """
     started = time.perf_counter()
-    cfg = _check_config(cfg)
+    cfg = _check_config(cfg, teacher_given=teacher is not None)
+    with output_lock(cfg.out):
+        return _build(cfg, client, teacher, shard_task, log, started)
+
+
+def _build(cfg: ExtractionConfig, client, teacher, shard_task, log, started: float) -> dict:
     source = open_face_source(cfg.data)
     rows, dataset_fp = len(source), source.fingerprint()
     if rows == 0:
@@ -210,7 +246,7 @@ def build_teacher_cache(
         log(f"{folder}: resuming, {len(done)}/{len(shards)} shards already finished")
     meta = {k: manifest[k] for k in SHARD_META}
     jobs = [ShardJob(str(cfg.data), str(cfg.teacher), cfg.arch, cfg.device, cfg.batch_size, cfg.decode_threads,
-                     shard, meta) for shard in todo]
+                     shard, meta, cfg.threads, _size_hint(cfg, source)) for shard in todo]
     if client is None:
         _run_in_process(jobs, teacher, source, sum(s.rows for s in done), rows)
     else:

@@ -2,11 +2,14 @@
 
 One row per training image, in dataset order: `embeddings` (N, views, D) raw teacher outputs (float16 by
 default) with views = (original, horizontally flipped), `labels` (N,) int64, `keys` (N,) int64, and
-attributes that say which teacher, which dataset and which preprocessing produced them. `complete=True` is
-written last, so a file without it is never trusted. The writer lives in `shards.py` / `build.py`.
+attributes that say which teacher, which dataset and which preprocessing produced them, and sha256 checksums
+of the three datasets. `complete=True` (the boolean) is written last, so a file without it is never trusted.
+Opening checks the labels and keys against their checksums (an edited or shifted label column is refused);
+the embeddings checksum makes the cache's `fingerprint`. The writer lives in `shards.py` / `build.py`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,10 +19,10 @@ import h5py
 import numpy as np
 
 from pipeline.errors import DataError, PipelineError
-from pipeline.io import open_artifact, refuse_mismatch
+from pipeline.io import array_sha256, open_artifact, refuse_mismatch
 from pipeline.settings import Choice
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checksums of embeddings, labels and keys
 VIEW_NAMES = ("original", "flipped")
 
 
@@ -32,6 +35,7 @@ class CacheDtype(Choice):
 
 DTYPES = CacheDtype.values()
 DATASETS = ("embeddings", "labels", "keys")
+CHECKSUM_ATTRS = tuple(f"{name}_sha256" for name in DATASETS)
 # Written in this order; `complete` is not part of it because it must come after everything else.
 CONTRACT_ATTRS = (
     "format_version",
@@ -44,6 +48,7 @@ CONTRACT_ATTRS = (
     "views",
     "view_names",
     "dtype",
+    *CHECKSUM_ATTRS,
 )
 READ_ROWS = 65536  # rows per HDF5 read when streaming
 
@@ -58,7 +63,8 @@ def contract_attrs(
     dim: int,
     dtype: str,
 ) -> dict:
-    """The cache attributes (everything but `complete`) in their on-disk form and order."""
+    """The cache attributes (everything but the checksums, which the merge adds, and `complete`) in their
+    on-disk form and order."""
     if dtype not in DTYPES:
         raise PipelineError(f"unsupported cache dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     values = {
@@ -73,7 +79,7 @@ def contract_attrs(
         "view_names": json.dumps(list(VIEW_NAMES)),
         "dtype": dtype,
     }
-    return {name: values[name] for name in CONTRACT_ATTRS}
+    return {name: values[name] for name in CONTRACT_ATTRS if name in values}
 
 
 def write_attrs(target: h5py.HLObject, attrs: dict) -> None:
@@ -88,7 +94,9 @@ def mark_complete(target: h5py.HLObject) -> None:
 
 
 def is_marked_complete(target: h5py.HLObject) -> bool:
-    return bool(target.attrs.get("complete", False))
+    """Only the boolean True counts (a string "no" is truthy, and means nothing)."""
+    value = target.attrs.get("complete", False)
+    return isinstance(value, (bool, np.bool_)) and bool(value)
 
 
 def _plain(value):
@@ -114,6 +122,7 @@ class TeacherCache:
         self._handle: h5py.File | None = None
         self._pid: int | None = None
         self._memory: np.ndarray | None = None
+        self._finite = False  # the RAM copy was checked for NaN/inf
 
     # ------------------------------------------------------------------ opening and validation
     @classmethod
@@ -134,6 +143,10 @@ class TeacherCache:
             cache._validate_shapes(handle)
             cache.labels = handle["labels"][()].astype(np.int64, copy=False)
             cache.keys = handle["keys"][()].astype(np.int64, copy=False)
+        for name in ("labels", "keys"):
+            if array_sha256(getattr(cache, name)) != attrs[f"{name}_sha256"]:
+                raise DataError(f"{path}: dataset {name!r} does not match its checksum (edited or corrupted); "
+                                "rebuild it with `pipeline extract-teacher --overwrite`")
         return cache
 
     def _validate_shapes(self, handle: h5py.File) -> None:
@@ -183,6 +196,25 @@ class TeacherCache:
     @property
     def preprocessing(self) -> dict:
         return json.loads(self.attrs["preprocessing"])
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over every contract attribute, the content checksums included: equal fingerprints, equal
+        caches (what a student run and the pools built from the cache record)."""
+        return hashlib.sha256(json.dumps(self.attrs, sort_keys=True).encode()).hexdigest()
+
+    def check_rows(self, labels: np.ndarray, keys: np.ndarray, data: object) -> None:
+        """DataError naming the first row whose label or record key differs from the training data's."""
+        for name, mine, theirs in (("keys", self.keys, keys), ("labels", self.labels, labels)):
+            theirs = np.asarray(theirs, dtype=np.int64)
+            if mine.shape != theirs.shape:
+                raise DataError(f"{self.path}: {mine.size} rows but {data} has {theirs.size} images")
+            differ = np.flatnonzero(mine != theirs)
+            if differ.size:
+                row = int(differ[0])
+                raise DataError(f"{self.path}: row {row} has {name[:-1]} {int(mine[row])} but {data} has "
+                                f"{int(theirs[row])} ({differ.size} rows differ); rebuild it with "
+                                "`pipeline extract-teacher --overwrite`")
 
     def check_compatible(self, teacher_fp: str, dataset_fp: str) -> None:
         """PipelineError printing both fingerprints unless the cache came from this teacher and dataset."""
@@ -264,17 +296,30 @@ class TeacherCache:
         return True
 
     def to_torch(self, views: Sequence[int] = (0, 1), max_bytes: int | None = None):
-        """The whole cache as a torch tensor (N, len(views), D) in the stored dtype (training targets)."""
+        """The whole cache as a torch tensor (N, len(views), D) in the stored dtype (training targets);
+        DataError naming the row and key of a NaN/inf (it would only surface as a non-finite loss)."""
         import torch
 
         if not self.load_all(max_bytes=max_bytes):
             raise PipelineError(
                 f"{self.path}: the teacher cache ({self.nbytes() / 2**30:.1f} GiB) does not fit in memory"
             )
+        if not self._finite:
+            self._check_finite()
+            self._finite = True
         views = list(views)
         if views == list(range(self._memory.shape[1])):
             return torch.from_numpy(self._memory)  # shares the RAM copy: no second 12 GB array at MS1M scale
         return torch.from_numpy(np.ascontiguousarray(self._memory[:, views, :]))
+
+    def _check_finite(self) -> None:
+        for start in range(0, len(self), READ_ROWS):
+            chunk = self._memory[start : start + READ_ROWS]
+            bad = ~np.isfinite(chunk).reshape(chunk.shape[0], -1).all(axis=1)
+            if bad.any():
+                row = start + int(np.flatnonzero(bad)[0])
+                raise DataError(f"{self.path}: embedding row {row} (key {int(self.keys[row])}) contains NaN or "
+                                "inf; rebuild it with `pipeline extract-teacher --overwrite`")
 
     def summary(self, sample: int = 4096) -> dict:
         """What `pipeline cache-info` prints: shape, provenance and L2-norm statistics on a row sample."""

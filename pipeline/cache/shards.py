@@ -2,11 +2,12 @@
 
 Work is split into fixed row ranges. Each shard is written to `shard-00012.h5.tmp-<pid>-<random>` and renamed to
 `shard-00012.h5` only once complete, so any `shard-*.h5` that validates can be trusted after a crash. The
-final cache is always assembled from scratch, in order, from the shards: its bytes do not depend on which
-runs, workers or interruptions produced them.
+final cache is always assembled from scratch, in order, from the shards: the merge adds nothing that depends
+on which runs, workers or interruptions produced them (what the shards' own bytes depend on: build.py).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -16,12 +17,13 @@ import h5py
 import numpy as np
 
 from pipeline.cache.format import (
+    DATASETS,
     VIEW_NAMES,
     is_marked_complete,
     mark_complete,
     write_attrs,
 )
-from pipeline.io import atomic_path, write_text_atomic
+from pipeline.io import array_sha256, atomic_path, write_text_atomic
 
 MANIFEST = "manifest.json"
 SHARD_META = ("teacher_fingerprint", "dataset_fingerprint", "dim", "dtype")  # what every shard must agree on
@@ -112,7 +114,8 @@ def _same(stored, expected) -> bool:
 
 
 def assemble(out: Path, shards: list[Shard], attrs: dict) -> None:
-    """Concatenate complete shards into a temporary file, mark it complete last, then rename it to `out`.
+    """Concatenate complete shards into a temporary file, add the datasets' checksums to `attrs`, mark it
+    complete last, then rename it to `out`.
 
     Always rebuilt from scratch in shard order with fixed (contiguous) layout and no timestamps, so the
     bytes are identical whatever happened before.
@@ -125,12 +128,15 @@ def assemble(out: Path, shards: list[Shard], attrs: dict) -> None:
             )
             labels = handle.create_dataset("labels", shape=(rows,), dtype=np.int64, track_times=False)
             keys = handle.create_dataset("keys", shape=(rows,), dtype=np.int64, track_times=False)
+            targets = {"embeddings": embeddings, "labels": labels, "keys": keys}
+            digests = {name: hashlib.sha256() for name in DATASETS}
             for shard in shards:
                 with h5py.File(shard.path, "r") as part:
-                    embeddings[shard.start : shard.stop] = part["embeddings"][()]
-                    labels[shard.start : shard.stop] = part["labels"][()]
-                    keys[shard.start : shard.stop] = part["keys"][()]
-            write_attrs(handle, attrs)
+                    for name in DATASETS:
+                        values = np.ascontiguousarray(part[name][()], dtype=targets[name].dtype)
+                        targets[name][shard.start : shard.stop] = values
+                        array_sha256(values, digest=digests[name])
+            write_attrs(handle, {**attrs, **{f"{name}_sha256": digests[name].hexdigest() for name in DATASETS}})
             mark_complete(handle)
 
 

@@ -3,10 +3,13 @@
 Decoding runs in a thread pool (Pillow releases the GIL; Dask workers are daemonic, so no child processes)
 and the next batches are decoded while the current one runs through the teacher. Each batch is embedded in
 one forward over [original; horizontally flipped] images. On CUDA the forward runs in fp16 autocast with
-channels_last tensors.
+channels_last tensors. On CPU every forward runs with the job's fixed number of torch intra-op threads:
+the float summation order of a convolution depends on it, so a fixed count makes the bytes the same in
+this process and in any Dask worker.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import deque
@@ -42,6 +45,8 @@ class ShardJob:
     decode_threads: int
     shard: Shard
     meta: dict  # teacher_fingerprint, dataset_fingerprint, dim, dtype: written into the shard
+    threads: int = 1  # torch intra-op threads of every forward (the bytes depend on it)
+    size_hint: int | None = None  # input size of a TorchScript/ONNX teacher that declares none
 
     @property
     def rows(self) -> int:
@@ -52,20 +57,36 @@ def default_decode_threads() -> int:
     return max(2, min(8, os.cpu_count() or 1))
 
 
+def default_forward_threads() -> int:
+    """min(4, this process's CPU cores): Dask's CPU default is one worker per 4 cores."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """Run the block with `threads` torch intra-op threads, then restore the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------------------------------------- per process
 _TEACHERS: dict = {}
 _SOURCES: dict = {}
 _POOLS: dict = {}
 
 
-def cached_teacher(path: str, arch: str | None, device: str, fingerprint: str):
+def cached_teacher(path: str, arch: str | None, device: str, fingerprint: str, size_hint: int | None = None):
     """The teacher, loaded once per process; PipelineError if the file no longer has `fingerprint`."""
     from pipeline.models.loading import load_embedder
 
-    key = (path, arch, device)
+    key = (path, arch, device, size_hint)
     teacher = _TEACHERS.get(key)
     if teacher is None or teacher.fingerprint != fingerprint:
-        teacher = prepare_teacher(load_embedder(path, arch=arch, device=device))
+        teacher = prepare_teacher(load_embedder(path, arch=arch, device=device, size_hint=size_hint))
         _TEACHERS[key] = teacher
     if teacher.fingerprint != fingerprint:
         raise PipelineError(
@@ -189,11 +210,13 @@ def run_shard(job: ShardJob, teacher=None, source=None, on_batch: Callable[[int]
             pick_device,  # Dask is only imported where jobs run on it
         )
 
-        teacher = cached_teacher(job.teacher, job.arch, pick_device(job.device), job.meta["teacher_fingerprint"])
+        teacher = cached_teacher(job.teacher, job.arch, pick_device(job.device), job.meta["teacher_fingerprint"],
+                                 job.size_hint)
     size = teacher.input_size
     decoder = BatchDecoder(source, decode_pool(job.decode_threads), (size, size), job.data)
     shard = job.shard
-    embeddings = embed_rows(source, teacher, shard.start, shard.stop, job.batch_size, decoder, on_batch)
+    with torch_threads(job.threads):
+        embeddings = embed_rows(source, teacher, shard.start, shard.stop, job.batch_size, decoder, on_batch)
     keys = source.keys[shard.start : shard.stop]
     stored = to_storage(embeddings, job.meta["dtype"], keys, job.data)
     write_shard(shard, stored, source.labels[shard.start : shard.stop], keys, job.meta)

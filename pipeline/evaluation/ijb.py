@@ -35,7 +35,7 @@ from pipeline.evaluation.ijb_features import (
 from pipeline.evaluation.metrics import Roc, downsample_roc, l2_normalize
 from pipeline.formats.ijb import IjbMeta, IjbPaths, IjbTarget, ijb_target, read_ijb
 from pipeline.fpr import FPR_LEVELS, fpr_key
-from pipeline.io import atomic_path, write_text_atomic
+from pipeline.io import atomic_path, output_lock, write_text_atomic
 from pipeline.settings import check, setting
 
 IJB_FPRS = tuple(sorted(FPR_LEVELS))  # 1e-6 .. 1e-1, the columns of the insightface IJB table
@@ -154,10 +154,14 @@ def evaluate_ijb(embedder, ijb_dir: str | os.PathLike, out_dir: str | os.PathLik
 
     Any existing `<target>.json` is removed first, so after a failure none is left."""
     cfg = config or IjbConfig()
-    out = Path(out_dir)
-    files = output_paths(out, cfg.target)
+    files = output_paths(Path(out_dir), cfg.target)
+    with output_lock(files["json"]):  # one evaluate-ijb per run folder and target
+        return _evaluate(embedder, IjbPaths(Path(ijb_dir), cfg.target), files, cfg, batch_size, flip, method)
+
+
+def _evaluate(embedder, paths: IjbPaths, files: dict[str, Path], cfg: IjbConfig, batch_size: int, flip: bool,
+              method: str) -> tuple[dict, list[Path], bool]:
     files["json"].unlink(missing_ok=True)
-    paths = IjbPaths(Path(ijb_dir), cfg.target)
     meta = read_ijb(paths.folder, cfg.target)
     key = feature_key(embedder, image_set_fingerprint(paths, meta))
     reused = cached_features(files["features"], key, len(meta.names))

@@ -66,6 +66,10 @@ class ImageFolderFaces:
         data, _ = self.read(i)
         return decode_image(data, where=str(self.root / self.paths[i]))
 
+    def where(self, i: int) -> str:
+        """Image `i` as error messages name it: its file."""
+        return str(self.root / self.paths[i])
+
     def fingerprint(self) -> str:
         """sha256 hex over every image's relative path and size (cheap: no image is read)."""
         digest = hashlib.sha256()

@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline.errors import PipelineError
 from pipeline.io import atomic_path
 
 FORMAT_VERSION = 1
@@ -94,5 +95,7 @@ def cached_labels(
             return labels, path
         except OSError as error:  # read-only data folder: fall through to the cache folder
             failures.append(f"{path}: {error.strerror or error}")
+        except PipelineError as error:  # a full disk (atomic_path's one line): the labels file is optional
+            failures.append(str(error))
     warnings.warn(f"could not store the labels file ({'; '.join(failures)}); the next open rescans")
     return labels, None

@@ -31,7 +31,12 @@ from pipeline.formats.dmlc_recordio import (
 )
 from pipeline.formats.jpeg import decode_jpeg
 from pipeline.formats.jpeg import image_size as encoded_image_size
-from pipeline.io import fsync_path, temporary_name
+from pipeline.io import (
+    disk_full_is_one_line,
+    fsync_path,
+    remove_stale_temporaries,
+    temporary_name,
+)
 
 
 def resolve_paths(path: str | os.PathLike) -> tuple[Path, Path, Path, bool]:
@@ -50,8 +55,12 @@ def resolve_paths(path: str | os.PathLike) -> tuple[Path, Path, Path, bool]:
     return rec, idx, prefix.parent / "property", prefix.name == "train"
 
 
+MAX_CLASSES = 2**31 - 1  # more identities than any face set has; beyond it counts overflow int64 arithmetic
+MAX_SIDE = 65535  # the largest JPEG side
+
+
 def read_property(path: Path) -> tuple[int, tuple[int, int]]:
-    """Parse `property` ("num_classes,H,W") into (num_classes, (H, W))."""
+    """Parse `property` ("num_classes,H,W") into (num_classes, (H, W)); DataError when malformed or absurd."""
     text = path.read_text(errors="replace").strip()
     first = text.splitlines()[0] if text else ""
     try:
@@ -60,6 +69,9 @@ def read_property(path: Path) -> tuple[int, tuple[int, int]]:
         raise DataError(f"{path}: expected 'num_classes,H,W', got {first[:60]!r}") from None
     if min(classes, height, width) <= 0:
         raise DataError(f"{path}: expected positive 'num_classes,H,W', got {first!r}")
+    if classes > MAX_CLASSES or max(height, width) > MAX_SIDE:
+        raise DataError(f"{path}: 'num_classes,H,W' = {first[:60]!r} is out of range (at most {MAX_CLASSES} classes "
+                        f"and {MAX_SIDE} pixels a side)")
     return classes, (height, width)
 
 
@@ -129,7 +141,11 @@ class FaceRecordIO:
     def decode(self, i: int) -> np.ndarray:
         """Image `i` decoded to uint8 RGB (H, W, 3)."""
         image, _ = self.read(i)
-        return decode_jpeg(image, where=f"{self.rec_path} key {int(self.keys[i])}")
+        return decode_jpeg(image, where=self.where(i))
+
+    def where(self, i: int) -> str:
+        """Image `i` as error messages name it: the .rec file and the record key."""
+        return f"{self.rec_path} key {int(self.keys[i])}"
 
     def fingerprint(self) -> str:
         """sha256 hex over the .idx bytes then the property bytes."""
@@ -319,8 +335,17 @@ def write_face_recordio(
     out_dir.mkdir(parents=True, exist_ok=True)
     write_property = prefix == "train" if write_property is None else write_property
     finals = [out_dir / f"{prefix}.rec", out_dir / f"{prefix}.idx", out_dir / "property"]
+    for path in finals:
+        remove_stale_temporaries(path)
     temporaries = [temporary_name(path) for path in finals]
     counts: dict[int, int] = {}
+    with disk_full_is_one_line(finals[0]):
+        _write_temporaries(temporaries, finals, items, with_header, num_classes, image_size, write_property, counts)
+    return sum(counts.values())
+
+
+def _write_temporaries(temporaries, finals, items, with_header, num_classes, image_size, write_property, counts):
+    """The body of write_face_recordio: the three files under temporary names, renamed when all are written."""
     last_identity = -1
     try:
         with open(temporaries[0], "wb") as rec, open(temporaries[1], "w") as idx:
@@ -363,4 +388,3 @@ def write_face_recordio(
     finally:
         for temporary in temporaries:
             temporary.unlink(missing_ok=True)
-    return sum(counts.values())

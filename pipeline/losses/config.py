@@ -44,6 +44,19 @@ class KDConfig:
     def __post_init__(self):
         check(self)
 
+    def identity(self) -> dict:
+        """The settings that shape this KD (those of other methods left out): a resumed run must share them."""
+        if self.kd == KDMethod.none:
+            return {"kd": self.kd}
+        names = ["kd", "kd_weight", "kd_scale", "kd_warmup_epochs"]
+        if self.kd == KDMethod.l2_ekd:
+            names.append("ekd_weight")
+        if self.uses_ekd:
+            names += ["ekd_mode", "ekd_temperature", "ekd_one_sided"]
+        if self.needs_thresholds:
+            names.append("queue_size")
+        return {name: getattr(self, name) for name in names}
+
     @property
     def uses_ekd(self) -> bool:
         return self.kd in (KDMethod.ekd, KDMethod.l2_ekd)

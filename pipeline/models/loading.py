@@ -67,6 +67,9 @@ class Embedder:
             return torch.zeros(0, self.dim, device=self.device)
         with torch.no_grad():
             out = self._forward(x.to(self.device, torch.float32))
+        if out.dim() != 2 or tuple(out.shape) != (x.shape[0], self.dim):
+            raise DataError(f"{self.path}: model returned shape {tuple(out.shape)} for a batch of {x.shape[0]} "
+                            f"images; an embedder returns ({x.shape[0]}, {self.dim})")
         return out.float()
 
     def describe(self) -> dict:
@@ -207,8 +210,10 @@ def _probe_dim(forward: Callable[[torch.Tensor], torch.Tensor], input_size: int,
     try:
         with torch.no_grad():
             out = forward(torch.zeros(1, 3, input_size, input_size, device=device))
-    except Exception as exc:
-        raise DataError(f"{source}: model fails on a (1, 3, {input_size}, {input_size}) input: {exc}") from None
+    except Exception as exc:  # TorchScript errors carry an interpreter traceback: its last line says what failed
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        raise DataError(f"{source}: model fails on a (1, 3, {input_size}, {input_size}) input: {lines[-1]} (give "
+                        "the input size it takes with --input-size)") from None
     if out.dim() != 2 or out.shape[0] != 1:
         raise DataError(f"{source}: model output has shape {tuple(out.shape)}, expected (1, D)")
     return int(out.shape[1])
@@ -239,9 +244,9 @@ def _expects_raw_pixels(path: Path) -> bool:
 class _OnnxForward:
     """Runs an onnxruntime session on torch batches, honouring a fixed batch size if the model has one."""
 
-    def __init__(self, session: Any, device: torch.device, raw_pixels: bool):
+    def __init__(self, session: Any, device: torch.device, raw_pixels: bool, path: Path):
         spec = session.get_inputs()[0]
-        self.session, self.device, self.raw_pixels = session, device, raw_pixels
+        self.session, self.device, self.raw_pixels, self.path = session, device, raw_pixels, path
         self.input_name, self.output_name = spec.name, session.get_outputs()[0].name
         self.fixed_batch = spec.shape[0] if isinstance(spec.shape[0], int) and spec.shape[0] > 0 else None
 
@@ -257,11 +262,15 @@ class _OnnxForward:
             if pad:  # a fixed-batch model needs full batches; pad with zeros and drop the extra rows
                 chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
             out = self.session.run([self.output_name], {self.input_name: chunk})[0]
-            outs.append(torch.from_numpy(out[:step - pad].reshape(step - pad, -1)))
+            if out.ndim != 2 or out.shape[0] != step:  # never flatten (B, 10, 2) into "embeddings"
+                raise DataError(f"{self.path}: ONNX output has shape {tuple(out.shape)} for a batch of {step}; "
+                                f"an embedder returns ({step}, D)")
+            outs.append(torch.from_numpy(out[:step - pad]))
         return torch.cat(outs).to(self.device, torch.float32)
 
 
-def _load_onnx(path: Path, device: torch.device, fingerprint: str, input_size: int | None) -> Embedder:
+def _load_onnx(path: Path, device: torch.device, fingerprint: str, input_size: int | None,
+               size_hint: int | None = None) -> Embedder:
     try:
         import onnxruntime as ort
     except ImportError:
@@ -280,10 +289,12 @@ def _load_onnx(path: Path, device: torch.device, fingerprint: str, input_size: i
     declared = shape[2] if isinstance(shape[2], int) else None
     if input_size is not None and declared is not None and input_size != declared:
         raise PipelineError(f"{path}: model input is {declared}x{declared}, not input_size={input_size}")
-    size = declared or input_size or DEFAULT_INPUT_SIZE
-    forward = _OnnxForward(session, device, _expects_raw_pixels(path))
+    size = declared or input_size or size_hint or DEFAULT_INPUT_SIZE
+    forward = _OnnxForward(session, device, _expects_raw_pixels(path), path)
     out_shape = session.get_outputs()[0].shape
-    dim = out_shape[1] if len(out_shape) == 2 and isinstance(out_shape[1], int) else None
+    if out_shape is not None and len(out_shape) != 2:
+        raise DataError(f"{path}: ONNX output shape {out_shape} is not (batch, embedding size)")
+    dim = out_shape[1] if out_shape is not None and isinstance(out_shape[1], int) else None
     dim = dim or _probe_dim(forward, size, device, str(path))
     return Embedder(forward, kind="onnx", name=path.name, dim=dim, input_size=size, device=device,
                    fingerprint=fingerprint, path=path)
@@ -305,12 +316,14 @@ def _is_onnx(path: Path) -> bool:
 
 
 def load_embedder(path: str | os.PathLike, arch: str | None = None, device: str | torch.device = "cpu",
-                  **arch_kwargs: Any) -> Embedder:
+                  size_hint: int | None = None, **arch_kwargs: Any) -> Embedder:
     """Load a model from an arcface_torch .pt/.pth, own checkpoint, TorchScript or ONNX file.
 
     `arch` (one of MODEL_NAMES) and `arch_kwargs` (input_size, width, num_features, fp16, ...) override what
     a state dict's shapes or a checkpoint's metadata say; the weights must still fit strictly. For
     TorchScript/ONNX only `input_size` applies (needed when the file does not declare it); `arch` is ignored.
+    `size_hint` (e.g. the data's image size) is the input size of a TorchScript/ONNX file that declares none
+    when `input_size` is not given (else 112); other files ignore it.
     """
     path = Path(path)
     if not path.is_file():
@@ -325,8 +338,9 @@ def load_embedder(path: str | os.PathLike, arch: str | None = None, device: str 
             raise PipelineError(f"{path}: {', '.join(unusable)} cannot be applied to a compiled (ONNX/TorchScript)"
                                 " model; only input_size can be given")
         if _is_onnx(path):
-            return _load_onnx(path, device, fingerprint, arch_kwargs.get("input_size"))
-        return _load_torchscript(path, device, fingerprint, arch_kwargs.get("input_size", DEFAULT_INPUT_SIZE))
+            return _load_onnx(path, device, fingerprint, arch_kwargs.get("input_size"), size_hint)
+        size = arch_kwargs.get("input_size") or size_hint or DEFAULT_INPUT_SIZE
+        return _load_torchscript(path, device, fingerprint, size)
     obj = safe_torch_load(path)
     if is_pipeline_checkpoint(obj):
         if arch is not None and arch != obj.get("arch"):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import DataError
-from pipeline.io import atomic_path
+from pipeline.io import write_with
 from pipeline.models import MODEL_NAMES, get_model
 
 FORMAT = "ekd-pipeline-model"
@@ -25,15 +27,35 @@ VERSION = 1
 _SHOWN_KEYS = 5  # keys listed in a mismatch message before "(+N more)"
 
 
+CONVERT_ADVICE = ("if you trust the file, load it where it was made and save plain weights, e.g. "
+                  "torch.save(model.state_dict(), 'weights.pt')")
+_TORCH_ADVICE = ("weights_only", "Weights only", "Check the documentation", "Please file an issue", "WeightsUnpickler")
+
+
+def load_failure(exc: BaseException) -> str:
+    """Why a restricted torch.load failed, in one line and without torch's advice to lift the restriction:
+    code the file would run (a pickled global), or the file's damage."""
+    text = str(exc)
+    code = re.search(r"GLOBAL ([\w.]+)", text)
+    if code:
+        return f"not a plain state dict: loading it would run code ({code.group(1)}), which is refused; {CONVERT_ADVICE}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    kept = [line for line in lines if not any(mark in line for mark in _TORCH_ADVICE)]
+    reason = f"{type(exc).__name__}: {kept[0][:160]}" if kept else type(exc).__name__
+    return f"not a torch weights file (corrupt, truncated or another format; {reason})"
+
+
 def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """torch.load restricted to tensors and plain containers; anything else becomes a DataError."""
+    """torch.load restricted to tensors and plain containers; anything else becomes a one-line DataError
+    that never suggests lifting the restriction."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except Exception as exc:  # UnpicklingError for forbidden globals, RuntimeError for corrupt zips, ...
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{path}: not a loadable weights-only torch file ({reason})") from None
+        raise DataError(f"{path}: {load_failure(exc)}") from None
 
 
 def _listing(keys: list[str]) -> str:
@@ -90,8 +112,7 @@ def save_model(path: str | os.PathLike, model: nn.Module, arch: str, arch_kwargs
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": _json_dict(extra, "extra"),
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    write_with(path, lambda handle: torch.save(payload, handle))
     return path
 
 

@@ -4,12 +4,16 @@ teacher's exact global FPR thresholds -- and their files.
 `pools.h5`: datasets `centres` (C, D) float32, `class_sizes` (C,) int64, `neighbours` (C, k) int64 (-1 for
 identities without images), `neighbour_sims` (C, k) float32 (NaN there), `neg_pairs` (M, 2) int64 (cache
 rows i < j), `neg_sims` (M,) float32 (order: sim desc, i asc, j asc); attributes describe how it was built
-(k, m, views, cache fingerprints, format version) and `complete=True` is written last.
+(k, m, views, cache fingerprints, format version, the sha256 of its thresholds.json) and `complete=True` is
+written last.
 `thresholds.json` (a DVC metrics file, numeric leaves only): {"1e-1": t, ..., "tpr": {"1e-1": ...},
-"ranks": {...}, "counts": {...}}; "tpr" is left out when there are no positive pairs.
+"ranks": {...}, "counts": {...}}; "tpr" is left out when there are no positive pairs. The two files are a
+pair: pools.h5 is renamed into place last and names its thresholds.json by checksum, so an interrupted
+rewrite or an edited thresholds.json is refused (`check_pair`), never used silently.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -21,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.errors import DataError, PipelineError
-from pipeline.io import atomic_path, open_artifact, write_text_atomic
+from pipeline.io import array_sha256, atomic_path, open_artifact, write_text_atomic
 from pipeline.search.backends import Backend
 from pipeline.search.knn import accumulate_centres, normalise_centres
 from pipeline.search.statistics import (
@@ -32,7 +36,7 @@ from pipeline.search.statistics import (
 )
 from pipeline.settings import Choice, check, setting
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: thresholds_json_sha256, cache_fingerprint
 VIEWS = {"original": (0,), "flipped": (1,), "both": (0, 1)}
 DATASETS = ("centres", "class_sizes", "neighbours", "neighbour_sims", "neg_pairs", "neg_sims")
 READ_ROWS = 65536
@@ -184,6 +188,7 @@ def build_pools(emb_views, labels: np.ndarray | None = None, num_classes: int | 
         "views": json.dumps({"centres": list(centre_idx), "thresholds": list(threshold_idx)}),
         "teacher_fingerprint": str(getattr(source, "teacher_fingerprint", "")),
         "dataset_fingerprint": str(getattr(source, "dataset_fingerprint", "")),
+        "cache_fingerprint": str(getattr(source, "fingerprint", "")),
         "cache": str(source.path), "rows": n, "num_classes": num_classes,
         "sample": int(pair_rows.size if chosen is not None else 0), "seed": int(seed),
         "engine": result["method"]["engine"], "thresholds": json.dumps(result["thresholds"]),
@@ -220,28 +225,54 @@ def describe(results: PoolResults, seconds: float) -> str:
 
 
 def write_pools(out_dir: str | os.PathLike, results: PoolResults) -> tuple[Path, Path]:
-    """Write out_dir/pools.h5 and out_dir/thresholds.json, each to a temporary name first."""
+    """Write out_dir/pools.h5 and out_dir/thresholds.json: both complete under temporary names first, then
+    thresholds.json renamed, then pools.h5 (which holds thresholds.json's checksum) last."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pools_path, thresholds_path = out / "pools.h5", out / "thresholds.json"
+    document = json.dumps(thresholds_document(results.thresholds), indent=2, allow_nan=False) + "\n"
     with atomic_path(pools_path) as tmp:
         with h5py.File(tmp, "w") as handle:
             for name in DATASETS:
                 handle.create_dataset(name, data=getattr(results, name))
             for name, value in results.attrs.items():
                 handle.attrs[name] = value
+            handle.attrs["thresholds_json_sha256"] = _sha256(document.encode())
             handle.attrs["complete"] = True  # last: readers trust nothing without it
-    write_text_atomic(thresholds_path, json.dumps(thresholds_document(results.thresholds), indent=2,
-                                                  allow_nan=False) + "\n")
+        write_text_atomic(thresholds_path, document)  # a kill from here on leaves a pair check_pair refuses
     return pools_path, thresholds_path
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def pools_fingerprint(pools: dict) -> str:
+    """What a student run takes from pools.h5 (neighbours, hardest pairs, thresholds), as one sha256."""
+    thresholds = np.frombuffer(str(pools["attrs"].get("thresholds", "")).encode(), np.uint8)
+    return array_sha256(pools["neighbours"], pools["neg_pairs"], thresholds)
+
+
+def check_pair(pools: dict, pools_path: Path, thresholds_path: Path) -> dict[str, float]:
+    """thresholds.json's thresholds, refused unless it is the file written with this pools.h5."""
+    thresholds = load_thresholds(thresholds_path)
+    if pools["attrs"].get("thresholds_json_sha256") != _sha256(thresholds_path.read_bytes()):
+        raise DataError(f"{thresholds_path}: not the thresholds.json written with {pools_path} (edited, or a "
+                        "build-pools run was interrupted between the two files); rerun `pipeline build-pools`")
+    return thresholds
 
 
 def load_pools(path: str | os.PathLike) -> dict:
     """pools.h5 as {dataset name: array, "attrs": dict}; DataError unless complete and well-formed."""
     path = Path(path)
     with open_artifact(path, "pools file", "build-pools") as handle:
-        if not bool(handle.attrs.get("complete", False)):
+        complete = handle.attrs.get("complete", False)
+        if not (isinstance(complete, (bool, np.bool_)) and complete):
             raise DataError(f"{path}: pools file is incomplete (interrupted write?); rerun `pipeline build-pools`")
+        version = _plain(handle.attrs.get("format_version"))
+        if version != FORMAT_VERSION:
+            raise DataError(f"{path}: pools format version {version}, this code reads version {FORMAT_VERSION}; "
+                            "rerun `pipeline build-pools`")
         missing = [name for name in DATASETS if name not in handle]
         if missing:
             raise DataError(f"{path}: pools file lacks dataset(s) {', '.join(missing)}")
@@ -272,7 +303,8 @@ def _check_shapes(path: Path, pools: dict) -> None:
 
 
 def load_thresholds(path: str | os.PathLike) -> dict[str, float]:
-    """{"1e-1": t, ...} from thresholds.json (the numeric top-level entries); DataError if malformed."""
+    """{"1e-1": t, ...} from thresholds.json (the numeric top-level entries); DataError if malformed or if a
+    lower FPR has a lower threshold (exact order statistics never do: the file was edited or reordered)."""
     path = Path(path)
     if not path.exists():
         raise PipelineError(f"{path}: thresholds file not found (run `pipeline build-pools` first)")
@@ -291,4 +323,26 @@ def load_thresholds(path: str | os.PathLike) -> dict[str, float]:
         thresholds[key] = float(value)
     if not thresholds:
         raise DataError(f"{path}: no thresholds in the file")
+    _check_monotonic(path, thresholds)
     return thresholds
+
+
+def _check_monotonic(path: Path, thresholds: dict[str, float]) -> None:
+    try:
+        levels = sorted(thresholds, key=lambda key: -float(key))  # FPR 1e-1 first
+    except ValueError:
+        bad = next(key for key in thresholds if not _is_number(key))
+        raise DataError(f"{path}: key {bad!r} is not an FPR level like '1e-3'") from None
+    for higher, lower in zip(levels, levels[1:]):
+        if thresholds[lower] < thresholds[higher]:
+            raise DataError(f"{path}: threshold at FPR {lower} ({thresholds[lower]:.6g}) is below the one at FPR "
+                            f"{higher} ({thresholds[higher]:.6g}); thresholds must not decrease as the FPR falls "
+                            "(edited file?); rerun `pipeline build-pools`")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

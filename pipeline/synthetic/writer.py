@@ -45,6 +45,7 @@ from pipeline.errors import PipelineError
 from pipeline.formats.jpeg import encode_jpeg
 from pipeline.formats.recordio import write_face_recordio
 from pipeline.formats.verification_bin import write_verification_bin
+from pipeline.io import disk_full_is_one_line, output_lock, temporary_name
 from pipeline.settings import check, setting
 from pipeline.synthetic.identity import Identity, draw_nuisance
 from pipeline.synthetic.ijb import TARGET as IJB_TARGET
@@ -228,17 +229,21 @@ def synthesize(out_dir: str | os.PathLike, config: SyntheticConfig | None = None
     (also written as ``synthetic.json``, plus ``seconds`` and ``images_per_second``). `config` or
     SyntheticConfig fields by name say what to write."""
     cfg = replace(config, **settings) if config is not None else SyntheticConfig(**settings)
+    args = {key: value for key, value in asdict(cfg).items() if key != "workers"}  # the output's identity
+    args["difficulty"] = float(cfg.difficulty)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with output_lock(out_dir), disk_full_is_one_line(out_dir):
+        return _synthesize(out_dir, cfg, args)
+
+
+def _synthesize(out_dir: Path, cfg: SyntheticConfig, args: dict) -> dict:
     identities, images_per_identity, size, seed = cfg.identities, cfg.images_per_identity, cfg.size, cfg.seed
     difficulty, val_identities, val_pairs = cfg.difficulty, cfg.val_identities, cfg.val_pairs
     test_identities, test_images_per_identity = cfg.test_identities, cfg.test_images_per_identity
     long_tail, workers = cfg.long_tail, cfg.workers
-    args = {key: value for key, value in asdict(cfg).items() if key != "workers"}  # the output's identity
-    args["difficulty"] = float(difficulty)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "synthetic.json").unlink(missing_ok=True)  # the folder is incomplete until we finish
-    work = out_dir / f".tmp-synthetic-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
+    work = temporary_name(out_dir / "synthetic")  # a folder; output_lock removed those of killed runs
     work.mkdir()
     started = time.perf_counter()
     try:

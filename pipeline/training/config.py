@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from pipeline.devices import DEVICE_HELP
+from pipeline.devices import device_setting
 from pipeline.errors import PipelineError
 from pipeline.losses.margin import MarginKind
 from pipeline.models import Arch
@@ -46,7 +46,7 @@ class TrainConfig:
     seed: int = setting(0, "Random seed (runs are deterministic on CPU).", min=0)
     workers: int = setting(2, "DataLoader worker processes decoding images.", min=0)
     preload: bool = setting(False, "Decode the whole training set into RAM first (small sets).")
-    device: str = setting("auto", DEVICE_HELP)
+    device: str = device_setting()
     amp: bool = setting(True, "fp16 autocast on CUDA (ignored on CPU).")
     resume: bool = setting(True, "Continue from OUT/checkpoint.pt when present.")
     stop_after_epochs: Optional[int] = setting(None, "Stop after this many epochs of the schedule (resume later).",

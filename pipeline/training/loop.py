@@ -5,12 +5,15 @@ loss fed with per-sample cached teacher targets (the view matching each sample's
 or polynomial LR, AMP on CUDA, DDP under `torchrun` (gloo on CPU, NCCL on GPU), a checkpoint every epoch
 with everything needed to resume exactly, a progress bar and DVCLive metrics. The per-batch work is
 `TrainStep.step` (step.py).
+
+A run folder has one writer at a time (`output_lock`). Its identity (resume.py) decides what a rerun does:
+continue the checkpoint of the same identity, refuse one of another (naming the differing settings), or,
+when model.pt of this identity is already there, report the run as finished and do nothing.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -19,15 +22,22 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline.devices import resolve_device
-from pipeline.errors import PipelineError
+from pipeline.errors import DataError, PipelineError
 from pipeline.evaluation.verification import monitor_metrics
+from pipeline.io import output_lock
 from pipeline.models.model_file import save_model
 from pipeline.training import ddp
 from pipeline.training.config import TrainConfig
-from pipeline.training.data import FaceDataset, FlipAugment, collate
+from pipeline.training.data import FaceDataset, FlipAugment, ItemFailure, collate
 from pipeline.training.distill import Distillation
 from pipeline.training.live import RunLog
-from pipeline.training.resume import load_train_state, save_train_state
+from pipeline.training.resume import (
+    finished_identity,
+    jsonable,
+    load_train_state,
+    run_identity,
+    save_train_state,
+)
 from pipeline.training.samplers import ShuffledBatchSampler
 from pipeline.training.step import TrainStep
 
@@ -39,21 +49,36 @@ def train(
     distill: Distillation | None = None,
     batch_sampler_factory: Callable[[int, int], object] | None = None,
     margin_samples: int | None = None,
+    settings: dict | None = None,
 ) -> dict:
     """Train `cfg.arch` on `source` (a face source with `.labels`/`.decode`); returns a summary dict.
 
     `batch_sampler_factory(world_size, rank)` gives the sampler of index batches (default: shuffled
-    epochs); `margin_samples` limits the margin loss to the first K samples of each batch. The result is `out_dir/model.pt`; `out_dir/checkpoint.pt` holds the state to resume from.
+    epochs); `margin_samples` limits the margin loss to the first K samples of each batch; `settings` are
+    the caller's result-changing settings beyond `cfg` (a student's KD, sampler, cache and pools), part of
+    the run's identity. The result is `out_dir/model.pt`; `out_dir/checkpoint.pt` holds the state to resume
+    from. The summary's "already_finished" is True when model.pt of this identity existed: nothing ran.
     """
     if cfg.out_dir is None:
         raise PipelineError("training needs a run folder (out_dir)")
     ddp.init_from_env()
-    world, rank = ddp.world_size(), ddp.rank()
     device = resolve_device(cfg.device)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    identity = run_identity(cfg, source, num_classes, margin_samples, settings)
+    with output_lock(out) if ddp.rank() == 0 else contextlib.nullcontext():
+        return _train(cfg, out, device, source, num_classes, distill, batch_sampler_factory, margin_samples,
+                      identity)
 
-    dataset = FaceDataset(source, preload=cfg.preload)
+
+def _train(cfg, out, device, source, num_classes, distill, batch_sampler_factory, margin_samples, identity):
+    world, rank = ddp.world_size(), ddp.rank()
+    state_path, model_path = out / "checkpoint.pt", out / "model.pt"
+    if cfg.resume and finished_identity(model_path) == identity:  # written only once all epochs are done
+        return {"epochs_done": cfg.epochs, "finished": True, "already_finished": True, "history": [],
+                "world_size": world}
+    input_size = cfg.arch_kwargs.get("input_size")
+    dataset = FaceDataset(source, preload=cfg.preload, image_size=(input_size, input_size) if input_size else None)
     index_batches = (
         batch_sampler_factory(world, rank)
         if batch_sampler_factory is not None
@@ -64,10 +89,11 @@ def train(
     trainer = TrainStep(cfg, num_classes, len(sampler), device, distill, margin_samples)
 
     start_epoch = 0
-    state_path = out / "checkpoint.pt"
     if cfg.resume and state_path.exists():
         start_epoch = load_train_state(state_path, trainer.trainee, trainer.optimizer, trainer.scheduler,
-                                       trainer.scaler, trainer.extra_modules, expected_config=_config_key(cfg))
+                                       trainer.scaler, trainer.extra_modules, expected_config=identity)
+    elif rank == 0:
+        model_path.unlink(missing_ok=True)  # a fresh run: no earlier run's model may pass for this one's
     trainer.wrap_ddp()
 
     loader = DataLoader(
@@ -102,12 +128,13 @@ def train(
                 print("  " + "  ".join(f"{k} {v:.4f}" for k, v in checked.items()), flush=True)
             # after the log: a run killed in between redoes (and relogs) this epoch on resume
             save_train_state(state_path, trainer.trainee, trainer.optimizer, trainer.scheduler, trainer.scaler,
-                             trainer.extra_modules, epoch + 1, _config_key(cfg))
+                             trainer.extra_modules, epoch + 1, identity)
     finished = last_epoch >= cfg.epochs
-    summary = {"epochs_done": last_epoch, "finished": finished, "history": history, "world_size": world}
+    summary = {"epochs_done": last_epoch, "finished": finished, "already_finished": False, "history": history,
+               "world_size": world}
     if rank == 0 and finished:
-        save_model(out / "model.pt", trainer.trainee.backbone, cfg.arch, cfg.arch_kwargs,
-                   extra={"train": _jsonable(cfg)})
+        save_model(model_path, trainer.trainee.backbone, cfg.arch, cfg.arch_kwargs,
+                   extra={"train": jsonable(cfg), "run": identity})
     if log is not None:
         log.close()
     ddp.barrier()
@@ -121,12 +148,16 @@ def run_epoch(trainer: TrainStep, batches, epoch: int, epochs: int, show_progres
     totals = {"loss": 0.0, "margin_loss": 0.0, "kd_loss": 0.0}
     images_seen, started = 0, time.perf_counter()
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=None if show_progress else True)
-    for step, (images, labels, indices, flips) in enumerate(bar):
+    for step, batch in enumerate(bar):
+        if isinstance(batch, ItemFailure):  # a sample failed to load, maybe in a DataLoader worker
+            raise DataError(batch.message)
+        images, labels, indices, flips = batch
         measure = step % log_every == 0
         try:
             losses = trainer.step(images, labels, indices, flips, measure=measure and trainer.distill is not None)
         except FloatingPointError as error:
-            raise FloatingPointError(f"epoch {epoch + 1} step {step}: {error}") from None
+            raise PipelineError(f"epoch {epoch + 1} step {step}: {error} (diverged: lower --lr or the KD weights, "
+                                "or check the inputs); a rerun resumes from the last finished epoch") from None
         totals["loss"] += losses.total.item()
         totals["margin_loss"] += losses.margin.item()
         totals["kd_loss"] += losses.kd.item()
@@ -144,16 +175,3 @@ def run_epoch(trainer: TrainStep, batches, epoch: int, epochs: int, show_progres
     stats = {k: v / steps for k, v in totals.items()}
     stats.update(lr=trainer.lr(), images_per_s=images_seen * ddp.world_size() / seconds, epoch=epoch + 1)
     return stats
-
-
-def _jsonable(cfg: TrainConfig) -> dict:
-    return json.loads(json.dumps(asdict(cfg), default=str))
-
-
-def _config_key(cfg: TrainConfig) -> dict:
-    """The settings a checkpoint must share with the run resuming it (not the run-length knobs)."""
-    key = _jsonable(cfg)
-    for volatile in ("out_dir", "workers", "resume", "stop_after_epochs", "device", "preload", "monitor",
-                     "log_every"):
-        key.pop(volatile, None)
-    return key

@@ -2,7 +2,8 @@
 
 build-pools keeps the M training image pairs of different identities that the teacher finds most similar
 (`pools.h5: neg_pairs`): the pairs that decide its thresholds at FPR 1e-4 .. 1e-6. `HardPairBatchSampler`
-fills the balanced part of each batch with such pairs: for a pair (i, j) drawn uniformly from the pool, the
+fills a share (`pair_share`) of the balanced part of each batch with such pairs, the rest with random
+identities as the official sampler does: for a pair (i, j) drawn uniformly from the pool, the
 identities of i and j each contribute `per_identity` images, image i (resp. j) first, so the critical pair
 itself is in the batch along with positives of both identities. The general part is drawn as in the
 official sampler. An odd identity count, or pools whose identities are all taken, is completed with random
@@ -23,11 +24,12 @@ MAX_DRAWS_PER_IDENTITY = 20  # pool draws allowed per identity slot before compl
 class HardPairBatchSampler(BalancedBatchSampler):
     """General part + identities of the teacher's hard negative pairs (see the module docstring).
 
-    `pairs`: (M, 2) training image indices (pools.h5 `neg_pairs`); other arguments as BalancedBatchSampler.
+    `pairs`: (M, 2) training image indices (pools.h5 `neg_pairs`); `pair_share`: the fraction of the balanced
+    identities that come from pairs; other arguments as BalancedBatchSampler.
     """
 
     def __init__(self, labels: Sequence[int] | np.ndarray, general: int, balanced: int, pairs: np.ndarray,
-                 per_identity: int = 4, seed: int = 0, world_size: int = 1, rank: int = 0):
+                 per_identity: int = 4, seed: int = 0, world_size: int = 1, rank: int = 0, pair_share: float = 1.0):
         super().__init__(labels, general, balanced, per_identity=per_identity, seed=seed, world_size=world_size,
                          rank=rank)
         pairs = np.asarray(pairs)
@@ -41,9 +43,12 @@ class HardPairBatchSampler(BalancedBatchSampler):
         if pairs.shape[0] == 0:
             raise PipelineError("pools neg_pairs: no pair of different identities to sample from")
         self.pairs = pairs
+        if not 0.0 <= pair_share <= 1.0:
+            raise PipelineError(f"pair share {pair_share}: must lie in [0, 1]")
+        self.pair_slots = int(round(pair_share * self.identities_per_batch))
 
     def _balanced_part(self, rng: np.random.Generator) -> list[np.ndarray]:
-        slots, taken, blocks = self.identities_per_batch, set(), []
+        slots, taken, blocks = self.pair_slots, set(), []
         for _ in range(MAX_DRAWS_PER_IDENTITY * slots):
             if slots - len(blocks) < 2:
                 break
@@ -54,7 +59,7 @@ class HardPairBatchSampler(BalancedBatchSampler):
             taken.update((a, b))
             blocks += [self._images_with(a, i, rng), self._images_with(b, j, rng)]
         free = np.setdiff1d(self._identities, np.fromiter(taken, dtype=np.int64, count=len(taken)))
-        for identity in rng.choice(free, slots - len(blocks), replace=False):
+        for identity in rng.choice(free, self.identities_per_batch - len(blocks), replace=False):
             blocks.append(self._images_of(int(identity), rng))
         return blocks
 

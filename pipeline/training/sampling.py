@@ -39,6 +39,8 @@ class SamplerConfig:
     balanced_batch_size: int = setting(64, "Balanced part of each batch (identities x --per-identity); "
                                            "--batch-size is the general part.", min=0)
     per_identity: int = setting(4, "Images per identity in the balanced part.", min=1)
+    pair_share: float = setting(1.0, "--sampler pairs: the share of the balanced part filled with the teacher's hard "
+                                     "negative pairs (the rest: random identities).", min=0.0, max=1.0)
     margin_on: str = setting("all", "Margin loss on 'all' samples or only the 'general' part (official EKD).",
                              choices=MarginOn)
 
@@ -47,6 +49,13 @@ class SamplerConfig:
         if self.sampler == SamplerKind.random and self.margin_on == MarginOn.general:
             raise PipelineError("--margin-on general needs a balanced or pool sampler (random batches have no "
                                 "general part)")
+
+    def identity(self) -> dict:
+        """The settings that shape the batches (a resumed run must share them)."""
+        if self.sampler == SamplerKind.random:
+            return {"sampler": self.sampler}
+        return {"sampler": self.sampler, "balanced_batch_size": self.balanced_batch_size,
+                "per_identity": self.per_identity, "margin_on": self.margin_on}
 
     def margin_samples(self, general: int) -> int | None:
         """How many leading samples of each batch the margin loss sees (None = all)."""
@@ -65,7 +74,7 @@ class SamplerConfig:
         def make(world_size: int, rank: int) -> BalancedBatchSampler:
             if self.sampler == SamplerKind.pairs:
                 return HardPairBatchSampler(labels, general, self.balanced_batch_size, pools["neg_pairs"],
-                                            world_size=world_size, rank=rank, **common)
+                                            world_size=world_size, rank=rank, pair_share=self.pair_share, **common)
             neighbours = pools["neighbours"] if self.sampler == SamplerKind.pool else None
             return BalancedBatchSampler(labels, general, self.balanced_batch_size, neighbours=neighbours,
                                         world_size=world_size, rank=rank, **common)

@@ -1,5 +1,9 @@
-"""A student run: the teacher cache and pools checked against the training data, the KD loss on the cached
-targets (no teacher weights are loaded), the batch sampler, then the one training loop."""
+"""A student run: the teacher cache and pools checked against the training data and each other, the KD loss
+on the cached targets (no teacher weights are loaded), the batch sampler, then the one training loop.
+
+Everything that changes the result beyond `TrainConfig` (the KD method and its knobs, the sampler, the
+cache and pools fingerprints) is handed to `train` as the run's settings: part of the resume identity and
+recorded in model.pt."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +13,7 @@ from pipeline.errors import PipelineError
 from pipeline.io import refuse_mismatch
 from pipeline.losses.config import KDConfig
 from pipeline.losses.kd import KDMethod
-from pipeline.search.pools import load_pools, load_thresholds
+from pipeline.search.pools import check_pair, load_pools, pools_fingerprint
 from pipeline.training.config import TrainConfig
 from pipeline.training.distill import Distillation, KDTerm
 from pipeline.training.loop import train
@@ -17,22 +21,25 @@ from pipeline.training.sampling import SamplerConfig, SamplerKind
 
 
 def checked_pools(pools: Path, source, cache: TeacherCache | None) -> dict:
-    """pools.h5, refused (fingerprints named) unless built from this dataset and, given a cache, its teacher:
-    thresholds.json is written with it, so this also vouches for the thresholds."""
+    """pools.h5, refused (fingerprints named) unless built from this dataset and, given a cache, from that
+    very cache; its thresholds.json must be the one written with it (`tables["thresholds"]`)."""
     path = pools / "pools.h5"
     tables = load_pools(path)
     expected = {"dataset_fingerprint": source.fingerprint()}
     if cache is not None:
-        expected["teacher_fingerprint"] = cache.teacher_fingerprint
+        expected.update(teacher_fingerprint=cache.teacher_fingerprint, cache_fingerprint=cache.fingerprint)
     refuse_mismatch(path, tables["attrs"], expected, "pools come from another teacher cache",
                     "rerun `pipeline build-pools` on this run's cache")
+    tables["thresholds"] = check_pair(tables, path, pools / "thresholds.json")
     return tables
 
 
 def open_targets(cache_path: Path, source, dim: int) -> TeacherCache:
-    """The teacher cache, checked against the training data and the student's embedding size."""
+    """The teacher cache, checked against the training data (fingerprints, then row by row: keys and labels)
+    and the student's embedding size."""
     cache = TeacherCache.open(cache_path)
     cache.check_compatible(cache.teacher_fingerprint, source.fingerprint())
+    cache.check_rows(source.labels, source.keys, "the training data")
     if cache.dim != dim:
         raise PipelineError(f"{cache_path}: teacher embeddings are {cache.dim}-d but the student's are {dim}-d "
                             "(set --embedding-size to match)")
@@ -47,17 +54,22 @@ def train_student(cfg: TrainConfig, source, kd: KDConfig, sampling: SamplerConfi
         if cache is None:
             raise PipelineError(f"--kd {kd.kd} needs --cache (the teacher cache from extract-teacher)")
         targets = open_targets(cache, source, cfg.arch_kwargs["num_features"])
-    needs_pools = kd.needs_thresholds or sampling.sampler in (SamplerKind.pool, SamplerKind.pairs)
+    sampler_needs_pools = sampling.sampler in (SamplerKind.pool, SamplerKind.pairs)
+    needs_pools = kd.needs_thresholds or sampler_needs_pools
     if needs_pools and pools is None:
         what = "--ekd-mode global" if kd.needs_thresholds else f"--sampler {sampling.sampler}"
         raise PipelineError(f"{what} needs --pools (the folder written by build-pools)")
     tables = checked_pools(pools, source, targets) if pools is not None else None
+    settings = {**kd.identity(), **sampling.identity()}
     if targets is not None:
-        thresholds = load_thresholds(pools / "thresholds.json") if kd.needs_thresholds else None
+        settings["cache"] = targets.fingerprint
+        thresholds = tables["thresholds"] if kd.needs_thresholds else None
         terms = [KDTerm(name, loss, weight) for name, loss, weight in kd.terms(thresholds)]
         # (N, 2, D) in the stored dtype, looked up per step by sample index and flip
         distill = Distillation(targets=targets.to_torch(), terms=terms, scale=kd.kd_scale,
                                warmup_epochs=kd.kd_warmup_epochs)
+    if needs_pools:
+        settings["pools"] = pools_fingerprint(tables)
     factory = sampling.factory(source.labels, cfg.batch_size, cfg.seed, tables)
     return train(cfg, source, source.num_classes, distill=distill, batch_sampler_factory=factory,
-                 margin_samples=sampling.margin_samples(cfg.batch_size))
+                 margin_samples=sampling.margin_samples(cfg.batch_size), settings=settings)

@@ -42,7 +42,7 @@ def main(data: str, teacher: str, out: str, shard_size: int, batch_size: int, de
     extraction.forward_views, build.assemble = slow_forward, flagged_assemble
     shards.h5py = type("SlowH5py", (), {"File": staticmethod(slow_file)})
     cfg = build.ExtractionConfig(data=Path(data), teacher=Path(teacher), out=Path(out), shard_size=shard_size,
-                                 batch_size=batch_size, device="cpu")
+                                 batch_size=batch_size, device="cpu", threads=1)  # as tests/test_extract.py's
     build.build_teacher_cache(cfg, log=quiet)
 
 
