@@ -345,6 +345,13 @@ BAD_INPUTS = {
     "text landmark": (lambda f: _break_line(f / "meta" / "ijbc_name_5pts_score.txt", 6,
                                             f"{_name_on(f, 6)} 1 2 3 4 5 6 7 eight 9 10 0.9\n"),
                       r"ijbc_name_5pts_score.txt line 6: landmark coordinate 8 'eight' is not a finite number"),
+    "landmarks coincide": (lambda f: _break_line(f / "meta" / "ijbc_name_5pts_score.txt", 5,
+                                                 f"{_name_on(f, 5)} {' '.join(['7'] * 10)} 0.9\n"),
+                           r"ijbc_name_5pts_score.txt line 5: the five landmarks of .* coincide"),
+    "blank lines, then an unknown template": (
+        lambda f: _break_line(f / "meta" / "ijbc_template_pair_label.txt", 2,
+                              f"\n\n{_known_template(f)} 55555555 1\n"),
+        r"ijbc_template_pair_label.txt line 4: template 55555555 is not in"),
     "files disagree": (lambda f: _break_line(f / "meta" / "ijbc_name_5pts_score.txt", 4,
                                              "x.jpg 1 2 3 4 5 6 7 8 9 10 0.9\n"),
                        r"ijbc_name_5pts_score.txt line 4: image 'x.jpg', but .*ijbc_face_tid_mid.txt line 4 names"),
