@@ -9,7 +9,8 @@ median over `--repeats` rounds of the ratio measured within the round:
   ekd_cached_global     - + targets[index, flip] from an (N, 2, 512) float16 cache tensor + EKD global mode
                           (exact teacher thresholds, student queue prefilled to --queue rows: steady state);
   ekd_cached_reference  - + the same lookup + EKD reference mode (official per-batch EMA thresholds);
-  ekd_online_global     - the teacher (--teacher, eval, no grad) run on every batch instead of the lookup.
+  ekd_online_global     - the teacher (--teacher, eval, no grad; fp16 autocast on CUDA, like the student)
+                          run on every batch instead of the lookup.
 Parts, timed in the same rounds to explain the ratios: `teacher_forward` (the online extra) and
 `ekd_loss_<mode>` (the loss and its backward on a leaf embedding tensor, i.e. EKD's own cost).
 Batches come from BalancedBatchSampler (half general, half 4 images per identity), images are random tensors
@@ -27,6 +28,7 @@ Prints one JSON line (progress goes to stderr).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import statistics
@@ -79,7 +81,10 @@ class OnlineTeacher:
         self.teacher = teacher
 
     def __call__(self, images, indices, flips, device) -> torch.Tensor:
-        return self.teacher(images).float()
+        # TrainStep looks targets up outside its autocast block; an online teacher in an AMP run uses it too
+        autocast = torch.autocast("cuda", dtype=torch.float16) if images.is_cuda else contextlib.nullcontext()
+        with autocast:
+            return self.teacher(images).float()
 
 
 def clustered_targets(labels: np.ndarray, seed: int) -> torch.Tensor:

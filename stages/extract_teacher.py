@@ -1,9 +1,11 @@
 """`pipeline extract-teacher`: run the teacher once over the training set into a resumable HDF5 cache;
-`pipeline cache-info`: what a cache holds."""
+`pipeline cache-info`: what a cache holds; `pipeline convert-cache`: make an older, chunked cache
+memory-mappable."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
@@ -12,6 +14,7 @@ from pipeline.cache import (
     ExtractionConfig,
     TeacherCache,
     build_teacher_cache,
+    convert_cache,
     shard_progress,
 )
 from pipeline.errors import PipelineError
@@ -48,7 +51,19 @@ def cache_info_command(path: Path = typer.Argument(..., help="A teacher cache wr
         cache.close()
 
 
+def convert_cache_command(
+    path: Path = typer.Argument(..., help="A teacher cache whose embeddings are chunked or compressed."),
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write the converted cache here instead of "
+                                                "replacing PATH (atomically).")] = None,
+) -> None:
+    """Rewrite a teacher cache's embeddings contiguous and uncompressed (values, labels, keys and attributes
+    unchanged; no teacher is run), so that every training process on a machine shares one memory-mapped copy
+    instead of reading its own into RAM."""
+    convert_cache(path, out)
+
+
 COMMANDS = {
     "extract-teacher": options.command(extract_teacher, cfg=ExtractionConfig, cluster=ClusterConfig),
     "cache-info": cache_info_command,
+    "convert-cache": convert_cache_command,
 }

@@ -8,8 +8,10 @@ from concurrent.futures import ProcessPoolExecutor
 import h5py
 import numpy as np
 import pytest
+from helpers.data import DATASET_FP, TEACHER_FP, sha256_of, write_cache_by_hand
 
-from pipeline.cache.format import TeacherCache, contract_attrs
+from pipeline.cache.contract import contract_attrs
+from pipeline.cache.format import TeacherCache
 from pipeline.cache.shards import (
     Shard,
     assemble,
@@ -18,45 +20,6 @@ from pipeline.cache.shards import (
     write_shard,
 )
 from pipeline.errors import DataError, PipelineError
-
-TEACHER_FP = "a" * 64
-DATASET_FP = "b" * 64
-
-
-def sha256_of(array):
-    """The documented checksum: sha256 of the array's little-endian bytes in C order."""
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
-
-
-def write_cache_by_hand(path, rows=50, dim=8, seed=0, dtype="float16", complete=True, skip_attr=None):
-    """A cache written directly with h5py from the documented key names (independent of the writer)."""
-    rng = np.random.default_rng(seed)
-    embeddings = (rng.normal(size=(rows, 2, dim)) * 3).astype(dtype)
-    labels = np.arange(rows, dtype=np.int64) // 5
-    keys = np.arange(rows, dtype=np.int64) + 1
-    attrs = {
-        "format_version": 2,
-        "teacher_fingerprint": TEACHER_FP,
-        "teacher_name": "r18",
-        "dataset_fingerprint": DATASET_FP,
-        "preprocessing": json.dumps({"size": 112, "mean": 0.5, "std": 0.5, "flip": "horizontal"}),
-        "rows": rows,
-        "dim": dim,
-        "views": 2,
-        "view_names": json.dumps(["original", "flipped"]),
-        "dtype": dtype,
-        "embeddings_sha256": sha256_of(embeddings),
-        "labels_sha256": sha256_of(labels),
-        "keys_sha256": sha256_of(keys),
-    }
-    with h5py.File(path, "w") as f:
-        f["embeddings"], f["labels"], f["keys"] = embeddings, labels, keys
-        for name, value in attrs.items():
-            if name != skip_attr:
-                f.attrs[name] = value
-        if complete is not None:
-            f.attrs["complete"] = complete
-    return embeddings, labels, keys
 
 
 def test_open_exposes_the_contract(tmp_path):
@@ -231,6 +194,9 @@ def test_assemble_concatenates_deterministically_with_complete_last(tmp_path):
     assert len(digests) == 1
     cache = TeacherCache.open(tmp_path / "a.h5")
     np.testing.assert_array_equal(cache.embeddings(), np.concatenate([p[0] for p in payloads]).astype(np.float32))
+    assert cache.shareable  # what training memory-maps: contiguous, uncompressed
+    with h5py.File(tmp_path / "a.h5", "r") as f:
+        assert f["embeddings"].chunks is None and f["embeddings"].compression is None
     np.testing.assert_array_equal(cache.keys, np.arange(11) + 100)
     with h5py.File(tmp_path / "a.h5", "r") as f:
         assert list(f.attrs)[-1] == "complete"  # creation order is tracked in the final file

@@ -9,7 +9,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from pipeline.cache.format import TeacherCache, contract_attrs
+from pipeline.cache.contract import contract_attrs
+from pipeline.cache.format import TeacherCache
 from pipeline.errors import DataError
 from pipeline.search.pools import (
     DATASETS,

@@ -230,7 +230,7 @@ def test_cli_ekd_global_with_pools(world, pipeline_run, no_teacher, monkeypatch,
             seen["neighbours"] = kwargs["neighbours"]
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(sampling, "BalancedBatchSampler", SpySampler)
+    monkeypatch.setattr(sampling, "BalancedBatchSampler", SpySampler)  # the name the sampler factory calls
     out = pipeline_run["root"] / "ekd-global"
     queue = 1000  # larger than every embedding the run produces: the queue then counts them all
     result = cli(*student_args(world, out, "--cache", pipeline_run["cache"], "--pools", pipeline_run["pools"],

@@ -20,12 +20,9 @@ from typing import Callable, Optional
 
 from tqdm import tqdm
 
-from pipeline.cache.format import (
-    FORMAT_VERSION,
-    CacheDtype,
-    TeacherCache,
-    contract_attrs,
-)
+from pipeline.cache.contract import FORMAT_VERSION, CacheDtype, contract_attrs
+from pipeline.cache.format import TeacherCache
+from pipeline.cache.mapped import convert_hint
 from pipeline.cache.shards import (
     SHARD_META,
     Shard,
@@ -140,6 +137,8 @@ def _existing_cache_is_current(cfg: ExtractionConfig, wanted: dict, log: Callabl
         log(f"{cfg.out}: not a usable cache ({error}); rebuilding it")
         return False
     _refuse_mismatch(cfg.out, cache.attrs, wanted)
+    if not cache.shareable:
+        log(f"{cfg.out}: embeddings are {cache.layout.reason}; {convert_hint(cfg.out)}")
     return True
 
 

@@ -1,102 +1,34 @@
-"""The teacher-embedding cache (HDF5): its contract and a validating reader.
+"""The validating reader of the teacher-embedding cache (HDF5); the on-disk contract is `contract.py`.
 
-One row per training image, in dataset order: `embeddings` (N, views, D) raw teacher outputs (float16 by
-default) with views = (original, horizontally flipped), `labels` (N,) int64, `keys` (N,) int64, and
-attributes that say which teacher, which dataset and which preprocessing produced them, and sha256 checksums
-of the three datasets. `complete=True` (the boolean) is written last, so a file without it is never trusted.
 Opening checks the labels and keys against their checksums (an edited or shifted label column is refused);
 the embeddings checksum makes the cache's `fingerprint`. The writer lives in `shards.py` / `build.py`.
+
+`embeddings` is written contiguous and uncompressed, so training processes map it at its file offset and
+share one copy per machine (`mapped.py`, `TeacherCache.to_torch`); chunked caches are read into RAM.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import sys
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import h5py
 import numpy as np
 
+from pipeline.cache.contract import (
+    CONTRACT_ATTRS,
+    DATASETS,
+    FORMAT_VERSION,
+    READ_ROWS,
+    is_marked_complete,
+)
+from pipeline.cache.mapped import Layout, convert_hint, inspect_layout, map_embeddings
 from pipeline.errors import DataError, PipelineError
 from pipeline.io import array_sha256, open_artifact, refuse_mismatch
-from pipeline.settings import Choice
-
-FORMAT_VERSION = 2  # 2: checksums of embeddings, labels and keys
-VIEW_NAMES = ("original", "flipped")
-
-
-class CacheDtype(Choice):
-    """How teacher embeddings are stored."""
-
-    float16 = "float16"
-    float32 = "float32"
-
-
-DTYPES = CacheDtype.values()
-DATASETS = ("embeddings", "labels", "keys")
-CHECKSUM_ATTRS = tuple(f"{name}_sha256" for name in DATASETS)
-# Written in this order; `complete` is not part of it because it must come after everything else.
-CONTRACT_ATTRS = (
-    "format_version",
-    "teacher_fingerprint",
-    "teacher_name",
-    "dataset_fingerprint",
-    "preprocessing",
-    "rows",
-    "dim",
-    "views",
-    "view_names",
-    "dtype",
-    *CHECKSUM_ATTRS,
-)
-READ_ROWS = 65536  # rows per HDF5 read when streaming
-
-
-def contract_attrs(
-    *,
-    teacher_fingerprint: str,
-    teacher_name: str,
-    dataset_fingerprint: str,
-    preprocessing: dict,
-    rows: int,
-    dim: int,
-    dtype: str,
-) -> dict:
-    """The cache attributes (everything but the checksums, which the merge adds, and `complete`) in their
-    on-disk form and order."""
-    if dtype not in DTYPES:
-        raise PipelineError(f"unsupported cache dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    values = {
-        "format_version": FORMAT_VERSION,
-        "teacher_fingerprint": str(teacher_fingerprint),
-        "teacher_name": str(teacher_name),
-        "dataset_fingerprint": str(dataset_fingerprint),
-        "preprocessing": json.dumps(preprocessing, sort_keys=True),
-        "rows": int(rows),
-        "dim": int(dim),
-        "views": len(VIEW_NAMES),
-        "view_names": json.dumps(list(VIEW_NAMES)),
-        "dtype": dtype,
-    }
-    return {name: values[name] for name in CONTRACT_ATTRS if name in values}
-
-
-def write_attrs(target: h5py.HLObject, attrs: dict) -> None:
-    """Write attributes in a fixed order (same bytes on every run)."""
-    for name, value in attrs.items():
-        target.attrs[name] = value
-
-
-def mark_complete(target: h5py.HLObject) -> None:
-    """The very last write: from now on readers trust the file."""
-    target.attrs["complete"] = True
-
-
-def is_marked_complete(target: h5py.HLObject) -> bool:
-    """Only the boolean True counts (a string "no" is truthy, and means nothing)."""
-    value = target.attrs.get("complete", False)
-    return isinstance(value, (bool, np.bool_)) and bool(value)
 
 
 def _plain(value):
@@ -111,7 +43,8 @@ def _plain(value):
 class TeacherCache:
     """A validated, read-only teacher cache. Safe to pass to DataLoader workers (reopens per process).
 
-    Use `TeacherCache.open(path)`; `load_all()` keeps the whole array in RAM when it fits.
+    Use `TeacherCache.open(path)`; `to_torch()` gives the training targets (memory-mapped: one copy per
+    machine), `load_all()` keeps the whole array in this process's RAM when it fits.
     """
 
     def __init__(self, path: Path, attrs: dict):
@@ -122,7 +55,9 @@ class TeacherCache:
         self._handle: h5py.File | None = None
         self._pid: int | None = None
         self._memory: np.ndarray | None = None
-        self._finite = False  # the RAM copy was checked for NaN/inf
+        self._finite = False  # the training targets were checked for NaN/inf
+        self._mapped: np.ndarray | None = None
+        self.layout = Layout(None, "not inspected")
 
     # ------------------------------------------------------------------ opening and validation
     @classmethod
@@ -141,6 +76,7 @@ class TeacherCache:
             attrs = {name: _plain(handle.attrs[name]) for name in CONTRACT_ATTRS}
             cache = cls(path, attrs)
             cache._validate_shapes(handle)
+            cache.layout = inspect_layout(path, handle["embeddings"])
             cache.labels = handle["labels"][()].astype(np.int64, copy=False)
             cache.keys = handle["keys"][()].astype(np.int64, copy=False)
         for name in ("labels", "keys"):
@@ -225,7 +161,7 @@ class TeacherCache:
     def _embeddings_dataset(self) -> h5py.Dataset:
         """The HDF5 dataset, opened once per process (h5py handles must not cross a fork)."""
         if self._handle is None or self._pid != os.getpid():
-            self._handle = h5py.File(self.path, "r")
+            self._handle = open_artifact(self.path, "teacher cache", "extract-teacher")
             self._pid = os.getpid()
         return self._handle["embeddings"]
 
@@ -237,13 +173,13 @@ class TeacherCache:
     def __getstate__(self) -> dict:
         # Workers reopen the file themselves; the RAM copy is not shipped to them either.
         state = self.__dict__.copy()
-        state.update(_handle=None, _pid=None, _memory=None)
+        state.update(_handle=None, _pid=None, _memory=None, _mapped=None)
         return state
 
     def _read_sorted(self, rows: np.ndarray) -> np.ndarray:
         """Stored rows for sorted unique indices: one slab when they are dense, batched point reads otherwise."""
-        if self._memory is not None:
-            return self._memory[rows]
+        if self._memory is not None or self._mapped is not None:
+            return (self._memory if self._memory is not None else self._mapped)[rows]
         dataset = self._embeddings_dataset()
         if rows.size == 0:
             return np.empty((0,) + dataset.shape[1:], dataset.dtype)
@@ -252,6 +188,12 @@ class TeacherCache:
             return dataset[first : last + 1][rows - first]
         parts = [dataset[rows[i : i + 4096]] for i in range(0, rows.size, 4096)]
         return np.concatenate(parts)
+
+    def stored_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of every view in the stored dtype (a streaming read; a copy)."""
+        if self._memory is not None or self._mapped is not None:
+            return np.array((self._memory if self._memory is not None else self._mapped)[start:stop])
+        return self._embeddings_dataset()[start:stop]
 
     def embeddings(
         self,
@@ -295,26 +237,63 @@ class TeacherCache:
         self._memory = memory
         return True
 
-    def to_torch(self, views: Sequence[int] = (0, 1), max_bytes: int | None = None):
-        """The whole cache as a torch tensor (N, len(views), D) in the stored dtype (training targets);
-        DataError naming the row and key of a NaN/inf (it would only surface as a non-finite loss)."""
+    @property
+    def shareable(self) -> bool:
+        """True when the embeddings can be memory-mapped (contiguous, uncompressed: what extract-teacher writes)."""
+        return self.layout.mappable
+
+    def mapped(self) -> np.ndarray:
+        """The stored (N, views, D) array memory-mapped read-only at its file offset: every process mapping it
+        reads the same page-cache pages (one copy per machine). PipelineError when it cannot be mapped."""
+        if self._mapped is None:
+            if not self.shareable:
+                raise PipelineError(f"{self.path}: embeddings are {self.layout.reason} and cannot be memory-mapped; "
+                                    f"{convert_hint(self.path)}")
+            shape = (len(self), self.views, self.dim)
+            self._mapped = map_embeddings(self.path, self.layout.offset, shape, self.dtype, self._read_hdf5_rows)
+        return self._mapped
+
+    def _read_hdf5_rows(self, rows: np.ndarray) -> np.ndarray:
+        return self._embeddings_dataset()[rows]
+
+    def to_torch(self, views: Sequence[int] = (0, 1), max_bytes: int | None = None, shared: bool = True,
+                 log: Callable[[str], None] | None = None):
+        """The whole cache as a torch tensor (N, len(views), D) in the stored dtype (training targets).
+
+        `shared` with every view of a contiguous cache: the memory-mapped array (`mapped()`), read-only, one
+        copy per machine whatever the number of processes. Otherwise (a subset of views, `shared=False`, or a
+        chunked cache, which `log` reports with the way to convert it) the array is read into this process's
+        RAM, refused when larger than `max_bytes` (default: half the available memory). Either way a NaN/inf
+        is a DataError naming its row and key (it would only surface later as a non-finite loss).
+        """
         import torch
 
+        every_view = list(views) == list(range(self.views))
+        if shared and every_view and self.shareable:
+            if not self._finite:
+                self._check_finite(self.mapped())
+                self._finite = True
+            with warnings.catch_warnings():  # read-only on purpose: the targets are looked up, never written
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                return torch.from_numpy(self.mapped())
+        if shared and every_view:
+            (log or _to_stderr)(f"{self.path}: embeddings are {self.layout.reason}, so each process reads its own "
+                                f"copy into RAM; {convert_hint(self.path)}")
         if not self.load_all(max_bytes=max_bytes):
             raise PipelineError(
                 f"{self.path}: the teacher cache ({self.nbytes() / 2**30:.1f} GiB) does not fit in memory"
             )
         if not self._finite:
-            self._check_finite()
+            self._check_finite(self._memory)
             self._finite = True
         views = list(views)
         if views == list(range(self._memory.shape[1])):
             return torch.from_numpy(self._memory)  # shares the RAM copy: no second 12 GB array at MS1M scale
         return torch.from_numpy(np.ascontiguousarray(self._memory[:, views, :]))
 
-    def _check_finite(self) -> None:
+    def _check_finite(self, array: np.ndarray) -> None:
         for start in range(0, len(self), READ_ROWS):
-            chunk = self._memory[start : start + READ_ROWS]
+            chunk = array[start : start + READ_ROWS]
             bad = ~np.isfinite(chunk).reshape(chunk.shape[0], -1).all(axis=1)
             if bad.any():
                 row = start + int(np.flatnonzero(bad)[0])
@@ -343,8 +322,14 @@ class TeacherCache:
             "dataset": {"fingerprint": self.dataset_fingerprint},
             "preprocessing": self.preprocessing,
             "format_version": self.attrs["format_version"],
+            "layout": ({"memory_mapped": True, "offset": self.layout.offset} if self.shareable else
+                       {"memory_mapped": False, "reason": self.layout.reason, "convert": convert_hint(self.path)}),
             "norms": {"sampled_rows": int(rows.size), **stats},
         }
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _available_memory() -> int:

@@ -12,11 +12,12 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import h5py
 import numpy as np
 
-from pipeline.cache.format import (
+from pipeline.cache.contract import (
     DATASETS,
     VIEW_NAMES,
     is_marked_complete,
@@ -114,11 +115,25 @@ def _same(stored, expected) -> bool:
 
 
 def assemble(out: Path, shards: list[Shard], attrs: dict) -> None:
-    """Concatenate complete shards into a temporary file, add the datasets' checksums to `attrs`, mark it
-    complete last, then rename it to `out`.
+    """Concatenate complete shards into the final cache (see `write_cache`), in shard order.
 
-    Always rebuilt from scratch in shard order with fixed (contiguous) layout and no timestamps, so the
-    bytes are identical whatever happened before.
+    Always rebuilt from scratch in shard order, so the bytes are identical whatever happened before.
+    """
+
+    def parts():
+        for shard in shards:
+            with h5py.File(shard.path, "r") as part:
+                yield shard.start, part["embeddings"][()], part["labels"][()], part["keys"][()]
+
+    write_cache(out, attrs, parts())
+
+
+def write_cache(out: Path, attrs: dict, parts: Iterable[tuple[int, np.ndarray, np.ndarray, np.ndarray]]) -> None:
+    """Write a teacher cache from `(start row, embeddings, labels, keys)` parts covering every row: into a
+    temporary file, attributes in their fixed order, `complete` last, then renamed to `out`.
+
+    `embeddings` is stored contiguous and uncompressed (the HDF5 default layout) with no timestamps: the same
+    parts give the same bytes, and the array can be memory-mapped at its file offset (`cache/mapped.py`).
     """
     rows, dim, dtype = int(attrs["rows"]), int(attrs["dim"]), attrs["dtype"]
     with atomic_path(out) as tmp:
@@ -130,12 +145,12 @@ def assemble(out: Path, shards: list[Shard], attrs: dict) -> None:
             keys = handle.create_dataset("keys", shape=(rows,), dtype=np.int64, track_times=False)
             targets = {"embeddings": embeddings, "labels": labels, "keys": keys}
             digests = {name: hashlib.sha256() for name in DATASETS}
-            for shard in shards:
-                with h5py.File(shard.path, "r") as part:
-                    for name in DATASETS:
-                        values = np.ascontiguousarray(part[name][()], dtype=targets[name].dtype)
-                        targets[name][shard.start : shard.stop] = values
-                        array_sha256(values, digest=digests[name])
+            for start, *arrays in parts:
+                stop = start + len(arrays[0])
+                for name, array in zip(DATASETS, arrays):
+                    values = np.ascontiguousarray(array, dtype=targets[name].dtype)
+                    targets[name][start:stop] = values
+                    array_sha256(values, digest=digests[name])
             write_attrs(handle, {**attrs, **{f"{name}_sha256": digests[name].hexdigest() for name in DATASETS}})
             mark_complete(handle)
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from torch import nn
 
@@ -38,6 +38,8 @@ class KDConfig:
                                            "512-d MS1M embeddings).", above=0.0)
     ekd_one_sided: bool = setting(False, "Penalise a pair only where the student ranks it worse than the teacher "
                                          "(official: both ways).")
+    ekd_positive_weight: float = setting(0.02, "Weight of EKD's positive-pair term (official: 0.02).", min=0.0)
+    ekd_negative_weight: float = setting(0.01, "Weight of EKD's negative-pair term (official: 0.01).", min=0.0)
     queue_size: int = setting(65536, "EKD global mode: recent student embeddings kept for the student's "
                                      "thresholds.", min=1)
 
@@ -51,8 +53,8 @@ class KDConfig:
         names = ["kd", "kd_weight", "kd_scale", "kd_warmup_epochs"]
         if self.kd == KDMethod.l2_ekd:
             names.append("ekd_weight")
-        if self.uses_ekd:
-            names += ["ekd_mode", "ekd_temperature", "ekd_one_sided"]
+        if self.uses_ekd:  # every EKD knob, so a new one cannot be forgotten here
+            names += [f.name for f in fields(self) if f.name.startswith("ekd_") and f.name != "ekd_weight"]
         if self.needs_thresholds:
             names.append("queue_size")
         return {name: getattr(self, name) for name in names}
@@ -79,7 +81,8 @@ class KDConfig:
         return [("l2", build_kd_loss(KDMethod.l2), self.kd_weight), ("ekd", ekd, self.ekd_weight)]
 
     def _ekd(self, teacher_thresholds: Mapping | None) -> nn.Module:
-        options = {"mode": self.ekd_mode, "temperature": self.ekd_temperature, "one_sided": self.ekd_one_sided}
+        options = {"mode": self.ekd_mode, "temperature": self.ekd_temperature, "one_sided": self.ekd_one_sided,
+                   "pos_weight": self.ekd_positive_weight, "neg_weight": self.ekd_negative_weight}
         if self.needs_thresholds:
             if teacher_thresholds is None:
                 raise PipelineError("--ekd-mode global needs --pools (thresholds.json from build-pools)")

@@ -65,8 +65,9 @@ def train_student(cfg: TrainConfig, source, kd: KDConfig, sampling: SamplerConfi
         settings["cache"] = targets.fingerprint
         thresholds = tables["thresholds"] if kd.needs_thresholds else None
         terms = [KDTerm(name, loss, weight) for name, loss, weight in kd.terms(thresholds)]
-        # (N, 2, D) in the stored dtype, looked up per step by sample index and flip
-        distill = Distillation(targets=targets.to_torch(), terms=terms, scale=kd.kd_scale,
+        # (N, 2, D) in the stored dtype, looked up per step by sample index and flip; memory-mapped, so all
+        # ranks and DataLoader workers of a machine share one copy (chunked caches: a RAM copy each)
+        distill = Distillation(targets=targets.to_torch(shared=True), terms=terms, scale=kd.kd_scale,
                                warmup_epochs=kd.kd_warmup_epochs)
     if needs_pools:
         settings["pools"] = pools_fingerprint(tables)

@@ -1,10 +1,13 @@
-"""Small face data for the tests: data sets written in the real formats, in-memory face sources, and random
-encoded images."""
+"""Small face data for the tests: data sets written in the real formats, in-memory face sources, random
+encoded images, and teacher caches written by hand."""
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 from pathlib import Path
 
+import h5py
 import numpy as np
 from PIL import Image
 
@@ -62,3 +65,50 @@ class MirroredFaces:
 
     def decode(self, i: int) -> np.ndarray:
         return self.images[i]
+
+
+TEACHER_FP = "a" * 64
+DATASET_FP = "b" * 64
+
+
+def sha256_of(array):
+    """The documented checksum: sha256 of the array's little-endian bytes in C order."""
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def write_cache_by_hand(path, rows=50, dim=8, seed=0, dtype="float16", complete=True, skip_attr=None,
+                        layout: dict | None = None, userblock_size: int = 0, written: bool = True):
+    """A teacher cache written directly with h5py from the documented key names (independent of the writer).
+
+    `complete`: the value of the `complete` attribute (None: no attribute). `layout`: h5py create_dataset
+    options for `embeddings` (e.g. chunks, compression: an older or foreign cache); `written=False` creates
+    `embeddings` without ever writing it."""
+    rng = np.random.default_rng(seed)
+    embeddings = (rng.normal(size=(rows, 2, dim)) * 3).astype(dtype)
+    labels = np.arange(rows, dtype=np.int64) // 5
+    keys = np.arange(rows, dtype=np.int64) + 1
+    attrs = {
+        "format_version": 2,
+        "teacher_fingerprint": TEACHER_FP,
+        "teacher_name": "r18",
+        "dataset_fingerprint": DATASET_FP,
+        "preprocessing": json.dumps({"size": 112, "mean": 0.5, "std": 0.5, "flip": "horizontal"}),
+        "rows": rows,
+        "dim": dim,
+        "views": 2,
+        "view_names": json.dumps(["original", "flipped"]),
+        "dtype": dtype,
+        "embeddings_sha256": sha256_of(embeddings),
+        "labels_sha256": sha256_of(labels),
+        "keys_sha256": sha256_of(keys),
+    }
+    with h5py.File(path, "w", userblock_size=userblock_size) as f:
+        f.create_dataset("embeddings", data=embeddings if written else None, shape=embeddings.shape,
+                         dtype=embeddings.dtype, **(layout or {}))
+        f["labels"], f["keys"] = labels, keys
+        for name, value in attrs.items():
+            if name != skip_attr:
+                f.attrs[name] = value
+        if complete is not None:
+            f.attrs["complete"] = complete
+    return embeddings, labels, keys
