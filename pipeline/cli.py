@@ -24,6 +24,7 @@ STAGE_MODULES = (
     "stages.build_pools",
     "stages.train_student",
     "stages.evaluate",
+    "stages.evaluate_ijb",
     "stages.report",
     "stages.export",
 )
@@ -72,6 +73,8 @@ def _one_line_errors(function):
 
 # The click that typer runs on (typer >= 0.2x vendors its own): its usage errors are what `main` catches.
 _click_errors = sys.modules[typer.BadParameter.__module__]
+# Ctrl-C while typer/click prompts: typer.Abort (click's own Abort where typer does not vendor click)
+_ABORTS = tuple({typer.Abort, getattr(_click_errors, "Abort", typer.Abort)})
 
 
 def _register_stage_commands() -> None:
@@ -100,7 +103,7 @@ def main(args: list[str] | None = None) -> None:
     except _click_errors.ClickException as error:
         print(f"error: {' '.join(error.format_message().split())}", file=sys.stderr)
         sys.exit(error.exit_code)
-    except (typer.Abort, _click_errors.Abort):
+    except _ABORTS:
         print("aborted", file=sys.stderr)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)

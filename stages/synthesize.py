@@ -1,4 +1,5 @@
-"""Stage `synthesize`: write the embedded synthetic face benchmark (train.rec, val.bin, test.rec)."""
+"""Stage `synthesize`: write the embedded synthetic face benchmark (train.rec, val.bin, test.rec, and the
+IJB-layout set ijb/IJBC/ when asked for)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ def synthesize_command(
                f"in {val['folds']} folds over {val['identities']} held-out identities")
     typer.echo(f"wrote {out}/test.rec, test.idx: {test['images']} images of {test['identities']} identities, "
                f"{test['positive_pairs']} positive / {test['negative_pairs']} negative pairs")
+    if "ijb" in summary:
+        ijb = summary["ijb"]
+        typer.echo(f"wrote {out}/ijb/{ijb['target']}/ (meta/, loose_crop/): {ijb['images']} crops ({ijb['video_frames']} "
+                   f"video frames) in {ijb['templates']} templates of {ijb['identities']} identities, {ijb['pairs']} "
+                   f"template pairs ({ijb['positive_pairs']} genuine)")
     typer.echo(f"wrote {out}/synthetic.json ({summary['seconds']} s, {summary['images_per_second']} images/s)")
 
 

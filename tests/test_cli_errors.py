@@ -214,3 +214,15 @@ def test_a_broken_cache_at_train_student(files, tmp_path, cli, cache, message):
     line = refused(cli, student(files, out, "--kd", "l2", "--cache", files[cache]), out / "model.pt",
                    out / "checkpoint.pt")
     assert line.startswith(f"error: {files[cache]}: {message}")
+
+
+def test_an_unexpected_error_keeps_its_own_traceback(monkeypatch):
+    """A bug (not a user error) is not hidden: main() lets it through as itself."""
+    from pipeline import cli
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("stages.report.load_result", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["report", "--teacher", "t", "--students", "s", "--out", "o"])

@@ -41,7 +41,8 @@ def _project_copy(tmp_path: Path) -> Path:
 def _tiny_params(work: Path, **changes) -> dict:
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["synthetic"]["demo"].update(identities=16, images_per_identity=6, size=16, val_identities=20,
-                                       val_pairs=40, test_identities=12, test_images_per_identity=4, workers=1)
+                                       val_pairs=40, test_identities=12, test_images_per_identity=4, workers=1,
+                                       ijb_identities=3, ijb_templates=2)
     params["teacher_training"]["demo"].update(arch="r18", width=0.125, embedding_size=32, epochs=1, batch_size=16,
                                               workers=0)
     params["student"].update(width=0.125, embedding_size=32, epochs=1, batch_size=16, balanced_batch_size=16,
@@ -74,7 +75,8 @@ def test_dvc_repro_embedded_default(tmp_path):
     work = _project_copy(tmp_path)
     params = _tiny_params(work)
     log = _dvc(work, "repro")
-    for stage in ("synthesize@demo", "train-teacher@demo", "extract-teacher", "build-pools", "report"):
+    for stage in ("synthesize@demo", "train-teacher@demo", "extract-teacher", "build-pools",
+                  "evaluate-ijb-teacher@set0", "report"):
         assert f"Running stage '{stage}'" in log
 
     students = list(params["students"])
@@ -87,8 +89,11 @@ def test_dvc_repro_embedded_default(tmp_path):
         assert (work / f"data/students/{name}/model.pt").is_file()
         _check_metrics(work / f"results/students/{name}/metrics.json")
         assert (work / f"results/students/{name}/roc.csv").read_text().startswith("fpr,tpr,threshold")
+        _check_ijb(work / f"results/students/{name}")
+    _check_ijb(work / "results/teacher")
     report = (work / "results/report/report.md").read_text()
     assert all(name in report for name in students) and "gap closed" in report
+    assert "## IJBC: 1:1 template verification" in report
     assert (work / "results/report/roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     again = _dvc(work, "repro")
@@ -97,6 +102,15 @@ def test_dvc_repro_embedded_default(tmp_path):
     assert all(f"results/students/{name}/metrics.json" in shown for name in students)
     _check_code_dependencies(work, students)
     _check_experiments(work, students)
+
+
+def _check_ijb(run: Path) -> None:
+    """evaluate-ijb's files for the tiny synthetic IJB-C set (6 templates of 3 identities: 15 pairs)."""
+    ijb = json.loads((run / "ijbc.json").read_text())
+    assert (ijb["templates"], ijb["pairs"], ijb["positive_pairs"], ijb["mode"]) == (6, 15, 3, "F1 N1 D1")
+    assert all(0.0 <= ijb[f"tpr@fpr=1e-{k}"] <= 1.0 for k in range(1, 7))
+    assert np.load(run / "ijbc_scores.npy").shape == (15,) and (run / "ijbc_features.h5").is_file()
+    assert (run / "ijbc_roc.csv").read_text().startswith("fpr,tpr,threshold")
 
 
 def _stale_stages(work: Path) -> set[str]:
@@ -171,14 +185,14 @@ def test_dvc_repro_real_data_mode(tmp_path):
     teacher = get_model("r18", input_size=16, width=0.125, num_features=32)
     state = {f"module.{k}": v for k, v in teacher.state_dict().items()}  # as DDP-trained arcface_torch saves
     torch.save(state, tmp_path / "backbone.pth")
-    params = _tiny_params(work, synthetic={}, teacher_training={})
+    params = _tiny_params(work, synthetic={}, teacher_training={}, ijb=[])  # no IJB release: no evaluate-ijb
     params["data"]["dir"] = str(real)
     params["teacher"]["checkpoint"] = str(tmp_path / "backbone.pth")
     params["students"] = {k: params["students"][k] for k in ("baseline", "ekd_global")}
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     log = _dvc(work, "repro")
-    assert "synthesize" not in log and "train-teacher" not in log
+    assert "synthesize" not in log and "train-teacher" not in log and "evaluate-ijb" not in log
     for stage in ("extract-teacher", "build-pools", "train-student@ekd_global", "evaluate-teacher", "report"):
         assert f"Running stage '{stage}'" in log
     metrics = json.loads((work / "results/teacher/metrics.json").read_text())

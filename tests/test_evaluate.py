@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from helpers.teachers import Projection
 from typer.testing import CliRunner
 
 from pipeline.errors import DataError, PipelineError
@@ -25,18 +25,6 @@ from pipeline.formats.recordio import write_face_recordio
 from pipeline.formats.verification_bin import write_verification_bin
 
 SIZE, DIM = 16, 12
-
-
-class Projection(nn.Module):
-    """embedding = flattened NCHW input @ P."""
-
-    def __init__(self, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.register_buffer("p", torch.randn(3 * SIZE * SIZE, DIM, generator=g) / SIZE)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1) @ self.p
 
 
 def _direct_embedding(model: Projection, rgb: np.ndarray) -> np.ndarray:

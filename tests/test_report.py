@@ -153,6 +153,34 @@ def test_without_histories_the_figures_say_so(evaluations):
     assert (evaluations / "report" / "curves.png").is_file()  # a placeholder, so the declared outputs exist
 
 
+def _write_ijb(folder, tprs: list[float]) -> None:
+    body = {f"tpr@fpr=1e-{6 - k}": t for k, t in enumerate(tprs)}
+    body.update(target="IJBC", mode="F1 N1 D1", tpr_method="nearest", images=340, templates=100, pairs=4950,
+                positive_pairs=200, negative_pairs=4750)
+    (folder / "ijbc.json").write_text(json.dumps(body))
+
+
+def test_ijb_table_when_runs_have_ijb_results(evaluations):
+    result = run_report(evaluations)
+    assert result.exit_code == 0 and "IJBC" not in (evaluations / "report" / "report.md").read_text()
+    _write_ijb(evaluations / "teacher", [0.2, 0.3, 0.5, 0.7, 0.9, 0.95])
+    _write_ijb(evaluations / "students" / "baseline", [0.1, 0.1, 0.1, 0.4, 0.8, 0.9])
+    _write_ijb(evaluations / "students" / "ekd", [0.1, 0.2, 0.3, 0.5, 0.85, 0.93])
+    result = run_report(evaluations)
+    assert result.exit_code == 0, result.output
+    report = (evaluations / "report" / "report.md").read_text()
+    section = report[report.index("## IJBC: 1:1 template verification"):]
+    assert "4950 template pairs (200 genuine)" in section and "lowest measurable FPR is 2.1e-04" in section
+    header = next(line for line in section.splitlines() if line.startswith("| model |"))
+    cells = [c.strip() for c in header.strip("|").split("|")]
+    assert cells == ["model", "TPR@1e-6", "TPR@1e-5", "TPR@1e-4", "TPR@1e-3", "TPR@1e-2", "TPR@1e-1",
+                     "gap closed @1e-4"]
+    line = next(line for line in section.splitlines() if line.startswith("| ekd ("))
+    ekd = dict(zip(cells, [c.strip() for c in line.strip("|").split("|")]))
+    assert ekd["TPR@1e-6"] == "0.1000" and ekd["TPR@1e-1"] == "0.9300"
+    assert ekd["gap closed @1e-4"] == f"{(0.3 - 0.1) / (0.5 - 0.1):.3f}"
+    summary = json.loads((evaluations / "report" / "summary.json").read_text())
+    assert summary["teacher"]["ijbc_tpr@1e-4"] == 0.5 and summary["ekd"]["ijbc_tpr@1e-6"] == 0.1
 def test_a_baseline_that_names_no_student_is_refused(evaluations):
     result = run_report(evaluations, "--baseline", "nosuch")
     assert result.exit_code == 2 and not (evaluations / "report").exists()

@@ -146,7 +146,8 @@ def test_val_bin_has_ten_folds_of_positive_then_negative_pairs(tiny):
 def test_summary_json_lists_the_arguments_and_file_hashes(tiny):
     folder, summary = tiny
     written = json.loads((folder / "synthetic.json").read_text())
-    assert written["args"] == {**TINY, "long_tail": False, "monitor_identities": 0, "monitor_images_per_identity": 5}
+    assert written["args"] == {**TINY, "long_tail": False, "monitor_identities": 0, "monitor_images_per_identity": 5,
+                               "ijb_identities": 0, "ijb_templates": 5}
     for name in FILES:
         assert written["files"][name] == hashlib.sha256((folder / name).read_bytes()).hexdigest()
     assert not [p for p in folder.iterdir() if p.name.startswith(".tmp")]

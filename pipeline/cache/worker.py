@@ -14,7 +14,6 @@ import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,7 +23,11 @@ import torch
 from pipeline.cache.shards import Shard, write_shard
 from pipeline.errors import DataError, PipelineError
 from pipeline.formats import open_face_source
-from pipeline.models.preprocess import MEAN, STD
+from pipeline.models.preprocess import (  # noqa: F401  (re-exported: benchmarks, tests patch them here)
+    forward_views,
+    prepare_teacher,
+    preprocess_views,
+)
 
 PREFETCH_BATCHES = 2  # batches being decoded while the current one is in the teacher
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -110,13 +113,6 @@ def decode_pool(threads: int) -> ThreadPoolExecutor:
     return _POOLS[threads]
 
 
-def prepare_teacher(teacher):
-    """channels_last weights on CUDA (tensor cores like NHWC); a no-op elsewhere."""
-    if teacher.module is not None and torch.device(teacher.device).type == "cuda":
-        teacher.module.to(memory_format=torch.channels_last)
-    return teacher
-
-
 # ---------------------------------------------------------------------------------------------- decoding
 class BatchDecoder:
     """Decodes rows of a face source in a thread pool (sources read with os.pread or per-file: thread-safe)."""
@@ -143,31 +139,6 @@ class BatchDecoder:
 
 
 # ---------------------------------------------------------------------------------------------- forward
-def preprocess_views(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float32 (2B, 3, H, W) on `device`: originals then horizontal flips, (x/255-.5)/.5."""
-    x = torch.from_numpy(images)
-    if device.type == "cuda":
-        x = x.pin_memory().to(device, non_blocking=True)
-    x = x.permute(0, 3, 1, 2)
-    both = torch.cat([x, x.flip(3)]).float().div_(255.0).sub_(MEAN).div_(STD)
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    return both.contiguous(memory_format=fmt)
-
-
-def forward_views(teacher, images: np.ndarray) -> torch.Tensor:
-    """(B, 2, D) on the teacher's device: the teacher on each image (view 0) and on its flip (view 1).
-
-    On CUDA the result is not waited for, so the caller can queue the next batch before reading it back.
-    """
-    device = torch.device(teacher.device)
-    batch = preprocess_views(images, device)
-    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
-    with autocast:
-        out = teacher(batch)
-    b = len(images)
-    return torch.stack([out[:b], out[b:]], dim=1).float()
-
-
 def check_finite(embeddings: np.ndarray, keys: np.ndarray, where: str) -> None:
     """PipelineError naming the record keys whose teacher output holds NaN or inf."""
     bad = ~np.isfinite(embeddings).reshape(len(embeddings), -1).all(axis=1)

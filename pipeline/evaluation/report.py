@@ -1,5 +1,6 @@
 """The teacher-vs-students report: one table, the ROC plot, and the FPR thresholds side by side, read from
-the evaluation folders (metrics.json, roc.csv) that `evaluate` writes."""
+the evaluation folders (metrics.json, roc.csv) that `evaluate` writes, plus an IJB table for every
+`<target>.json` that `evaluate-ijb` wrote there."""
 from __future__ import annotations
 
 import csv
@@ -17,6 +18,9 @@ from pipeline.fpr import LEVEL_KEYS, REPORT_KEYS
 from pipeline.io import atomic_path, write_text_atomic
 
 REPORT_FPRS = REPORT_KEYS
+IJB_TARGETS = ("ijbc", "ijbb")  # evaluate-ijb's <target>.json files in a run folder
+IJB_FPRS = tuple(reversed(LEVEL_KEYS))  # "1e-6" .. "1e-1", the insightface IJB table's columns
+IJB_GAP = "1e-4"  # the IJB table's gap-closed column: the EKD paper's headline level
 
 
 @dataclass
@@ -30,6 +34,7 @@ class ModelResult:
     tpr: dict[str, float]  # "1e-4" -> TPR on the test set
     thresholds: dict[str, float] = field(default_factory=dict)  # "1e-4" -> score threshold on the test set
     roc: tuple[list[float], list[float]] | None = None
+    ijb: dict[str, dict] = field(default_factory=dict)  # "ijbc" -> that run's <target>.json (evaluate-ijb)
 
 
 def gap_closed(student: float, baseline: float, teacher: float) -> float:
@@ -53,7 +58,9 @@ def load_result(run: Path, name: str, role: str) -> ModelResult:
         thresholds = _thresholds_at(roc[0], read_roc_thresholds(run / "roc.csv")) if roc[0] else {}
         roc = roc if roc[0] else None  # header only: no test set
     params = metrics.get("model", {}).get("params")
-    return ModelResult(name, role, params, accuracy, tpr, thresholds, roc)
+    ijb = {target: json.loads((run / f"{target}.json").read_text()) for target in IJB_TARGETS
+           if (run / f"{target}.json").is_file()}
+    return ModelResult(name, role, params, accuracy, tpr, thresholds, roc, ijb)
 
 
 def _thresholds_at(fpr: list[float], threshold: list[float]) -> dict[str, float]:
@@ -112,6 +119,31 @@ def markdown_table(results: list[ModelResult]) -> str:
     return "\n".join(lines)
 
 
+def ijb_table(results: list[ModelResult], target: str) -> str:
+    """One IJB target: each model's TPR at FPR 1e-6 .. 1e-1 (and gap closed at 1e-4 with teacher and baseline),
+    under a line saying what was measured and which FPRs the pair count resolves."""
+    rows = [r for r in results if target in r.ijb]
+    first = rows[0].ijb[target]
+    tpr = {r.name: {f: r.ijb[target].get(f"tpr@fpr={f}") for f in IJB_FPRS} for r in rows}
+    teacher = next((r.name for r in rows if r.role == "teacher"), None)
+    baseline = next((r.name for r in rows if r.role == "baseline"), None)
+    gap = teacher is not None and baseline is not None
+    header = ["model"] + [f"TPR@{f}" for f in IJB_FPRS] + ([f"gap closed @{IJB_GAP}"] if gap else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        row = [f"{r.name} ({r.role})"] + [_fmt(tpr[r.name][f]) for f in IJB_FPRS]
+        if gap:
+            row.append(_fmt(gap_closed(tpr[r.name][IJB_GAP], tpr[baseline][IJB_GAP], tpr[teacher][IJB_GAP]), 3))
+        lines.append("| " + " | ".join(row) + " |")
+    negatives = first.get("negative_pairs", 0)
+    limit = (f" With {negatives} impostor pairs the lowest measurable FPR is {1 / negatives:.1e}: columns below it "
+             "read the curve's first point." if negatives else "")
+    note = (f"{first.get('target', target.upper())}, insightface eval_ijbc protocol ({first.get('mode', '')}, "
+            f"{first.get('tpr_method', '')} read-out): {first.get('images')} images, {first.get('templates')} "
+            f"templates, {first.get('pairs')} template pairs ({first.get('positive_pairs')} genuine).{limit}")
+    return note + "\n\n" + "\n".join(lines)
+
+
 def thresholds_table(results: list[ModelResult], teacher_train: dict[str, float]) -> str:
     """The teacher's exact thresholds over all training negatives beside each model's on the test set."""
     fprs = [f for f in LEVEL_KEYS if f in teacher_train]
@@ -164,6 +196,9 @@ def render(results: list[ModelResult], teacher_train: dict[str, float], faces: b
         "",
         "![ROC](roc.png)",
     ]
+    for target in IJB_TARGETS:
+        if any(target in r.ijb for r in results):
+            parts += ["", f"## {target.upper()}: 1:1 template verification", "", ijb_table(results, target)]
     if teacher_train:
         parts += ["", "## FPR thresholds (cosine similarity)", "",
                   "The teacher's exact thresholds over all training negatives (build-pools) beside each model's "
@@ -188,7 +223,9 @@ def render(results: list[ModelResult], teacher_train: dict[str, float], faces: b
 def summary(results: list[ModelResult]) -> dict:
     """Flat numbers per model, for `dvc metrics show`."""
     return {r.name: {"role": r.role, "params": r.params, **{f"acc_{k}": v for k, v in r.accuracy.items()},
-                     **{f"tpr@{f}": r.tpr[f] for f in REPORT_FPRS if f in r.tpr}} for r in results}
+                     **{f"tpr@{f}": r.tpr[f] for f in REPORT_FPRS if f in r.tpr},
+                     **{f"{target}_tpr@{f}": values[f"tpr@fpr={f}"] for target, values in r.ijb.items()
+                        for f in IJB_FPRS if f"tpr@fpr={f}" in values}} for r in results}
 
 
 def write_report(results: list[ModelResult], teacher_train: dict[str, float], out: Path,

@@ -261,3 +261,25 @@ def render_face(identity: Identity, nuisance: Nuisance, size: int, rng: np.rando
         sigma = nuisance.noise * min(1.0, size / 112.0) ** 0.5  # as if downscaled from 112
         out += (rng.standard_normal((size, size), dtype=np.float32) * sigma)[..., None]
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def image_transform(identity: Identity, nuisance: Nuisance, size: int) -> np.ndarray:
+    """(2, 3) similarity of `render_face`'s pose from the canonical plane (after the head's 3-D turn) to output
+    pixel centres: the image's frame, whose composition with another image's inverse frame maps one render of a
+    face onto another of the same face and nuisance at another scale, rotation and place."""
+    s = supersample_factor(size)
+    pose = Pose(identity.params, nuisance, size * s)
+    return np.c_[pose.linear / s, (pose.offset - (s - 1) / 2) / s]
+
+
+def face_landmarks(identity: Identity, nuisance: Nuisance, size: int) -> np.ndarray:
+    """(5, 2) float64 pixel positions (pixel centres at integers) in `render_face`'s image of the five points an
+    IJB detector reports: eye centres, nose tip, mouth corners, left to right as seen, through the same pose."""
+    p, s = identity.params, supersample_factor(size)
+    mouth_x = p["mouth_w"] * (1.0 + 0.12 * nuisance.smile)
+    mouth_y = p["mouth_y"] - 0.028 * nuisance.smile  # the lips' line at the corners (see _mouth)
+    points = np.array([[-p["eye_dx"], p["eye_y"]], [p["eye_dx"], p["eye_y"]], [0.0, p["nose_y"] - 0.008],
+                       [-mouth_x, mouth_y], [mouth_x, mouth_y]])
+    lifts = np.array([0.0, 0.0, 0.09, 0.01, 0.01])  # as drawn: eyes on the surface, the nose tip raised
+    canvas = Pose(identity.params, nuisance, size * s).project(points, lifts)
+    return (canvas - (s - 1) / 2) / s  # canvas pixel centres -> output pixel centres after reduce(s)

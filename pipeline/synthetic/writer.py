@@ -33,11 +33,9 @@ import json
 import os
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
-from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -49,18 +47,15 @@ from pipeline.formats.recordio import write_face_recordio
 from pipeline.formats.verification_bin import write_verification_bin
 from pipeline.io import disk_full_is_one_line, output_lock, temporary_name
 from pipeline.settings import check, setting
-from pipeline.synthetic.identity import (
-    FAMILY_SIZE,
-    Identity,
-    draw_nuisance,
-    make_identity,
-)
+from pipeline.synthetic.identity import Identity, draw_nuisance
+from pipeline.synthetic.ijb import TARGET as IJB_TARGET
+from pipeline.synthetic.ijb import write_ijb_set
 from pipeline.synthetic.render import render_face
+from pipeline.synthetic.streams import chunks, generator, ordered_map, split_identity
 
 FORMAT = "ekd-synthetic"
 VERSION = 1
 ROLE_TRAIN, ROLE_VAL, ROLE_TEST, ROLE_MONITOR = 0, 1, 2, 3
-_FAMILY_ROLE = 10  # family latents: (_FAMILY_ROLE + role, family, 0)
 _VAL_IMAGE_ROLE = 20  # val images: (_VAL_IMAGE_ROLE, pair, side)
 _PLAN_ROLE = 30  # (_PLAN_ROLE, 0, 0): long-tail counts; (_PLAN_ROLE, 1, 0): val pairs
 VAL_FOLDS = 10
@@ -71,20 +66,10 @@ FILES = ("train.rec", "train.idx", "property", "val.bin", "val_pairs.csv", "test
          "contact_sheet.png")
 
 
-def _generator(seed: int, key: tuple[int, int, int]) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
-
-
-def split_identity(seed: int, role: int, index: int, difficulty: float) -> Identity:
-    """Identity ``index`` of a split (``role`` ROLE_TRAIN/ROLE_VAL/ROLE_TEST), exactly as `synthesize` draws it."""
-    family = _generator(seed, (_FAMILY_ROLE + role, index // FAMILY_SIZE, 0))
-    return make_identity(_generator(seed, (role, index, 0)), family, difficulty)
-
-
 def render_pixels(identity: Identity, seed: int, key: tuple[int, int, int], size: int,
                   difficulty: float) -> tuple[np.ndarray, int]:
     """One image of ``identity`` before JPEG, and its JPEG quality; ``key`` seeds nuisance and noise."""
-    rng = _generator(seed, key)
+    rng = generator(seed, key)
     nuisance = draw_nuisance(rng, difficulty)
     return render_face(identity, nuisance, size, rng), nuisance.jpeg_quality
 
@@ -116,32 +101,12 @@ def render_task(task: RenderTask) -> list[bytes]:
     return out
 
 
-def _chunks(items: Sequence, size: int) -> Iterator[tuple]:
-    for start in range(0, len(items), size):
-        yield tuple(items[start:start + size])
-
-
-def _ordered_map(fn: Callable, tasks: Iterable, workers: int) -> Iterator:
-    """``map(fn, tasks)`` in order, over a spawn-based process pool when workers > 1 (bounded look-ahead)."""
-    if workers <= 1:
-        yield from map(fn, tasks)
-        return
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        pending = []
-        for task in tasks:
-            pending.append(pool.submit(fn, task))
-            if len(pending) >= 4 * workers:
-                yield pending.pop(0).result()
-        for future in pending:
-            yield future.result()
-
-
 def images_per_identity_counts(seed: int, identities: int, mean: int, long_tail: bool) -> np.ndarray:
     """Images per training identity: ``mean`` each, or log-normal (sigma LONG_TAIL_SIGMA, median below the
     mean as in MS1M) clipped to [max(2, mean // 5), 10 * mean]."""
     if not long_tail:
         return np.full(identities, mean, dtype=np.int64)
-    z = _generator(seed, (_PLAN_ROLE, 0, 0)).standard_normal(identities)
+    z = generator(seed, (_PLAN_ROLE, 0, 0)).standard_normal(identities)
     counts = np.rint(mean * np.exp(LONG_TAIL_SIGMA * z - LONG_TAIL_SIGMA**2 / 2))
     return np.clip(counts, max(2, mean // 5), 10 * mean).astype(np.int64)
 
@@ -149,7 +114,7 @@ def images_per_identity_counts(seed: int, identities: int, mean: int, long_tail:
 def plan_val_pairs(seed: int, val_identities: int, val_pairs: int) -> np.ndarray:
     """(val_pairs, 4) int64 rows (fold, first identity, second identity, issame), LFW layout: fold f holds
     pairs f*n..(f+1)*n-1, positives first; fold f uses only the identities i with i % 10 == f."""
-    rng = _generator(seed, (_PLAN_ROLE, 1, 0))
+    rng = generator(seed, (_PLAN_ROLE, 1, 0))
     per_fold = val_pairs // VAL_FOLDS
     rows = []
     for fold in range(VAL_FOLDS):
@@ -195,12 +160,19 @@ class SyntheticConfig:
     monitor_identities: int = setting(0, "Held-out identities for monitor.rec, what training evaluates after every "
                                          "epoch (0 = no monitor set).", min=0)
     monitor_images_per_identity: int = setting(5, "Images per monitor identity.", min=2)
+    ijb_identities: int = setting(0, "Held-out identities for the embedded IJB-C set ijb/IJBC/ (the insightface "
+                                     "layout: meta/, loose_crop/; what `pipeline evaluate-ijb` reads); 0 = none.",
+                                  min=0)
+    ijb_templates: int = setting(5, "Templates per IJB identity, each of still images and/or a multi-frame video.",
+                                 min=2)
     long_tail: bool = setting(False, "Log-normal images per identity, MS1M-like, clipped to [max(2, mean/5), "
                                      "10*mean].")
     workers: int = setting(1, "Rendering processes; the output does not depend on it.", min=1)
 
     def __post_init__(self):
         check(self)
+        if self.ijb_identities == 1:
+            raise PipelineError("--ijb-identities 1: an IJB set needs at least 2 identities (impostor pairs)")
         if self.val_pairs % (2 * VAL_FOLDS):
             raise PipelineError(f"--val-pairs {self.val_pairs}: must be a multiple of {2 * VAL_FOLDS} "
                                 f"({VAL_FOLDS} folds, half positive)")
@@ -214,10 +186,21 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _ijb_digests(work: Path) -> dict[str, str]:
+    """sha256 of each file of the IJB set's meta/, and one over every loose crop's name and sha256."""
+    folder = Path("ijb") / IJB_TARGET
+    out = {(folder / "meta" / path.name).as_posix(): _sha256(path) for path in sorted((work / folder / "meta").iterdir())}
+    crops = hashlib.sha256()
+    for path in sorted((work / folder / "loose_crop").iterdir()):
+        crops.update(f"{path.name} {_sha256(path)}\n".encode())
+    out[(folder / "loose_crop").as_posix() + "/"] = crops.hexdigest()
+    return out
+
+
 def _labelled_images(tasks: list[RenderTask], workers: int, desc: str) -> Iterator[tuple[bytes, int]]:
     """Render tasks in order, yielding (jpeg, identity) with a progress bar."""
     with tqdm(total=sum(len(t.items) for t in tasks), desc=desc, unit="img", disable=None) as bar:
-        for task, images in zip(tasks, _ordered_map(render_task, tasks, workers)):
+        for task, images in zip(tasks, ordered_map(render_task, tasks, workers)):
             for (index, _), image in zip(task.items, images):
                 yield image, index
             bar.update(len(images))
@@ -225,7 +208,7 @@ def _labelled_images(tasks: list[RenderTask], workers: int, desc: str) -> Iterat
 
 def _split_tasks(seed, size, difficulty, role, counts: np.ndarray) -> list[RenderTask]:
     items = [(i, (role, i, j + 1)) for i, n in enumerate(counts.tolist()) for j in range(n)]
-    return [RenderTask(seed, size, difficulty, role, chunk) for chunk in _chunks(items, TASK_IMAGES)]
+    return [RenderTask(seed, size, difficulty, role, chunk) for chunk in chunks(items, TASK_IMAGES)]
 
 
 def _write_identity_set(work: Path, prefix: str, role: int, identities: int, per_identity: int,
@@ -272,7 +255,7 @@ def _synthesize(out_dir: Path, cfg: SyntheticConfig, args: dict) -> dict:
         plan = plan_val_pairs(seed, val_identities, val_pairs)
         val_items = [(int(row[1 + side]), (_VAL_IMAGE_ROLE, k, side)) for k, row in enumerate(plan)
                      for side in (0, 1)]
-        val_tasks = [RenderTask(seed, size, difficulty, ROLE_VAL, c) for c in _chunks(val_items, TASK_IMAGES)]
+        val_tasks = [RenderTask(seed, size, difficulty, ROLE_VAL, c) for c in chunks(val_items, TASK_IMAGES)]
         val_images = [image for image, _ in _labelled_images(val_tasks, workers, "val")]
         write_verification_bin(work / "val.bin", val_images, plan[:, 3].astype(bool))
         with open(work / "val_pairs.csv", "w", newline="") as handle:
@@ -285,6 +268,9 @@ def _synthesize(out_dir: Path, cfg: SyntheticConfig, args: dict) -> dict:
         if cfg.monitor_identities:
             held_out["monitor"] = _write_identity_set(work, "monitor", ROLE_MONITOR, cfg.monitor_identities,
                                                       cfg.monitor_images_per_identity, cfg)
+        ijb = {}
+        if cfg.ijb_identities:
+            ijb = write_ijb_set(work / "ijb", seed, size, difficulty, cfg.ijb_identities, cfg.ijb_templates, workers)
         summary = {
             "format": FORMAT,
             "version": VERSION,
@@ -294,6 +280,7 @@ def _synthesize(out_dir: Path, cfg: SyntheticConfig, args: dict) -> dict:
             "val": {"identities": val_identities, "pairs": val_pairs, "folds": VAL_FOLDS,
                     "positive_pairs": int(plan[:, 3].sum())},
             **held_out,
+            **({"ijb": ijb} if ijb else {}),
             "files": {},
         }
         sheet = contact_sheet(CONTACT_SHEET[0], CONTACT_SHEET[1], size=size, seed=seed, difficulty=difficulty)
@@ -301,11 +288,15 @@ def _synthesize(out_dir: Path, cfg: SyntheticConfig, args: dict) -> dict:
         for name in FILES + (("monitor.rec", "monitor.idx") if cfg.monitor_identities else ()):
             summary["files"][name] = _sha256(work / name)
             os.replace(work / name, out_dir / name)
+        if ijb:
+            summary["files"].update(_ijb_digests(work))
+            shutil.rmtree(out_dir / "ijb", ignore_errors=True)
+            os.replace(work / "ijb", out_dir / "ijb")
         temporary = work / "synthetic.json"
         temporary.write_text(json.dumps(summary, indent=2) + "\n")
         os.replace(temporary, out_dir / "synthetic.json")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     seconds = time.perf_counter() - started
-    total = n_train + 2 * val_pairs + sum(split["images"] for split in held_out.values())
+    total = n_train + 2 * val_pairs + sum(split["images"] for split in held_out.values()) + ijb.get("images", 0)
     return {**summary, "seconds": round(seconds, 3), "images_per_second": round(total / seconds, 1)}

@@ -1,10 +1,12 @@
-"""Teachers for the tests: a tiny r18 saved as a pipeline checkpoint, a teacher wrapper that fails on purpose,
-and a log function for the teacher-cache extraction that prints nothing."""
+"""Teachers for the tests: a tiny r18 saved as a pipeline checkpoint, a linear model whose embeddings a test
+can recompute by hand, a teacher wrapper that fails on purpose, and a log function for the teacher-cache
+extraction that prints nothing."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from pipeline.models import get_model
 from pipeline.models.model_file import save_model
@@ -20,6 +22,18 @@ def make_teacher(path: Path, seed: int = 0, **overrides) -> Path:
     model = get_model("r18", **kwargs).eval()
     save_model(path, model, "r18", kwargs)
     return path
+
+
+class Projection(nn.Module):
+    """embedding = flattened NCHW (3, size, size) input @ p, p a fixed random (3 size^2, dim) matrix / size."""
+
+    def __init__(self, size: int = 16, dim: int = 12, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("p", torch.randn(3 * size * size, dim, generator=g) / size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) @ self.p
 
 
 class FailingTeacher:
