@@ -188,16 +188,16 @@ def test_dvc_repro_real_data_mode(tmp_path):
     params = _tiny_params(work, synthetic={}, teacher_training={}, ijb=[])  # no IJB release: no evaluate-ijb
     params["data"]["dir"] = str(real)
     params["teacher"]["checkpoint"] = str(tmp_path / "backbone.pth")
-    params["students"] = {k: params["students"][k] for k in ("baseline", "ekd_global")}
+    params["students"] = {k: params["students"][k] for k in ("baseline", "ekd")}
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     log = _dvc(work, "repro")
     assert "synthesize" not in log and "train-teacher" not in log and "evaluate-ijb" not in log
-    for stage in ("extract-teacher", "build-pools", "train-student@ekd_global", "evaluate-teacher", "report"):
+    for stage in ("extract-teacher", "build-pools", "train-student@ekd", "evaluate-teacher", "report"):
         assert f"Running stage '{stage}'" in log
     metrics = json.loads((work / "results/teacher/metrics.json").read_text())
     assert 0.0 <= metrics["lfw"]["accuracy"] <= 1.0 and "test" not in metrics
     assert metrics["model"] == {"kind": "state_dict", "name": "r18", "params": sum(
         v.numel() for v in teacher.parameters())}
-    assert (work / "data/students/ekd_global/model.pt").is_file()
+    assert (work / "data/students/ekd/model.pt").is_file()
     assert "lfw acc" in (work / "results/report/report.md").read_text()
