@@ -71,7 +71,7 @@ def stopped(world, cli):
 
 CHANGES = {  # option(s) changed on the rerun -> how the refusal names the setting
     "kd": (["--kd", "ekd"], "kd 'l2+ekd' -> 'ekd'"),
-    "kd-weight": (["--kd-weight", 2], "kd_weight 0.6 -> 2.0"),
+    "kd-weight": (["--kd-weight", 2], "kd_weight 1.5 -> 2.0"),
     "ekd-weight": (["--ekd-weight", 0.5], "ekd_weight 0.2 -> 0.5"),
     "kd-scale": (["--kd-scale", "weight"], "kd_scale 'grad-ratio' -> 'weight'"),
     "kd-warmup": (["--kd-warmup-epochs", 1], "kd_warmup_epochs 0.0 -> 1.0"),
@@ -119,7 +119,7 @@ def test_a_finished_run_is_reported_as_finished_and_another_method_cannot_take_i
     _, meta = load_model(out / "model.pt")
     run = meta["extra"]["run"]
     assert (run["kd"], run["kd_weight"], run["ekd_weight"], run["ekd_mode"], run["sampler"]) == \
-        ("l2+ekd", 0.6, 0.2, "global", "pool")
+        ("l2+ekd", 1.5, 0.2, "global", "pool")
     assert run["cache"] == TeacherCache.open(world["cache"]).fingerprint
     assert run["pools"] == pools_fingerprint(load_pools(world["pools"] / "pools.h5"))
     model = (out / "model.pt").read_bytes()

@@ -25,9 +25,9 @@ class KDConfig:
 
     kd: str = setting("ekd", "KD loss: none, l2 (normalised features), cosine, rkd, ekd, or l2+ekd (feature L2 "
                              "plus the EKD rank loss, weighted by --kd-weight and --ekd-weight).", choices=KDMethod)
-    # Calibrated defaults (docs/quality.md): KD's gradient at the embeddings 0.6x the margin loss's for the
+    # Calibrated defaults (docs/quality.md): KD's gradient at the embeddings 1.5x the margin loss's for the
     # feature terms, 0.2x for EKD's rank term. The official EKD constants are --kd-scale weight --kd-weight 1.
-    kd_weight: float = setting(0.6, "Weight of the KD loss (of the L2 term for l2+ekd); see --kd-scale.", min=0.0)
+    kd_weight: float = setting(1.5, "Weight of the KD loss (of the L2 term for l2+ekd); see --kd-scale.", min=0.0)
     ekd_weight: float = setting(0.2, "Weight of the EKD term of l2+ekd; see --kd-scale.", min=0.0)
     kd_scale: str = setting("grad-ratio", "grad-ratio: each weight is the wanted ratio of the term's gradient "
                                           "norm to the margin loss's at the embeddings, kept by running "
