@@ -153,10 +153,10 @@ def test_without_histories_the_figures_say_so(evaluations):
     assert (evaluations / "report" / "curves.png").is_file()  # a placeholder, so the declared outputs exist
 
 
-def _write_ijb(folder, tprs: list[float]) -> None:
+def _write_ijb(folder, tprs: list[float], negatives: int = 4750) -> None:
     body = {f"tpr@fpr=1e-{6 - k}": t for k, t in enumerate(tprs)}
-    body.update(target="IJBC", mode="F1 N1 D1", tpr_method="nearest", images=340, templates=100, pairs=4950,
-                positive_pairs=200, negative_pairs=4750)
+    body.update(target="IJBC", mode="F1 N1 D1", tpr_method="nearest", images=340, templates=100,
+                pairs=negatives + 200, positive_pairs=200, negative_pairs=negatives)
     (folder / "ijbc.json").write_text(json.dumps(body))
 
 
@@ -174,11 +174,11 @@ def test_ijb_table_when_runs_have_ijb_results(evaluations):
     header = next(line for line in section.splitlines() if line.startswith("| model |"))
     cells = [c.strip() for c in header.strip("|").split("|")]
     assert cells == ["model", "TPR@1e-6", "TPR@1e-5", "TPR@1e-4", "TPR@1e-3", "TPR@1e-2", "TPR@1e-1",
-                     "gap closed @1e-4"]
+                     "gap closed @1e-3"]  # 4750 impostor pairs do not resolve 1e-4
     line = next(line for line in section.splitlines() if line.startswith("| ekd ("))
     ekd = dict(zip(cells, [c.strip() for c in line.strip("|").split("|")]))
     assert ekd["TPR@1e-6"] == "0.1000" and ekd["TPR@1e-1"] == "0.9300"
-    assert ekd["gap closed @1e-4"] == f"{(0.3 - 0.1) / (0.5 - 0.1):.3f}"
+    assert ekd["gap closed @1e-3"] == f"{(0.5 - 0.4) / (0.7 - 0.4):.3f}"
     summary = json.loads((evaluations / "report" / "summary.json").read_text())
     assert summary["teacher"]["ijbc_tpr@1e-4"] == 0.5 and summary["ekd"]["ijbc_tpr@1e-6"] == 0.1
 def test_a_baseline_that_names_no_student_is_refused(evaluations):
@@ -201,3 +201,16 @@ def test_reordered_thresholds_are_refused(evaluations):
     assert result.exit_code == 2 and not (evaluations / "report").exists()
     assert error_line(result.output).startswith(f"error: {path}: threshold at FPR 1e-4 (0.55) is below the one at "
                                                 "FPR 1e-3 (0.65); thresholds must not decrease as the FPR falls")
+
+
+def test_ijb_gap_closed_at_1e4_when_the_impostor_pairs_resolve_it(evaluations):
+    for folder, tprs in (("teacher", [0.2, 0.3, 0.5, 0.7, 0.9, 0.95]),
+                         ("students/baseline", [0.1, 0.1, 0.1, 0.4, 0.8, 0.9]),
+                         ("students/ekd", [0.1, 0.2, 0.3, 0.5, 0.85, 0.93])):
+        _write_ijb(evaluations / folder, tprs, negatives=15_000_000)  # IJB-C size: 1e-4 is 1,500 impostors
+    assert run_report(evaluations).exit_code == 0
+    section = (evaluations / "report" / "report.md").read_text().split("## IJBC: 1:1 template verification")[1]
+    header = next(line for line in section.splitlines() if line.startswith("| model |"))
+    line = next(line for line in section.splitlines() if line.startswith("| ekd ("))
+    assert header.strip("| ").endswith("gap closed @1e-4")
+    assert line.strip("| ").endswith(f"{(0.3 - 0.1) / (0.5 - 0.1):.3f}")

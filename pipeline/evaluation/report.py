@@ -20,7 +20,7 @@ from pipeline.io import atomic_path, write_text_atomic
 REPORT_FPRS = REPORT_KEYS
 IJB_TARGETS = ("ijbc", "ijbb")  # evaluate-ijb's <target>.json files in a run folder
 IJB_FPRS = tuple(reversed(LEVEL_KEYS))  # "1e-6" .. "1e-1", the insightface IJB table's columns
-IJB_GAP = "1e-4"  # the IJB table's gap-closed column: the EKD paper's headline level
+IJB_GAP = "1e-4"  # the IJB table's gap-closed column: the EKD paper's headline level, when the pairs resolve it
 
 
 @dataclass
@@ -127,21 +127,28 @@ def ijb_table(results: list[ModelResult], target: str) -> str:
     tpr = {r.name: {f: r.ijb[target].get(f"tpr@fpr={f}") for f in IJB_FPRS} for r in rows}
     teacher = next((r.name for r in rows if r.role == "teacher"), None)
     baseline = next((r.name for r in rows if r.role == "baseline"), None)
-    gap = teacher is not None and baseline is not None
-    header = ["model"] + [f"TPR@{f}" for f in IJB_FPRS] + ([f"gap closed @{IJB_GAP}"] if gap else [])
+    negatives = first.get("negative_pairs", 0)
+    gap_fpr = _resolved_gap_fpr(negatives) if teacher is not None and baseline is not None else None
+    header = ["model"] + [f"TPR@{f}" for f in IJB_FPRS] + ([f"gap closed @{gap_fpr}"] if gap_fpr else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         row = [f"{r.name} ({r.role})"] + [_fmt(tpr[r.name][f]) for f in IJB_FPRS]
-        if gap:
-            row.append(_fmt(gap_closed(tpr[r.name][IJB_GAP], tpr[baseline][IJB_GAP], tpr[teacher][IJB_GAP]), 3))
+        if gap_fpr:
+            row.append(_fmt(gap_closed(tpr[r.name][gap_fpr], tpr[baseline][gap_fpr], tpr[teacher][gap_fpr]), 3))
         lines.append("| " + " | ".join(row) + " |")
-    negatives = first.get("negative_pairs", 0)
     limit = (f" With {negatives} impostor pairs the lowest measurable FPR is {1 / negatives:.1e}: columns below it "
              "read the curve's first point." if negatives else "")
     note = (f"{first.get('target', target.upper())}, insightface eval_ijbc protocol ({first.get('mode', '')}, "
             f"{first.get('tpr_method', '')} read-out): {first.get('images')} images, {first.get('templates')} "
             f"templates, {first.get('pairs')} template pairs ({first.get('positive_pairs')} genuine).{limit}")
     return note + "\n\n" + "\n".join(lines)
+
+
+def _resolved_gap_fpr(negatives: int) -> str:
+    """IJB_GAP, or the lowest FPR above it that `negatives` impostor pairs resolve (below 1 / negatives every
+    TPR is the curve's first point, and a gap of nearly equal first points means nothing)."""
+    candidates = IJB_FPRS[IJB_FPRS.index(IJB_GAP):]
+    return next((f for f in candidates if not negatives or negatives * float(f) >= 1), candidates[-1])
 
 
 def thresholds_table(results: list[ModelResult], teacher_train: dict[str, float]) -> str:
