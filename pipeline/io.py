@@ -118,15 +118,17 @@ def disk_full_error(path: str | os.PathLike | None, written: int | None = None) 
 
 
 @contextlib.contextmanager
-def disk_full_is_one_line(path: str | os.PathLike) -> Iterator[None]:
-    """Turn a full disk while writing `path` into `disk_full_error(path)`."""
+def disk_full_is_one_line(path: str | os.PathLike, partial: Path | None = None) -> Iterator[None]:
+    """Turn a full disk while writing `path` into `disk_full_error(path)`, with the size of the `partial`
+    file (its temporary) when there is one."""
     try:
         yield
     except PipelineError:
         raise
     except Exception as error:
         if is_disk_full(error):
-            raise disk_full_error(path) from None
+            written = partial.stat().st_size if partial is not None and partial.exists() else None
+            raise disk_full_error(path, written) from None
         raise
 
 
@@ -151,16 +153,11 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     remove_stale_temporaries(path)
     tmp = temporary_name(path, suffix)
     try:
-        yield tmp
-        fsync_path(tmp)
-        os.replace(tmp, path)
-        fsync_path(path.parent)
-    except PipelineError:
-        raise
-    except Exception as error:
-        if is_disk_full(error):
-            raise disk_full_error(path, tmp.stat().st_size if tmp.exists() else None) from None
-        raise
+        with disk_full_is_one_line(path, partial=tmp):
+            yield tmp
+            fsync_path(tmp)
+            os.replace(tmp, path)
+            fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
