@@ -52,7 +52,7 @@ from pipeline.models.model_file import save_model  # noqa: E402
 from pipeline.search.backends import knn_kind  # noqa: E402
 from pipeline.search.pools import build_pools  # noqa: E402
 from pipeline.training import Distillation  # noqa: E402
-from pipeline.training.samplers import BalancedBatchSampler  # noqa: E402
+from pipeline.training.sampling.balanced import BalancedBatchSampler  # noqa: E402
 
 # Sizes: the GPU check, and the CPU dry run (--tiny), which runs the same code at toy sizes.
 SIZES = {

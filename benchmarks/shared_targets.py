@@ -172,7 +172,7 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from pipeline.cache import TeacherCache
-    from pipeline.losses.kd import build_kd_loss
+    from pipeline.losses.registry import build_kd_loss
     from pipeline.training import Distillation, TrainConfig, ddp, train
 
     torch.set_num_threads(1)

@@ -48,7 +48,7 @@ from pipeline.losses.rank import order_statistic_thresholds
 from pipeline.models import get_model
 from pipeline.models.loading import Embedder
 from pipeline.training import Distillation, TrainConfig, TrainStep
-from pipeline.training.samplers import BalancedBatchSampler
+from pipeline.training.sampling.balanced import BalancedBatchSampler
 
 DIM = 512
 TARGETS = {"ekd_cached_over_plain": 1.15, "ekd_cached_over_online": 0.25}

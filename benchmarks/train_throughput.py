@@ -38,7 +38,7 @@ from pipeline.synthetic import synthesize
 from pipeline.training import TrainConfig, TrainStep, train
 from pipeline.training.data import FaceDataset, FlipAugment, collate
 from pipeline.training.loop import run_epoch
-from pipeline.training.samplers import ShuffledBatchSampler
+from pipeline.training.sampling.shuffled import ShuffledBatchSampler
 
 
 def premade_batches(source, cfg: TrainConfig, epoch: int) -> list[tuple]:

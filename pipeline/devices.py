@@ -20,9 +20,9 @@ def check_device_name(option: str, text) -> None:
         raise PipelineError(f"{option} {str(text)!r}: use {DEVICE_HELP}")
 
 
-def device_setting():
-    """The `--device` field of every config."""
-    return setting("auto", DEVICE_HELP, validate=check_device_name)
+def device_setting(identity: bool = True):
+    """The `--device` field of every config (`identity`: whether the device is part of the run's identity)."""
+    return setting("auto", DEVICE_HELP, validate=check_device_name, identity=identity)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -2,14 +2,17 @@
 
 A field made with `setting(default, help, min=..., choices=...)` carries its default, its help text, its
 bounds and its choices (a `Choice` enum; the field holds the chosen value as plain text, so configs serialise
-as they are). From these the CLI derives its options
-(`stages/options.py`), params.yaml sections are read into them, and `check` (called by every config's
+as they are), and whether it belongs to a run's *identity*: every setting that can change a result does,
+unless declared `identity=False` (where outputs go, worker counts, progress and logging knobs). From these the
+CLI derives its options (`stages/options.py`), params.yaml sections are read into them, resumable commands
+compare `identity(config)` with what the earlier run recorded, and `check` (called by every config's
 `__post_init__`) validates a config however it was made, raising a one-line error that names the option.
 """
 from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import math
 import typing
 from typing import Any
@@ -34,16 +37,18 @@ class Choice(str, enum.Enum):
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, min: float | None = None,
             max: float | None = None, above: float | None = None, choices: type[Choice] | None = None,
             flag: str | None = None, factory: typing.Callable[[], Any] | None = None, cli: bool = True,
-            cli_text: bool = False, validate: typing.Callable[[str, Any], None] | None = None) -> Any:
+            cli_text: bool = False, validate: typing.Callable[[str, Any], None] | None = None,
+            identity: bool = True) -> Any:
     """A config field: `default`, `help` (the --help text), bounds `min <= v <= max` and `v > above`,
     `choices` (the allowed values, as a Choice enum). No default: a required option.
 
     `flag` overrides the option name (default `--field-name`); `cli=False` keeps a field out of the CLI;
     `cli_text=True` makes the CLI take the value as text, converted by the config's `__post_init__`;
-    `validate(option_name, value)` checks what bounds and choices cannot (raising a one-line PipelineError).
+    `validate(option_name, value)` checks what bounds and choices cannot (raising a one-line PipelineError);
+    `identity=False` declares a setting that cannot change the result (a resumed run may change it).
     """
     metadata = {"help": help, "min": min, "max": max, "above": above, "choices": choices, "flag": flag,
-                "cli": cli, "cli_text": cli_text, "validate": validate}
+                "cli": cli, "cli_text": cli_text, "validate": validate, "identity": identity}
     if choices is not None and default not in (dataclasses.MISSING, None):
         default = choices(default).value
     if factory is not None:
@@ -59,6 +64,20 @@ def flag(field: dataclasses.Field) -> str:
 def field_types(cls: type) -> dict[str, Any]:
     """Resolved annotations of a dataclass (works with `from __future__ import annotations`)."""
     return typing.get_type_hints(cls)
+
+
+def identity_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields of a config class that are part of a run's identity."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("identity", True)]
+
+
+def identity(config: Any, only: typing.Iterable[str] | None = None) -> dict:
+    """{name: value} of the identity fields of `config` (restricted to the names in `only`), as plain JSON
+    values: what a resumable command records and compares."""
+    wanted = None if only is None else set(only)
+    values = {f.name: getattr(config, f.name) for f in identity_fields(type(config))
+              if wanted is None or f.name in wanted}
+    return json.loads(json.dumps(values, default=str))
 
 
 def check(config: Any) -> None:

@@ -10,7 +10,8 @@ from pipeline.formats import open_face_source
 from pipeline.losses.config import KDConfig
 from pipeline.models import BackboneShape
 from pipeline.training import TrainConfig
-from pipeline.training.sampling import SamplerConfig
+from pipeline.training.sampling.config import SamplerConfig
+from pipeline.training.student import STUDENT_DEFAULTS
 from pipeline.training.student import train_student as run_student
 from stages import options
 from stages.train_teacher import Data, print_summary, run_config
@@ -28,7 +29,8 @@ def train_student(
     train_cfg: TrainConfig,
     shape: BackboneShape,
 ):
-    """Train a student against the teacher cache with EKD (or a KD baseline), reusing one cache for all."""
+    """Train a student on the cached teacher targets (one cache for every student). Without KD or sampler options
+    it trains the measured recipe (README, "Distillation quality"); --kd picks any method or combination."""
     out = out or Path("data/students") / name
     source = open_face_source(data)
     cfg = run_config(train_cfg, shape, out, source)
@@ -37,6 +39,6 @@ def train_student(
 
 
 COMMANDS = {
-    "train-student": options.command(train_student, defaults={"arch": "mbf", "batch_size": 64}, kd=KDConfig,
+    "train-student": options.command(train_student, defaults=STUDENT_DEFAULTS, kd=KDConfig,
                                      sampling=SamplerConfig, train_cfg=TrainConfig, shape=BackboneShape),
 }

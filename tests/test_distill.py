@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from pipeline.errors import PipelineError
 from pipeline.losses.config import KDConfig
 from pipeline.losses.ekd import EKDLoss
-from pipeline.losses.kd import FeatureL2Loss
+from pipeline.losses.feature import FeatureL2Loss
 from pipeline.losses.rank import rank_mse
 from pipeline.training.distill import Distillation, KDTerm
 
@@ -121,17 +121,18 @@ def test_one_sided_ekd_applies_the_one_sided_rank_loss_to_its_selected_pairs():
 
 def test_kd_config_terms():
     thresholds = {"1e-1": 0.1, "1e-2": 0.2, "1e-3": 0.3, "1e-4": 0.4, "1e-5": 0.5, "1e-6": 0.6}
-    terms = KDConfig(kd="l2+ekd", kd_weight=20, ekd_weight=5, ekd_temperature=0.05, ekd_one_sided=True,
-                     queue_size=64).terms(thresholds)
+    terms = KDConfig(kd="l2+ekd", l2_weight=20, ekd_weight=5, ekd_temperature=0.05, ekd_one_sided=True,
+                     ekd_queue_size=64).terms({"thresholds": thresholds})
     assert [(name, type(loss), weight) for name, loss, weight in terms] == [
         ("l2", FeatureL2Loss, 20), ("ekd", EKDLoss, 5)]
     ekd = terms[1][1]
     assert ekd.temperature == 0.05 and ekd.one_sided and ekd.queue.size == 64
     assert KDConfig(kd="none").terms() == []
-    assert [t[0] for t in KDConfig(kd="l2", kd_weight=7).terms()] == ["l2"]
-    with pytest.raises(PipelineError, match="needs --pools"):
+    assert [(t[0], t[2]) for t in KDConfig(kd="l2", l2_weight=7).terms()] == [("l2", 7)]
+    with pytest.raises(PipelineError, match="--kd ekd needs --pools"):
         KDConfig(kd="l2+ekd").terms(None)
-    with pytest.raises(PipelineError, match="--kd 'fitnet': choose one of"):
+    assert KDConfig(kd="ekd", ekd_mode="reference").terms()[0][1].mode == "reference"  # needs no pools
+    with pytest.raises(PipelineError, match="--kd 'fitnet': 'fitnet' is not a method"):
         KDConfig(kd="fitnet")
     with pytest.raises(PipelineError, match="--ekd-temperature 0: must be > 0"):
         KDConfig(ekd_temperature=0)

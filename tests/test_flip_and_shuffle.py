@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pipeline.training.data import FlipAugment
-from pipeline.training.samplers import ShuffledBatchSampler
+from pipeline.training.sampling.shuffled import ShuffledBatchSampler
 
 
 def _epoch(sampler, epoch):

@@ -6,7 +6,9 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.losses.ekd import EKDLoss
-from pipeline.losses.kd import CosineLoss, FeatureL2Loss, RKDLoss, build_kd_loss
+from pipeline.losses.feature import CosineLoss, FeatureL2Loss
+from pipeline.losses.registry import build_kd_loss
+from pipeline.losses.rkd import RKDLoss
 
 
 def _unit(x):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.training.pair_sampler import HardPairBatchSampler
-from pipeline.training.sampling import SamplerConfig
+from pipeline.training.sampling.hard_pairs import HardPairBatchSampler
+from pipeline.training.sampling.config import SamplerConfig
 
 # 20 identities x 6 images, shuffled order
 LABELS = np.random.default_rng(3).permutation(np.repeat(np.arange(20), 6))
@@ -90,13 +90,13 @@ def test_bad_pools_are_refused(pairs, message):
 
 def test_sampler_config_builds_the_pair_sampler_from_pools_tables():
     pairs = pool_pairs(15)
-    factory = SamplerConfig(sampler="pairs", balanced_batch_size=8, per_identity=4).factory(
+    factory = SamplerConfig(sampler="hard-pairs", balanced_batch_size=8, per_identity=4).factory(
         LABELS, general=4, seed=1, pools={"neg_pairs": pairs, "neighbours": None})
     sampler = factory(1, 0)
     assert isinstance(sampler, HardPairBatchSampler) and list(sampler) == list(
-        HardPairBatchSampler(LABELS, 4, 8, pairs, per_identity=4, seed=1))
-    with pytest.raises(PipelineError, match="--sampler pairs needs --pools"):
-        SamplerConfig(sampler="pairs").factory(LABELS, 4, 0, None)
+        HardPairBatchSampler(LABELS, 4, 8, pairs, per_identity=4, seed=1, pair_share=0.5))
+    with pytest.raises(PipelineError, match="--sampler hard-pairs needs --pools"):
+        SamplerConfig(sampler="hard-pairs").factory(LABELS, 4, 0, None)
 
 
 def test_pair_share_fills_the_rest_with_random_identities():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.training.samplers import BalancedBatchSampler
+from pipeline.training.sampling.balanced import BalancedBatchSampler
 
 # 12 identities with 1..12 images each (identity c has c + 1 images), shuffled dataset order
 _RNG = np.random.default_rng(0)

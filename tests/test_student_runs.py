@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+from dataclasses import fields
 
 import h5py
 import numpy as np
@@ -24,8 +25,14 @@ from helpers.teachers import make_teacher
 
 import pipeline.io
 from pipeline.cache.format import TeacherCache
+from pipeline.losses.config import KDConfig
+from pipeline.models import BackboneShape
 from pipeline.models.model_file import load_model
 from pipeline.search.pools import PoolsConfig, load_pools, pools_fingerprint
+from pipeline.settings import flag, identity_fields
+from pipeline.training.config import TrainConfig
+from pipeline.training.sampling.config import SamplerConfig
+from pipeline.training.student import STUDENT_DEFAULTS
 from stages.build_pools import build_pools_command
 
 ROWS, CLASSES = 48, 4
@@ -50,13 +57,13 @@ def world(tmp_path_factory, cli):
 
 
 def student(world, out, *options, cache=None, pools=None):
-    """train-student arguments: a tiny MobileFaceNet, 2 epochs of 6 steps, EKD l2+ekd (global) on the pool
-    sampler unless `options` say otherwise (later options win)."""
+    """train-student arguments: a tiny MobileFaceNet, 2 epochs of 6 steps, EKD l2+ekd (global) on the
+    neighbours sampler unless `options` say otherwise (later options win)."""
     return ["train-student", "--data", world["data"], "--name", out.name, "--out", out,
             "--cache", cache or world["cache"], "--pools", pools or world["pools"],
             "--width", 0.125, "--embedding-size", 32, "--epochs", 2, "--batch-size", 8, "--lr", 0.01,
             "--workers", 0, "--device", "cpu", "--balanced-batch-size", 8, "--per-identity", 4,
-            "--kd", "l2+ekd", "--ekd-mode", "global", "--sampler", "pool", "--queue-size", 256, *options]
+            "--kd", "l2+ekd", "--ekd-mode", "global", "--sampler", "neighbours", "--ekd-queue-size", 256, *options]
 
 
 @pytest.fixture(scope="module")
@@ -69,35 +76,76 @@ def stopped(world, cli):
     return out
 
 
-CHANGES = {  # option(s) changed on the rerun -> how the refusal names the setting
-    "kd": (["--kd", "ekd"], "kd 'l2+ekd' -> 'ekd'"),
-    "kd-weight": (["--kd-weight", 2], "kd_weight 1.5 -> 2.0"),
-    "ekd-weight": (["--ekd-weight", 0.5], "ekd_weight 0.2 -> 0.5"),
-    "kd-scale": (["--kd-scale", "weight"], "kd_scale 'grad-ratio' -> 'weight'"),
-    "kd-warmup": (["--kd-warmup-epochs", 1], "kd_warmup_epochs 0.0 -> 1.0"),
-    "ekd-mode": (["--ekd-mode", "reference"], "ekd_mode 'global' -> 'reference'"),
-    "ekd-temperature": (["--ekd-temperature", 0.05], "ekd_temperature 0.01 -> 0.05"),
-    "ekd-one-sided": (["--ekd-one-sided"], "ekd_one_sided False -> True"),
-    "queue-size": (["--queue-size", 128], "queue_size 256 -> 128"),
-    "sampler": (["--sampler", "balanced"], "sampler 'pool' -> 'balanced'"),
-    "balanced-batch": (["--balanced-batch-size", 4], "balanced_batch_size 8 -> 4"),
-    "per-identity": (["--per-identity", 2], "per_identity 4 -> 2"),
-    "margin-on": (["--margin-on", "general"], "margin_on 'all' -> 'general'"),
-    "margin-m": (["--margin-m", 0.3], "margin_m None -> 0.3"),
-    "seed": (["--seed", 1], "seed 0 -> 1"),
-    "no-kd": (["--kd", "none", "--sampler", "random"], "kd 'l2+ekd' -> 'none'"),
+# What the stopped run was started with, where student() or the recipe's defaults do not say it plainly.
+STARTED = {"kd": "l2+ekd", "sampler": "neighbours", "ekd_mode": "global", "ekd_queue_size": 256, "width": 0.125,
+           "embedding_size": 32, "epochs": 2, "batch_size": 8, "lr": 0.01, "balanced_batch_size": 8,
+           "per_identity": 4}
+# Another value for fields whose neighbours in value space would be refused for another reason first.
+OTHER = {"kd": "l2", "sampler": "balanced", "arch": "r18", "balanced_batch_size": 4, "per_identity": 2, "lr_milestones": "1", "ekd_mode": "reference",
+         "margin_m": 0.3, "sample_rate": 0.5, "lr_schedule": "cosine"}
+NOT_A_RESUME_CHECK = {  # identity fields whose change is refused earlier, or changes nothing, and why
+    "embedding_size": "refused first against the cache's embedding size",
+    "input_size": "the data's size is the only valid one, so it cannot change",
 }
+
+
+def _changed(field, current):
+    """A valid different value for a config field, as a command-line word (and as the refusal prints it)."""
+    if field.name in OTHER:
+        return OTHER[field.name]
+    if isinstance(current, bool):
+        return not current
+    if isinstance(current, int):
+        return current + 1
+    if isinstance(current, float):
+        return current / 2 if current else 0.5
+    choices = field.metadata.get("choices")
+    return next(v for v in choices.values() if v != current)
+
+
+def _identity_changes():
+    """option -> arguments changing it, for EVERY identity field of train-student's configs that the stopped
+    l2+ekd run uses (other methods' options are outside its identity: tested below)."""
+    kd_fields = set(KDConfig(kd="l2+ekd").identity())
+    changes = {}
+    for cls in (KDConfig, SamplerConfig, TrainConfig, BackboneShape):
+        for field in identity_fields(cls):
+            if not field.metadata.get("cli") or field.name in NOT_A_RESUME_CHECK:
+                continue
+            if cls is KDConfig and field.name not in kd_fields:
+                continue
+            default = STARTED.get(field.name, STUDENT_DEFAULTS.get(field.name, getattr(cls, field.name, None)))
+            value = _changed(field, default)
+            words = [flag(field)] if value is True else [f"--no-{flag(field)[2:]}"] if value is False else \
+                [flag(field), value]
+            changes[field.name] = words
+    return changes
+
+
+CHANGES = _identity_changes()
+
+
+def test_every_identity_setting_is_checked_and_the_rest_are_declared():
+    declared = {f.name for cls in (KDConfig, SamplerConfig, TrainConfig, BackboneShape) for f in fields(cls)}
+    used = set(KDConfig(kd="l2+ekd").identity())
+    other_methods = {f.name for f in fields(KDConfig)} - used
+    volatile = {f.name for cls in (TrainConfig,) for f in fields(cls) if not f.metadata.get("identity", True)}
+    assert volatile == {"out_dir", "workers", "preload", "device", "resume", "stop_after_epochs", "checkpoint_every",
+                        "monitor", "log_every"}
+    assert declared == set(CHANGES) | other_methods | volatile | set(NOT_A_RESUME_CHECK) | {"arch_kwargs"}
+    assert {"pair_share", "ekd_queue_size", "l2_weight", "margin_on", "amp"} <= set(CHANGES)
 
 
 @pytest.mark.parametrize("change", CHANGES)
 def test_resume_is_refused_when_a_result_changing_setting_differs(world, stopped, cli, change):
-    options, named = CHANGES[change]
+    options = CHANGES[change]
     before = (stopped / "checkpoint.pt").read_bytes()
     result = cli(*student(world, stopped, *options))
-    assert result.exit_code == 2
+    assert result.exit_code == 2, result.output
     line = error_line(result.output)
+    named = "arch_kwargs" if change == "width" else change
     assert line.startswith(f"error: {stopped / 'checkpoint.pt'}: the checkpoint was written with different "
-                           "settings: ") and named in line and "--no-resume" in line
+                           "settings: ") and f" {named} " in " " + line.split("settings: ")[1] and "--no-resume" in line
     assert (stopped / "checkpoint.pt").read_bytes() == before and not (stopped / "model.pt").exists()
 
 
@@ -118,8 +166,8 @@ def test_a_finished_run_is_reported_as_finished_and_another_method_cannot_take_i
     assert result.exit_code == 0, result.output
     _, meta = load_model(out / "model.pt")
     run = meta["extra"]["run"]
-    assert (run["kd"], run["kd_weight"], run["ekd_weight"], run["ekd_mode"], run["sampler"]) == \
-        ("l2+ekd", 1.5, 0.2, "global", "pool")
+    assert (run["kd"], run["l2_weight"], run["ekd_weight"], run["ekd_mode"], run["sampler"]) == \
+        ("l2+ekd", 1.5, 0.2, "global", "neighbours")
     assert run["cache"] == TeacherCache.open(world["cache"]).fingerprint
     assert run["pools"] == pools_fingerprint(load_pools(world["pools"] / "pools.h5"))
     model = (out / "model.pt").read_bytes()

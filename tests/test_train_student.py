@@ -5,7 +5,7 @@
    cache, within float16 rounding for the default float16 cache. A negative control (the cached views
    swapped, i.e. the wrong flip looked up) shows the comparison is sensitive to the targets.
 2. `pipeline train-student` end to end through the CLI, after real extract-teacher and build-pools runs, with
-   the teacher's weights deleted: EKD global mode + pool sampler, `--kd none` (= plain training), and the
+   the teacher's weights deleted: EKD global mode + neighbours sampler, `--kd none` (= plain training), and the
    refusals of bad inputs.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pipeline.cache.build import ExtractionConfig, build_teacher_cache
 from pipeline.cache.format import TeacherCache
 from pipeline.formats import open_face_source
 from pipeline.losses.ekd import DEFAULT_ANCHORS
-from pipeline.losses.kd import build_kd_loss
+from pipeline.losses.registry import build_kd_loss
 from pipeline.models import get_model
 from pipeline.models.loading import load_embedder
 from pipeline.models.model_file import load_model, safe_torch_load, save_model
@@ -33,7 +33,7 @@ from pipeline.search.pools import load_pools
 from pipeline.training import sampling
 from pipeline.training.data import FlipAugment
 from pipeline.training.loop import Distillation, TrainConfig, train
-from pipeline.training.samplers import BalancedBatchSampler
+from pipeline.training.sampling.balanced import BalancedBatchSampler
 
 ROWS, CLASSES = 96, 8
 STUDENT_KWARGS = {"input_size": 32, "width": 0.125, "num_features": TEACHER_KWARGS["num_features"]}
@@ -234,8 +234,8 @@ def test_cli_ekd_global_with_pools(world, pipeline_run, no_teacher, monkeypatch,
     out = pipeline_run["root"] / "ekd-global"
     queue = 1000  # larger than every embedding the run produces: the queue then counts them all
     result = cli(*student_args(world, out, "--cache", pipeline_run["cache"], "--pools", pipeline_run["pools"],
-                               "--kd", "ekd", "--ekd-mode", "global", "--sampler", "pool",
-                               "--queue-size", queue))
+                               "--kd", "ekd", "--ekd-mode", "global", "--sampler", "neighbours",
+                               "--ekd-queue-size", queue))
     assert result.exit_code == 0, result.output
     assert f"wrote {out / 'model.pt'}" in result.output
 
@@ -243,7 +243,7 @@ def test_cli_ekd_global_with_pools(world, pipeline_run, no_teacher, monkeypatch,
     assert meta["arch"] == "mbf" and meta["arch_kwargs"] == STUDENT_KWARGS
     with torch.no_grad():
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, STUDENT_KWARGS["num_features"])
-    # the pool sampler got build-pools' identity neighbours
+    # the neighbours sampler got build-pools' identity neighbours
     np.testing.assert_array_equal(seen["neighbours"], load_pools(pipeline_run["pools"] / "pools.h5")["neighbours"])
     # the EKD loss state saved with the run: build-pools' exact thresholds and every student embedding seen
     ekd_state = safe_torch_load(out / "checkpoint.pt")["extra_modules"][0]
@@ -296,7 +296,7 @@ def test_cli_refuses_pools_of_another_teacher(world, pipeline_run, monkeypatch, 
     forbid_teacher(monkeypatch)
     out = root / "wrong-pools"
     result = cli(*student_args(world, out, "--cache", pipeline_run["cache"], "--pools", other_pools,
-                               "--kd", "ekd", "--ekd-mode", "global", "--sampler", "pool"))
+                               "--kd", "ekd", "--ekd-mode", "global", "--sampler", "neighbours"))
     assert result.exit_code == 2, result.output
     fingerprints = [TeacherCache.open(c).teacher_fingerprint for c in (other_cache, pipeline_run["cache"])]
     assert f"{other_pools / 'pools.h5'}: pools come from another teacher cache" in result.output
@@ -307,7 +307,7 @@ def test_cli_refuses_pools_of_another_teacher(world, pipeline_run, monkeypatch, 
 @pytest.mark.parametrize("extra, message", [
     (["--kd", "ekd", "--sampler", "random"], "--kd ekd needs --cache"),
     (["--kd", "ekd", "--ekd-mode", "global", "--sampler", "random", "--cache", "CACHE"], "needs --pools"),
-    (["--kd", "none", "--sampler", "pool"], "--sampler pool needs --pools"),
+    (["--kd", "none", "--sampler", "neighbours"], "--sampler neighbours needs --pools"),
     (["--kd", "l2", "--sampler", "random", "--cache", "CACHE", "--embedding-size", "16"], "32-d but the student"),
     (["--kd", "ekd", "--sampler", "random", "--cache", "MISSING"], "teacher cache not found"),
     (["--kd", "fitnet", "--sampler", "random"], "--kd 'fitnet': choose one of"),

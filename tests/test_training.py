@@ -27,8 +27,8 @@ from pipeline.training import step as training_step
 from pipeline.training.data import FaceDataset
 from pipeline.training.distill import CachedTargets
 from pipeline.training.live import truncate_history
-from pipeline.training.samplers import ShuffledBatchSampler
-from pipeline.training.sampling import SamplerConfig
+from pipeline.training.sampling.shuffled import ShuffledBatchSampler
+from pipeline.training.sampling.config import SamplerConfig
 
 
 @pytest.fixture(scope="module")

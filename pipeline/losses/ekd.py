@@ -30,12 +30,19 @@ mode="global" (default) uses exact thresholds instead of per-batch estimates:
     then holds the same queue and computes the same loss (see pipeline/training/ddp.py for the gradient).
   Cost: the student thresholds need B x queue similarities per step (B = global batch).
 
-Both modes update their state on every call (like the official code), training or not.
+mode="teacher" ranks BOTH models' pairs against the teacher's exact thresholds (no student thresholds, no
+queue). A global rise of all student similarities then moves the student's negatives up across fixed
+thresholds, which the negative term resists, so the loss cannot be gamed by shrinking the embedding cone (what
+makes global mode collapse the student when it is used alone: docs/quality.md); the price is that the student
+is asked for the teacher's absolute similarity scale near the thresholds, not only its order.
+
+Every mode updates its state on every call (like the official code), training or not.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -43,6 +50,7 @@ import torch.nn.functional as F
 
 from pipeline.errors import PipelineError
 from pipeline.fpr import ANCHORS, fpr_key
+from pipeline.losses.base import DistillMethod, Need
 from pipeline.losses.rank import (
     check_anchors,
     check_kd_inputs,
@@ -53,7 +61,7 @@ from pipeline.losses.rank import (
     rank_mse,
     upper_pairs,
 )
-from pipeline.settings import Choice
+from pipeline.settings import Choice, setting
 
 DEFAULT_ANCHORS = ANCHORS
 
@@ -62,6 +70,7 @@ class EKDMode(Choice):
     """How EKD finds its FPR thresholds (see the module docstring)."""
 
     global_ = "global"
+    teacher = "teacher"
     reference = "reference"
 
 
@@ -113,12 +122,35 @@ class EmbeddingQueue(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-class EKDLoss(nn.Module):
-    """Evaluation-oriented KD rank loss; see the module docstring for both modes.
+@dataclass
+class EKDSettings:
+    """EKD's options as train-student takes them. Defaults: the measured recipe (docs/quality.md); the official
+    constants are params.yaml's `ekd_reference` student."""
+
+    ekd_weight: float = setting(0.2, "Weight of the ekd term (see --kd-scale).", min=0.0)
+    ekd_mode: str = setting("global", "global: the teacher's exact thresholds, the student's from a queue of its "
+                                      "recent embeddings; teacher: both models ranked against the teacher's "
+                                      "thresholds (cannot be gamed by a global shift); reference: the official "
+                                      "TFace behaviour (per-batch EMA thresholds).", choices=EKDMode)
+    ekd_temperature: float = setting(0.05, "Sigmoid temperature of EKD's soft rank (official: 0.01, tuned for "
+                                           "512-d MS1M embeddings).", above=0.0)
+    ekd_one_sided: bool = setting(True, "Penalise a pair only where the student ranks it worse than the teacher "
+                                        "(official: both ways).")
+    ekd_positive_weight: float = setting(0.0, "Weight of EKD's positive-pair term (official: 0.02; off by default: "
+                                              "under global mode it rewards collapse, docs/quality.md).", min=0.0)
+    ekd_negative_weight: float = setting(0.01, "Weight of EKD's negative-pair term (official: 0.01).", min=0.0)
+    ekd_queue_size: int = setting(8192, "EKD global mode: recent student embeddings kept for the student's "
+                                        "thresholds.", min=1)
+
+
+class EKDLoss(DistillMethod):
+    """Evaluation-oriented KD rank loss; see the module docstring for the modes.
 
     Args:
-        mode: "global" (exact teacher thresholds + student queue) or "reference" (official behaviour).
-        teacher_thresholds: global mode only: thresholds.json's dict ("1e-1": t, ...) or a list per anchor.
+        mode: "global" (exact teacher thresholds + student queue), "teacher" (both against the teacher's
+            thresholds) or "reference" (official behaviour).
+        teacher_thresholds: global and teacher modes: thresholds.json's dict ("1e-1": t, ...) or a list per
+            anchor.
         queue_size: global mode: number of recent student embeddings kept for the student's thresholds.
         dim: optional embedding size for the queue (otherwise taken from the first batch).
         topk: number of hardest student negatives in the negative term (official: 2000).
@@ -151,11 +183,27 @@ class EKDLoss(nn.Module):
             self.register_buffer("ema_teacher_thresholds", torch.zeros(k))
         else:
             if teacher_thresholds is None:
-                raise PipelineError("EKD global mode needs teacher_thresholds (thresholds.json from build-pools)")
+                raise PipelineError(f"EKD {mode} mode needs teacher_thresholds (thresholds.json from build-pools)")
             values = parse_teacher_thresholds(teacher_thresholds, self.anchors)
             self.register_buffer("teacher_thresholds", torch.tensor(values, dtype=torch.float32))
-            self.queue = EmbeddingQueue(queue_size, dim)
+            if mode == EKDMode.global_:
+                self.queue = EmbeddingQueue(queue_size, dim)
         self.last_stats: dict[str, torch.Tensor] = {}
+
+    name, settings, weight_field = "ekd", EKDSettings, "ekd_weight"
+
+    @classmethod
+    def needs(cls, config) -> set[str]:
+        return set() if config.ekd_mode == EKDMode.reference else {Need.thresholds.value}
+
+    @classmethod
+    def build(cls, config, stage2) -> "EKDLoss":
+        options = {"mode": config.ekd_mode, "temperature": config.ekd_temperature, "one_sided": config.ekd_one_sided,
+                   "pos_weight": config.ekd_positive_weight, "neg_weight": config.ekd_negative_weight}
+        if config.ekd_mode != EKDMode.reference:
+            options.update(teacher_thresholds=cls.stage2_output(stage2, Need.thresholds.value),
+                           queue_size=config.ekd_queue_size)
+        return cls(**options)
 
     def forward(self, student_emb: torch.Tensor, teacher_emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """EKD loss of the batch (a scalar); updates the threshold EMA (before use) or the queue (after)."""
@@ -177,7 +225,7 @@ class EKDLoss(nn.Module):
         sign = 1 if self.one_sided else 0
         loss = (self.pos_weight * rank_mse(s_pairs[pos], t_pairs[pos], s_thr, t_thr, self.temperature, sign)
                 + self.neg_weight * rank_mse(s_pairs[neg], t_pairs[neg], s_thr, t_thr, self.temperature, -sign))
-        if self.mode == "global":
+        if self.mode == EKDMode.global_:
             self.queue.push(s.detach(), labels)
         with torch.no_grad():
             disagree = hard_rank(s_pairs.detach(), s_thr) != hard_rank(t_pairs, t_thr)
@@ -216,10 +264,11 @@ class EKDLoss(nn.Module):
 
     @torch.no_grad()
     def _select_global(self, s, s_pairs, t_pairs, labels, same):
-        """Exact thresholds; critical positives and negatives plus the topk hardest negatives."""
+        """Exact thresholds (global and teacher modes); critical positives and negatives plus the topk hardest
+        negatives."""
         t_thr = self.teacher_thresholds
-        s_thr = self.student_thresholds(s, labels, s_pairs[~same])
-        if s_thr is None:
+        s_thr = self.student_thresholds(s, labels, s_pairs[~same]) if self.mode == EKDMode.global_ else None
+        if s_thr is None:  # teacher mode, or no negatives yet
             s_thr = t_thr
         critical = hard_rank(s_pairs, s_thr) != hard_rank(t_pairs, t_thr)
         return s_thr, t_thr, same & critical, (~same & critical) | self._hardest(s_pairs, ~same)

@@ -55,6 +55,7 @@ class MarginHead(nn.Module):
     `sample_rate < 1` enables Partial FC: each step uses every class present in the batch plus random other
     classes, `ceil(sample_rate * num_classes)` classes in all (only the batch's classes when those are more);
     labels are remapped to the sampled rows and only those rows of `weight` receive gradient.
+    `learn_centres=False` makes the centres a buffer that something else sets (class-centre distillation).
     """
 
     def __init__(
@@ -65,6 +66,7 @@ class MarginHead(nn.Module):
         s: float = 64.0,
         m: float | None = None,
         sample_rate: float = 1.0,
+        learn_centres: bool = True,
     ):
         super().__init__()
         if kind not in DEFAULT_MARGINS:
@@ -78,7 +80,11 @@ class MarginHead(nn.Module):
         self.m = float(DEFAULT_MARGINS[kind] if m is None else m)
         self.sample_rate = float(sample_rate)
         self.num_sample = min(num_classes, math.ceil(sample_rate * num_classes))
-        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (num_classes, dim)))
+        centres = torch.normal(0.0, 0.01, (num_classes, dim))  # drawn either way: the same RNG stream after it
+        if learn_centres:
+            self.weight = nn.Parameter(centres)
+        else:  # class-centre distillation moves them (pipeline/losses/centres.py); no gradient, no optimiser
+            self.register_buffer("weight", centres)
         self.last_sampled_classes: torch.Tensor | None = None  # the rows used by the latest Partial-FC step
 
     def extra_repr(self) -> str:

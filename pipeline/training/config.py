@@ -27,7 +27,7 @@ def parse_milestones(value) -> tuple[float, ...]:
 class TrainConfig:
     """One training run. `out_dir`, `arch_kwargs` come from the caller (run folder, backbone shape)."""
 
-    out_dir: Optional[Path] = setting(None, cli=False)
+    out_dir: Optional[Path] = setting(None, cli=False, identity=False)
     arch: str = setting("r50", "Backbone: r18 r34 r50 r100 r200 (iresnet) or mbf (MobileFaceNet).", choices=Arch)
     arch_kwargs: dict = setting(factory=dict, cli=False)
     epochs: int = setting(20, "Epochs over the training set.", min=1)
@@ -44,20 +44,22 @@ class TrainConfig:
     margin_m: Optional[float] = setting(None, "Margin m (default 0.5 ArcFace, 0.4 CosFace).", min=0.0)
     sample_rate: float = setting(1.0, "Partial-FC class sampling rate (1.0 = full softmax).", above=0.0, max=1.0)
     seed: int = setting(0, "Random seed (runs are deterministic on CPU).", min=0)
-    workers: int = setting(2, "DataLoader worker processes decoding images.", min=0)
-    preload: bool = setting(False, "Decode the whole training set into RAM first (small sets).")
-    device: str = device_setting()
+    workers: int = setting(2, "DataLoader worker processes decoding images.", min=0, identity=False)
+    preload: bool = setting(False, "Decode the whole training set into RAM first (small sets).", identity=False)
+    device: str = device_setting(identity=False)
     amp: bool = setting(True, "fp16 autocast on CUDA (ignored on CPU).")
-    resume: bool = setting(True, "Continue from OUT/checkpoint.pt when present.")
+    resume: bool = setting(True, "Continue from OUT/checkpoint.pt when present.", identity=False)
     stop_after_epochs: Optional[int] = setting(None, "Stop after this many epochs of the schedule (resume later).",
-                                               min=1)
+                                               min=1, identity=False)
     checkpoint_every: Optional[int] = setting(None, "Also write checkpoint.pt every this many optimiser steps inside "
                                                     "an epoch, so that a rerun continues from the middle of the "
-                                                    "epoch exactly (default: at epoch ends only).", min=1)
+                                                    "epoch exactly (default: at epoch ends only).", min=1,
+                                           identity=False)
     monitor: Optional[Path] = setting(None, "After every epoch evaluate on this folder's *.bin files and its "
-                                            "monitor.rec (all pairs, TPR@FPR): the per-epoch curves in DVCLive.")
+                                            "monitor.rec (all pairs, TPR@FPR): the per-epoch curves in DVCLive.",
+                                      identity=False)
     log_every: int = setting(20, "Log losses and KD diagnostics (gradient norms, critical pairs, thresholds) to "
-                                 "DVCLive every this many steps.", min=1)
+                                 "DVCLive every this many steps.", min=1, identity=False)
 
     def __post_init__(self):
         self.lr_milestones = parse_milestones(self.lr_milestones)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from pipeline.errors import DataError, PipelineError
 from pipeline.models.preprocess import to_tensor
-from pipeline.training.samplers import epoch_rng
+from pipeline.training.sampling.shuffled import epoch_rng
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,9 @@ A distillation has one or more terms (e.g. feature L2 + EKD), each with a weight
   over between resolutions, embedding sizes and margin scales without retuning.
 An optional linear warm-up ramps every term from 0 over the first steps. `diagnostics()` reports, for the
 last step that measured them, the gradient norms and ratios at the embedding and each term's own statistics.
+
+A class-centre method (`head`, pipeline/losses/centres.py) adds no term: `update_centres` moves the margin
+head's centres toward the teacher's embeddings of the gathered batch before the margin loss uses them.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
+from pipeline.losses.base import CentreMethod
 from pipeline.losses.config import KDScale
 from pipeline.training import ddp
 
@@ -85,6 +89,7 @@ class Distillation:
     scale: str = KDScale.weight.value
     warmup_epochs: float = 0.0
     balance: GradientBalance | None = None
+    head: CentreMethod | None = None
     last: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -94,16 +99,25 @@ class Distillation:
             if self.terms:
                 raise PipelineError("Distillation: give either loss (one term) or terms, not both")
             self.terms = [KDTerm("kd", self.loss, self.weight)]
-        if not self.terms:
-            raise PipelineError("Distillation needs at least one KD term")
+        if not self.terms and self.head is None:
+            raise PipelineError("Distillation needs at least one KD term or a class-centre method")
         self.scale = KDScale(self.scale).value
-        if self.scale == KDScale.grad_ratio and self.balance is None:
+        if self.terms and self.scale == KDScale.grad_ratio and self.balance is None:
             self.balance = GradientBalance(len(self.terms))
 
     @property
     def modules(self) -> list[nn.Module]:
         """Everything with state to train, move to the device and checkpoint (losses, the balance)."""
-        return [t.loss for t in self.terms] + ([self.balance] if self.balance is not None else [])
+        return ([t.loss for t in self.terms] + ([self.balance] if self.balance is not None else [])
+                + ([self.head] if self.head is not None else []))
+
+    @torch.no_grad()
+    def update_centres(self, centres: torch.Tensor, embeddings: torch.Tensor, targets: torch.Tensor,
+                       labels: torch.Tensor) -> None:
+        """The class-centre method's step on the batch gathered over all ranks (every rank moves its copy of
+        the centres identically)."""
+        student, teacher, labels = (ddp.all_gather_no_grad(x) for x in (embeddings, targets, labels))
+        self.head.update_centres(centres, student, teacher, labels)
 
     def term_losses(self, embeddings: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor) -> list:
         """Each term's unit-weight loss on the batch gathered over all ranks (scaled for exact DDP gradients)."""
@@ -134,7 +148,10 @@ class Distillation:
 
     def diagnostics(self) -> dict[str, float]:
         """What the last measured step saw (empty before the first)."""
-        return dict(self.last)
+        out = dict(self.last)
+        if self.head is not None:
+            out.update({f"{self.head.name}/{k}": v for k, v in self.head.diagnostics().items()})
+        return out
 
 
 def _gradient_norms(margin_loss: torch.Tensor, losses: list[torch.Tensor],

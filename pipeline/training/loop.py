@@ -42,7 +42,7 @@ from pipeline.training.resume import (
     run_identity,
     save_train_state,
 )
-from pipeline.training.samplers import ShuffledBatchSampler
+from pipeline.training.sampling.shuffled import ShuffledBatchSampler
 from pipeline.training.step import TrainStep
 
 

@@ -1,8 +1,8 @@
 """Training checkpoints: everything needed to resume a run exactly, and the run's identity.
 
-The identity is a flat dict of every setting that changes the result (the `TrainConfig` fields but the
-machine and run-length knobs, the data's fingerprint, and what the caller adds: KD method and weights,
-sampler, cache and pools fingerprints). It is stored in checkpoint.pt and in model.pt; a checkpoint of
+The identity is a flat dict of every setting that changes the result (the `TrainConfig` fields declared part
+of the identity, i.e. all but the machine, output and run-length knobs; the data's fingerprint; and what the
+caller adds: the KD and sampler settings, by the same declaration, and the cache and pools fingerprints). It is stored in checkpoint.pt and in model.pt; a checkpoint of
 another identity is refused with the differing settings named.
 
 A resume point is an epoch boundary (`epochs_done`) or a step inside the next epoch (`epoch_steps` batches
@@ -23,6 +23,7 @@ import torch
 from pipeline.errors import DataError, PipelineError
 from pipeline.io import write_with
 from pipeline.models.model_file import load_failure, safe_torch_load
+from pipeline.settings import identity as settings_identity
 from pipeline.training import ddp
 
 FORMAT = "ekd-pipeline-train-state"
@@ -175,20 +176,11 @@ def jsonable(cfg) -> dict:
     return json.loads(json.dumps(asdict(cfg), default=str))
 
 
-def _config_key(cfg) -> dict:
-    """The settings a checkpoint must share with the run resuming it (not the run-length knobs)."""
-    key = jsonable(cfg)
-    for volatile in ("out_dir", "workers", "resume", "stop_after_epochs", "checkpoint_every", "device", "preload",
-                     "monitor", "log_every"):
-        key.pop(volatile, None)
-    return key
-
-
 def run_identity(cfg, source, num_classes: int, margin_samples: int | None,
                  settings: dict | None) -> dict:
     """Every setting that changes the trained model (a TrainConfig `cfg`): its result-changing fields, the data (its
     fingerprint, or its size for in-memory sources), the margin's share of the batch and `settings`."""
-    identity = _config_key(cfg)
+    identity = settings_identity(cfg)
     fingerprint = source.fingerprint() if hasattr(source, "fingerprint") else f"{len(source)} images"
     identity.update(data=fingerprint, num_classes=int(num_classes), margin_samples=margin_samples)
     clash = set(identity) & set(settings or {})

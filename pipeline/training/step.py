@@ -7,6 +7,7 @@ backward and the optimiser and schedule steps, and returns the three losses as t
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +28,12 @@ class FaceTrainee(nn.Module):
         super().__init__()
         self.backbone, self.head = backbone, head
 
-    def forward(self, images, labels, margin_samples=None):
+    def forward(self, images, labels, margin_samples=None, before_head=None):
+        """(embeddings, margin loss); `before_head(embeddings)` runs in between (class-centre KD moves the
+        head's centres there, inside the forward so that DDP sees one forward per step)."""
         embeddings = self.backbone(images)
+        if before_head is not None:
+            before_head(embeddings.detach())
         k = embeddings.shape[0] if margin_samples is None else margin_samples
         return embeddings, self.head(embeddings[:k].float(), labels[:k])
 
@@ -51,8 +56,11 @@ class TrainStep:
                  distill: Distillation | None = None, margin_samples: int | None = None):
         backbone = get_model(cfg.arch, **cfg.arch_kwargs)
         dim = cfg.arch_kwargs.get("num_features", 512)
+        centre_kd = distill.head if distill is not None else None
         head = MarginHead(num_classes, dim, kind=cfg.margin, s=cfg.margin_s, m=cfg.margin_m,
-                          sample_rate=cfg.sample_rate)
+                          sample_rate=cfg.sample_rate, learn_centres=centre_kd is None)
+        if centre_kd is not None:
+            centre_kd.init_centres(head.weight)
         self.trainee = FaceTrainee(backbone, head).to(device)
         if device.type == "cuda":
             self.trainee = self.trainee.to(memory_format=torch.channels_last)
@@ -89,12 +97,16 @@ class TrainStep:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(self.device, non_blocking=True)
         autocast = torch.autocast("cuda", dtype=torch.float16) if self.use_amp else contextlib.nullcontext()
+        targets = self.distill.targets(images, indices, flips, self.device) if self.distill is not None else None
+        before_head = None
+        if self.distill is not None and self.distill.head is not None:
+            before_head = functools.partial(self.distill.update_centres, self.trainee.head.weight, targets=targets,
+                                            labels=labels)
         with autocast:
-            embeddings, margin_loss = self.model(images, labels, self.margin_samples)
+            embeddings, margin_loss = self.model(images, labels, self.margin_samples, before_head)
         loss = margin_loss.float()
         kd_loss = torch.zeros((), device=self.device)
-        if self.distill is not None:
-            targets = self.distill.targets(images, indices, flips, self.device)
+        if self.distill is not None and self.distill.terms:
             terms = self.distill.term_losses(embeddings, targets, labels)
             kd_loss = self.distill.combine(terms, embeddings, margin_loss, self.scheduler.last_epoch,
                                            self.steps_per_epoch, measure)

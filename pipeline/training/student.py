@@ -11,13 +11,14 @@ from pathlib import Path
 from pipeline.cache import TeacherCache
 from pipeline.errors import PipelineError
 from pipeline.io import refuse_mismatch
+from pipeline.losses.base import Need
 from pipeline.losses.config import KDConfig
-from pipeline.losses.kd import KDMethod
 from pipeline.search.pools import check_pair, load_pools, pools_fingerprint
 from pipeline.training.config import TrainConfig
 from pipeline.training.distill import Distillation, KDTerm
 from pipeline.training.loop import train
-from pipeline.training.sampling import SamplerConfig, SamplerKind
+from pipeline.settings import identity as settings_identity
+from pipeline.training.sampling.config import SamplerConfig
 
 
 def checked_pools(pools: Path, source, cache: TeacherCache | None) -> dict:
@@ -46,29 +47,41 @@ def open_targets(cache_path: Path, source, dim: int) -> TeacherCache:
     return cache
 
 
+# train-student's own defaults where they differ from TrainConfig's (which are the teacher's): the compact
+# student of the field, MobileFaceNet, with the official EKD batch (64 general + 64 balanced).
+STUDENT_DEFAULTS = {"arch": "mbf", "batch_size": 64}
+
+
+def stage2_outputs(needs: set[str], tables: dict | None) -> dict:
+    """What the distillation methods declared they need from build-pools (base.Need values)."""
+    if not needs:
+        return {}
+    return {Need.thresholds.value: tables["thresholds"], Need.centres.value: tables["centres"],
+            Need.hard_pairs.value: tables["neg_pairs"]}
+
+
 def train_student(cfg: TrainConfig, source, kd: KDConfig, sampling: SamplerConfig, cache: Path | None = None,
                   pools: Path | None = None) -> dict:
     """Train `cfg` on `source` against the teacher cache with `kd`; returns `train`'s summary."""
     distill, targets = None, None
-    if kd.kd != KDMethod.none:
+    if kd.enabled:
         if cache is None:
             raise PipelineError(f"--kd {kd.kd} needs --cache (the teacher cache from extract-teacher)")
         targets = open_targets(cache, source, cfg.arch_kwargs["num_features"])
-    sampler_needs_pools = sampling.sampler in (SamplerKind.pool, SamplerKind.pairs)
-    needs_pools = kd.needs_thresholds or sampler_needs_pools
+    needs_pools = bool(kd.needs()) or sampling.needs_pools
     if needs_pools and pools is None:
-        what = "--ekd-mode global" if kd.needs_thresholds else f"--sampler {sampling.sampler}"
+        what = f"--kd {kd.kd}" if kd.needs() else f"--sampler {sampling.sampler}"
         raise PipelineError(f"{what} needs --pools (the folder written by build-pools)")
     tables = checked_pools(pools, source, targets) if pools is not None else None
-    settings = {**kd.identity(), **sampling.identity()}
+    settings = {**kd.identity(), **settings_identity(sampling)}
     if targets is not None:
         settings["cache"] = targets.fingerprint
-        thresholds = tables["thresholds"] if kd.needs_thresholds else None
-        terms = [KDTerm(name, loss, weight) for name, loss, weight in kd.terms(thresholds)]
+        stage2 = stage2_outputs(kd.needs(), tables)
+        terms = [KDTerm(name, loss, weight) for name, loss, weight in kd.terms(stage2)]
         # (N, 2, D) in the stored dtype, looked up per step by sample index and flip; memory-mapped, so all
         # ranks and DataLoader workers of a machine share one copy (chunked caches: a RAM copy each)
         distill = Distillation(targets=targets.to_torch(shared=True), terms=terms, scale=kd.kd_scale,
-                               warmup_epochs=kd.kd_warmup_epochs)
+                               warmup_epochs=kd.kd_warmup_epochs, head=kd.head_method(stage2))
     if needs_pools:
         settings["pools"] = pools_fingerprint(tables)
     factory = sampling.factory(source.labels, cfg.batch_size, cfg.seed, tables)

@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from helpers.data import FACE_SIZE, MirroredFaces
 from pipeline import training
 from pipeline.evaluation.curves import read_history
-from pipeline.losses.kd import build_kd_loss
+from pipeline.losses.registry import build_kd_loss
 from pipeline.models.model_file import safe_torch_load
 from pipeline.training import ddp
 from pipeline.training import step as training_step

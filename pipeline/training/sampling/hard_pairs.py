@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.training.samplers import BalancedBatchSampler
+from pipeline.training.sampling.balanced import BalancedBatchSampler
 
 MAX_DRAWS_PER_IDENTITY = 20  # pool draws allowed per identity slot before completing with random identities
 

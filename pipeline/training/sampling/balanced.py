@@ -1,22 +1,18 @@
-"""Batch samplers: plain shuffled epochs, and for distillation the official EKD "general + balanced" batch
-and a pool-aware variant.
-
-`ShuffledBatchSampler`: each epoch a fresh permutation cut into full batches, ranks taking disjoint slices.
+"""The official EKD "general + balanced" batch (`balanced`) and its neighbour-aware variant (`neighbours`).
 
 Each batch = `general` indices drawn from all images, followed by `balanced // per_identity` distinct
 identities with `per_identity` images each. An identity with fewer images repeats them cyclically (its list
 repeated, then truncated, like the official sampler); one with more gets a random subset. The balanced part
 is what gives the rank loss positive pairs in every batch.
 
-Pool-aware (`neighbours` from pools.h5, shape (C, k)): the balanced identities come in groups: a random seed
+Neighbour-aware (`neighbours` from pools.h5, shape (C, k)): the balanced identities come in groups: a random seed
 identity, then up to `neighbours_per_seed` identities drawn at random from its listed nearest neighbours
 (skipping itself, -1 padding, identities without images and ones already in the batch), so every batch
 carries critical negative pairs between look-alike identities.
 
-Randomness is a pure function of (seed, epoch, rank): every rank yields its own batches, and `set_epoch`
+Randomness is a pure function of (seed, epoch, rank) (shuffled.py): every rank yields its own batches, and `set_epoch`
 moves to the next epoch.
 """
-
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -24,34 +20,6 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from pipeline.errors import PipelineError
-
-
-def epoch_rng(seed: int, epoch: int, rank: int = 0, stream: int = 0) -> np.random.Generator:
-    """An independent generator for one (seed, epoch, rank, stream)."""
-    return np.random.default_rng([seed, epoch, rank, stream])
-
-
-class ShuffledBatchSampler:
-    """Each epoch a fresh permutation of all indices, cut into full batches; ranks take disjoint slices."""
-
-    def __init__(self, n: int, batch_size: int, seed: int = 0, world_size: int = 1, rank: int = 0):
-        if batch_size * world_size > n:
-            raise ValueError(f"batch size {batch_size} x {world_size} ranks exceeds the {n} training images")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.world_size, self.rank, self.epoch = world_size, rank, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n // (self.batch_size * self.world_size)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        order = epoch_rng(self.seed, self.epoch).permutation(self.n)
-        step = self.batch_size * self.world_size
-        for b in range(len(self)):
-            start = b * step + self.rank * self.batch_size
-            yield order[start : start + self.batch_size].tolist()
 
 
 _BATCHES = 1  # stream tag in the seed of the balanced samplers' generator
