@@ -47,7 +47,9 @@ from pipeline.losses.ekd import DEFAULT_ANCHORS, EKDLoss
 from pipeline.losses.rank import order_statistic_thresholds
 from pipeline.models import get_model
 from pipeline.models.loading import Embedder
-from pipeline.training import Distillation, TrainConfig, TrainStep
+from pipeline.training.config import TrainConfig
+from pipeline.training.distill import Distillation
+from pipeline.training.step import TrainStep
 from pipeline.training.samplers import BalancedBatchSampler
 
 DIM = 512

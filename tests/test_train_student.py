@@ -22,7 +22,7 @@ from helpers.teachers import TEACHER_KWARGS, make_teacher, quiet
 
 from pipeline.cache.build import ExtractionConfig, build_teacher_cache
 from pipeline.cache.format import TeacherCache
-from pipeline.formats import open_face_source
+from pipeline.formats.source import open_face_source
 from pipeline.losses.ekd import DEFAULT_ANCHORS
 from pipeline.losses.kd import build_kd_loss
 from pipeline.models import get_model

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.cache import TeacherCache
+from pipeline.cache.format import TeacherCache
 from pipeline.errors import PipelineError
 from pipeline.io import refuse_mismatch
 from pipeline.losses.config import KDConfig
