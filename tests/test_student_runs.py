@@ -25,7 +25,8 @@ from helpers.teachers import make_teacher
 import pipeline.io
 from pipeline.cache.format import TeacherCache
 from pipeline.models.model_file import load_model
-from pipeline.search.pools import PoolsConfig, load_pools, pools_fingerprint
+from pipeline.search.pool_files import load_pools, pools_fingerprint
+from pipeline.search.pools import PoolsConfig
 from stages.build_pools import build_pools_command
 
 ROWS, CLASSES = 48, 4

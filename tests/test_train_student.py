@@ -29,7 +29,7 @@ from pipeline.models import get_model
 from pipeline.models.loading import load_embedder
 from pipeline.models.model_file import load_model, safe_torch_load, save_model
 from pipeline.models.preprocess import to_tensor
-from pipeline.search.pools import load_pools
+from pipeline.search.pool_files import load_pools
 from pipeline.training import sampling
 from pipeline.training.data import FlipAugment
 from pipeline.training.loop import Distillation, TrainConfig, train

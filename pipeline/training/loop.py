@@ -16,7 +16,7 @@ import contextlib
 import functools
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch.utils.data import DataLoader
@@ -30,7 +30,6 @@ from pipeline.models.model_file import save_model
 from pipeline.training import ddp
 from pipeline.training.config import TrainConfig
 from pipeline.training.data import FaceDataset, FlipAugment, ItemFailure, collate
-from pipeline.training.distill import Distillation
 from pipeline.training.live import RunLog
 from pipeline.training.resume import (
     EpochProgress,
@@ -44,6 +43,9 @@ from pipeline.training.resume import (
 )
 from pipeline.training.samplers import ShuffledBatchSampler
 from pipeline.training.step import TrainStep
+
+if TYPE_CHECKING:  # an annotation only: the teacher's training runs without the distillation code
+    from pipeline.training.distill import Distillation
 
 
 def train(

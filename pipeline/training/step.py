@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,8 +17,10 @@ from pipeline.losses.margin import MarginHead
 from pipeline.models import get_model
 from pipeline.training import ddp
 from pipeline.training.config import TrainConfig
-from pipeline.training.distill import Distillation
 from pipeline.training.optim import lr_factor, sgd_without_bn_decay
+
+if TYPE_CHECKING:  # an annotation only: the teacher's training runs without the distillation code
+    from pipeline.training.distill import Distillation
 
 
 class FaceTrainee(nn.Module):

@@ -13,7 +13,7 @@ from pipeline.errors import PipelineError
 from pipeline.io import refuse_mismatch
 from pipeline.losses.config import KDConfig
 from pipeline.losses.kd import KDMethod
-from pipeline.search.pools import check_pair, load_pools, pools_fingerprint
+from pipeline.search.pool_files import check_pair, load_pools, pools_fingerprint
 from pipeline.training.config import TrainConfig
 from pipeline.training.distill import Distillation, KDTerm
 from pipeline.training.loop import train
