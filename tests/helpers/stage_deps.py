@@ -18,6 +18,7 @@ stage replace its old ones, sorted, where the first of them stood. Run it after 
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import sys
 from pathlib import Path
@@ -51,7 +52,8 @@ def _package(root: Path, path: Path) -> list[str]:
     return list(path.relative_to(root).parent.parts)
 
 
-def imported_modules(root: Path, path: Path) -> set[str]:
+@functools.cache  # every stage's closure reads the same files: parse each once
+def imported_modules(root: Path, path: Path) -> frozenset[str]:
     """Every module name `path` may import: `from a.b import c` gives a.b and a.b.c (c may be a module)."""
     found: set[str] = set()
     for node in _executed_nodes(ast.parse(path.read_text(), str(path))):
@@ -71,7 +73,7 @@ def imported_modules(root: Path, path: Path) -> set[str]:
                 raise ValueError(f"{path.relative_to(root)}:{node.lineno}: a dynamic import of a computed name; "
                                  f"import the module statically, or add the file to DYNAMIC in {__name__} with "
                                  f"why it imports no project code")
-    return found
+    return frozenset(found)
 
 
 def _executed_nodes(tree: ast.AST):
