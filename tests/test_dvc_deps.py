@@ -11,8 +11,8 @@ from helpers import stage_deps
 
 def test_dvc_yaml_code_deps_are_the_import_closures():
     gaps = stage_deps.differences()
-    lines = [f"{stage}: missing {', '.join(missing) or '-'}; stale (not imported, or a folder) {', '.join(stale) or '-'}"
-             for stage, (missing, stale) in gaps.items()]
+    lines = [f"{stage}: missing {', '.join(missing) or '-'}; stale (not imported, or a folder) "
+             f"{', '.join(stale) or '-'}" for stage, (missing, stale) in gaps.items()]
     assert not gaps, "dvc.yaml's code deps are not what the stages import:\n" + "\n".join(lines) + \
         f"\nfix: {stage_deps.COMMAND}"
 
