@@ -58,6 +58,7 @@ PROJECT = {
               - data/x    # data stays
               - pipeline/pkg
               - pipeline/unused.py
+              - pipeline/deleted.py
               - ${x.dir}
             outs:
               - out
@@ -84,7 +85,7 @@ def test_closure_follows_relative_lazy_dynamic_and_package_imports(tmp_path):
     assert files["other"] == ["pipeline/__init__.py", "pipeline/__main__.py", "pipeline/cli.py", "pipeline/unused.py",
                               "stages/__init__.py", "stages/other.py"]  # `python -m pipeline`: __main__ too
     missing, stale = stage_deps.differences(tmp_path)["go"]
-    assert "pipeline/pkg/a.py" in missing and stale == ["pipeline/pkg", "pipeline/unused.py"]
+    assert "pipeline/pkg/a.py" in missing and stale == ["pipeline/pkg", "pipeline/unused.py", "pipeline/deleted.py"]
 
 
 def test_write_replaces_only_the_code_deps_and_then_checks_clean(tmp_path):

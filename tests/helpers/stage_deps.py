@@ -133,8 +133,8 @@ def command_modules(root: Path, cmd: str) -> list[str]:
 
 
 def is_code(root: Path, dep: str) -> bool:
-    """A dep inside the project's packages (a file or a folder): code, which the tool owns."""
-    return dep.split("/")[0] in PACKAGES and (root / dep).exists()
+    """A dep inside the project's packages (a file, a folder, or a file since deleted): code, the tool's."""
+    return dep.split("/")[0] in PACKAGES
 
 
 def expected_deps(root: Path) -> dict[str, list[str]]:
