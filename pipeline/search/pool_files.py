@@ -26,7 +26,7 @@ def sha256_hex(data: bytes) -> str:
 def pools_fingerprint(pools: dict) -> str:
     """What a student run takes from pools.h5 (neighbours, hardest pairs, thresholds), as one sha256."""
     thresholds = np.frombuffer(str(pools["attrs"].get("thresholds", "")).encode(), np.uint8)
-    return arraysha256_hex(pools["neighbours"], pools["neg_pairs"], thresholds)
+    return array_sha256(pools["neighbours"], pools["neg_pairs"], thresholds)
 
 
 def check_pair(pools: dict, pools_path: Path, thresholds_path: Path) -> dict[str, float]:
