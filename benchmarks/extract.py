@@ -33,7 +33,7 @@ import torch
 
 from pipeline.cache.build import ExtractionConfig, build_teacher_cache
 from pipeline.cache.worker import prepare_teacher, preprocess_views
-from pipeline.formats import open_face_source
+from pipeline.formats.source import open_face_source
 from pipeline.formats.jpeg import encode_jpeg
 from pipeline.formats.recordio import write_face_recordio
 from pipeline.models import get_model

@@ -43,15 +43,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 import extract as extract_bench  # noqa: E402
 import train_step as step_bench  # noqa: E402
 
-from pipeline.cache import ExtractionConfig, TeacherCache, build_teacher_cache  # noqa: E402
+from pipeline.cache.build import ExtractionConfig, build_teacher_cache  # noqa: E402
+from pipeline.cache.format import TeacherCache  # noqa: E402
 from pipeline.cache.worker import prepare_teacher, preprocess_views  # noqa: E402
-from pipeline.formats import open_face_source  # noqa: E402
+from pipeline.formats.source import open_face_source  # noqa: E402
 from pipeline.models import get_model  # noqa: E402
 from pipeline.models.loading import Embedder, load_embedder  # noqa: E402
 from pipeline.models.model_file import save_model  # noqa: E402
 from pipeline.search.backends import knn_kind  # noqa: E402
 from pipeline.search.pools import build_pools  # noqa: E402
-from pipeline.training import Distillation  # noqa: E402
+from pipeline.training.distill import Distillation  # noqa: E402
 from pipeline.training.sampling.balanced import BalancedBatchSampler  # noqa: E402
 
 # Sizes: the GPU check, and the CPU dry run (--tiny), which runs the same code at toy sizes.

@@ -171,9 +171,12 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from pipeline.cache import TeacherCache
+    from pipeline.cache.format import TeacherCache
     from pipeline.losses.registry import build_kd_loss
-    from pipeline.training import Distillation, TrainConfig, ddp, train
+    from pipeline.training import ddp
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.distill import Distillation
+    from pipeline.training.loop import train
 
     torch.set_num_threads(1)
     ddp.init_from_env("gloo")

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.synthetic import synthesize
+from pipeline.synthetic.writer import synthesize
 
 FILES = ("train.rec", "train.idx", "val.bin", "test.rec", "test.idx")
 

@@ -47,8 +47,10 @@ from pipeline.losses.ekd import DEFAULT_ANCHORS, EKDLoss
 from pipeline.losses.rank import order_statistic_thresholds
 from pipeline.models import get_model
 from pipeline.models.loading import Embedder
-from pipeline.training import Distillation, TrainConfig, TrainStep
+from pipeline.training.config import TrainConfig
+from pipeline.training.distill import Distillation
 from pipeline.training.sampling.balanced import BalancedBatchSampler
+from pipeline.training.step import TrainStep
 
 DIM = 512
 TARGETS = {"ekd_cached_over_plain": 1.15, "ekd_cached_over_online": 0.25}

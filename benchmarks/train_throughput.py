@@ -34,8 +34,10 @@ from torch.utils.data import DataLoader
 
 from pipeline.devices import resolve_device
 from pipeline.formats.recordio import FaceRecordIO
-from pipeline.synthetic import synthesize
-from pipeline.training import TrainConfig, TrainStep, train
+from pipeline.synthetic.writer import synthesize
+from pipeline.training.config import TrainConfig
+from pipeline.training.loop import train
+from pipeline.training.step import TrainStep
 from pipeline.training.data import FaceDataset, FlipAugment, collate
 from pipeline.training.loop import run_epoch
 from pipeline.training.sampling.shuffled import ShuffledBatchSampler

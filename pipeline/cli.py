@@ -1,9 +1,10 @@
 """The `pipeline` command: one sub-command per stage.
 
-Each module in `stages/` exposes `COMMANDS = {"name": typer_function}`; this file only registers them and
-turns every error a user can act on into one line on stderr and exit code 2: a `PipelineError`, an OSError
-naming a file (a full disk, a permission), and (through `main`, the console script) the usage errors of the
-command line itself (an unknown option, a value of the wrong type).
+Each module in `stages/` exposes `COMMANDS = {"name": typer_function}`; this file only registers them (those of
+the invoked command's module alone, see STAGE_COMMANDS) and turns every error a user can act on into one line
+on stderr and exit code 2: a `PipelineError`, an OSError naming a file (a full disk, a permission), and
+(through `main`, the console script) the usage errors of the command line itself (an unknown option, a value
+of the wrong type).
 """
 from __future__ import annotations
 
@@ -16,29 +17,28 @@ import typer
 from pipeline.errors import PipelineError
 from pipeline.io import disk_full_error, is_disk_full
 
-STAGE_MODULES = (
-    "stages.inspect_data",
-    "stages.synthesize",
-    "stages.train_teacher",
-    "stages.extract_teacher",
-    "stages.build_pools",
-    "stages.train_student",
-    "stages.evaluate",
-    "stages.evaluate_ijb",
-    "stages.report",
-    "stages.export",
-)
+# Command -> the stage module defining it. `main` imports only the invoked command's module, so what a command
+# runs is this file plus that module's imports: tests/helpers/stage_deps.py reads this literal table to derive
+# each DVC stage's code deps. Keep it a literal dict; its order is the order of `pipeline --help`.
+STAGE_COMMANDS = {
+    "inspect": "stages.inspect_data",
+    "synthesize": "stages.synthesize",
+    "train-teacher": "stages.train_teacher",
+    "extract-teacher": "stages.extract_teacher",
+    "cache-info": "stages.extract_teacher",
+    "convert-cache": "stages.extract_teacher",
+    "build-pools": "stages.build_pools",
+    "train-student": "stages.train_student",
+    "evaluate": "stages.evaluate",
+    "evaluate-ijb": "stages.evaluate_ijb",
+    "report": "stages.report",
+    "export": "stages.export",
+}
 
-app = typer.Typer(
-    name="pipeline",
-    help=(
-        "Evaluation-oriented knowledge distillation (EKD) for face recognition, offline: the teacher runs "
-        "once into an HDF5 cache (extract-teacher), FAISS builds pair pools and exact FPR thresholds "
-        "(build-pools), students train on the cached targets (train-student), evaluate/report compare them."
-    ),
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+_HELP = (
+    "Evaluation-oriented knowledge distillation (EKD) for face recognition, offline: the teacher runs "
+    "once into an HDF5 cache (extract-teacher), FAISS builds pair pools and exact FPR thresholds "
+    "(build-pools), students train on the cached targets (train-student), evaluate/report compare them."
 )
 
 
@@ -77,19 +77,36 @@ _click_errors = sys.modules[typer.BadParameter.__module__]
 _ABORTS = tuple({typer.Abort, getattr(_click_errors, "Abort", typer.Abort)})
 
 
-def _register_stage_commands() -> None:
-    for module_name in STAGE_MODULES:
-        module = importlib.import_module(module_name)
-        for name, function in module.COMMANDS.items():
+def build_app(commands=tuple(STAGE_COMMANDS)) -> typer.Typer:
+    """The `pipeline` app with `commands` (default: all), importing only the stage modules that define them."""
+    app = typer.Typer(name="pipeline", help=_HELP, no_args_is_help=True, add_completion=False,
+                      pretty_exceptions_enable=False)
+    app.callback()(lambda: None)  # a group even with one command: `pipeline NAME ...` keeps its NAME
+    for module_name in dict.fromkeys(STAGE_COMMANDS[name] for name in commands):
+        for name, function in importlib.import_module(module_name).COMMANDS.items():
             app.command(name=name)(_one_line_errors(function))
+    return app
 
 
-_register_stage_commands()
+@functools.cache
+def __getattr__(name: str):
+    """`from pipeline.cli import app` (tests, embedding): the app with every command, built on first use."""
+    if name == "app":
+        return build_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _invoked(args: list[str]) -> tuple[str, ...]:
+    """The commands to register for `args`: the invoked one, or all (for `--help`, no command, a typo)."""
+    name = next((a for a in args if not a.startswith("-")), None)
+    return (name,) if name in STAGE_COMMANDS else tuple(STAGE_COMMANDS)
 
 
 def main(args: list[str] | None = None) -> None:
     """The `pipeline` console script (and `python -m pipeline`): the app, with click's usage errors (an unknown
     option, a missing one, 'abc' for a number, a bad --params section) as one line and exit code 2 too."""
+    args = sys.argv[1:] if args is None else list(args)
+    app = build_app(_invoked(args))
     try:
         code = app(args=args, prog_name="pipeline", standalone_mode=False)
     except _click_errors.UsageError as error:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cache import TeacherCache
+from pipeline.cache.format import TeacherCache
 from pipeline.io import output_lock
 from pipeline.search.pools import PoolsConfig, build_pools, describe, write_pools
 from stages import options

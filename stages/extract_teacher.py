@@ -9,14 +9,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.cache import (
-    ClusterConfig,
-    ExtractionConfig,
-    TeacherCache,
-    build_teacher_cache,
-    convert_cache,
-    shard_progress,
-)
+from pipeline.cache.build import ClusterConfig, ExtractionConfig, build_teacher_cache, shard_progress
+from pipeline.cache.convert import convert_cache
+from pipeline.cache.format import TeacherCache
 from pipeline.errors import PipelineError
 from stages import options
 

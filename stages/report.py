@@ -10,7 +10,7 @@ from pipeline.errors import PipelineError
 from pipeline.evaluation.curves import read_history, run_folders
 from pipeline.evaluation.report import load_result, write_report
 from pipeline.formats.summary import training_faces
-from pipeline.search.pools import load_thresholds
+from pipeline.search.pool_files import load_thresholds
 from stages import options
 
 

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.synthetic import SyntheticConfig, synthesize
+from pipeline.synthetic.writer import SyntheticConfig, synthesize
 from stages import options
 
 

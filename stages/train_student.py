@@ -6,10 +6,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.formats import open_face_source
+from pipeline.formats.source import open_face_source
 from pipeline.losses.config import KDConfig
 from pipeline.models import BackboneShape
-from pipeline.training import TrainConfig
+from pipeline.training.config import TrainConfig
 from pipeline.training.sampling.config import SamplerConfig
 from pipeline.training.student import STUDENT_DEFAULTS
 from pipeline.training.student import train_student as run_student

@@ -8,9 +8,10 @@ from typing import Annotated
 
 import typer
 
-from pipeline.formats import open_face_source
+from pipeline.formats.source import open_face_source
 from pipeline.models import BackboneShape
-from pipeline.training import TrainConfig, train
+from pipeline.training.config import TrainConfig
+from pipeline.training.loop import train
 from stages import options
 
 Data = Annotated[Path, typer.Option("--data", help="Training folder: train.rec/.idx/property (or an image folder).")]

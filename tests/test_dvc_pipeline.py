@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import stage_deps
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -119,6 +120,16 @@ def _stale_stages(work: Path) -> set[str]:
     return set(status)
 
 
+def _stale_after_editing(work: Path, path: str) -> set[str]:
+    """The stages `dvc status` reports after a comment is appended to `path` (restored afterwards)."""
+    original = (work / path).read_text()
+    (work / path).write_text(original + "\n# edited\n")
+    try:
+        return _stale_stages(work)
+    finally:
+        (work / path).write_text(original)
+
+
 def _check_code_dependencies(work: Path, students: list[str]) -> None:
     """Editing a module reruns exactly the stages whose code it is (a comment is enough: DVC hashes files)."""
     cases = {
@@ -126,14 +137,14 @@ def _check_code_dependencies(work: Path, students: list[str]) -> None:
         "pipeline/search/knn.py": {"build-pools"},
         "pipeline/evaluation/report.py": {"report"},
         "pipeline/synthetic/render.py": {"synthesize@demo"},
+        "pipeline/training/sampling/hard_pairs.py": {f"train-student@{s}" for s in students},  # not the teacher
     }
     for path, expected in cases.items():
-        original = (work / path).read_text()
-        (work / path).write_text(original + "\n# edited\n")
-        try:
-            assert _stale_stages(work) == expected, path
-        finally:
-            (work / path).write_text(original)
+        assert _stale_after_editing(work, path) == expected, path
+    # pipeline/fpr.py: build-pools and every other stage that imports it, which the generated deps name
+    importers = {stage for stage, files in stage_deps.expected_deps(work).items() if "pipeline/fpr.py" in files}
+    assert {"build-pools", "train-student", "evaluate"} <= importers and "synthesize" not in importers
+    assert {name.split("@")[0] for name in _stale_after_editing(work, "pipeline/fpr.py")} == importers
     assert _stale_stages(work) == set()
 
 

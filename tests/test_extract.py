@@ -26,7 +26,7 @@ from pipeline.cache.build import ExtractionConfig, build_teacher_cache, shard_pr
 from pipeline.cache.format import TeacherCache
 from pipeline.cache.shards import shard_dir
 from pipeline.errors import DataError, PipelineError
-from pipeline.formats import open_face_source
+from pipeline.formats.source import open_face_source
 from pipeline.models.loading import load_embedder
 from pipeline.models.model_file import load_model
 from stages.extract_teacher import COMMANDS

@@ -10,7 +10,7 @@ from helpers.data import random_image_bytes
 from PIL import Image
 
 from pipeline.errors import DataError
-from pipeline.formats import open_face_source
+from pipeline.formats.source import open_face_source
 from pipeline.formats.image_folder import ImageFolderFaces
 from pipeline.formats.recordio import FaceRecordIO, write_face_recordio
 

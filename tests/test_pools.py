@@ -12,13 +12,8 @@ from typer.testing import CliRunner
 from pipeline.cache.contract import contract_attrs
 from pipeline.cache.format import TeacherCache
 from pipeline.errors import DataError
-from pipeline.search.pools import (
-    DATASETS,
-    build_pools,
-    load_pools,
-    load_thresholds,
-    write_pools,
-)
+from pipeline.search.pool_files import DATASETS, load_pools, load_thresholds
+from pipeline.search.pools import build_pools, write_pools
 from stages.build_pools import COMMANDS
 
 FPR_KEYS = ["1e-1", "1e-2", "1e-3", "1e-4", "1e-5", "1e-6"]

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.evaluation.curves import epochs_of, read_history
-from pipeline.formats import open_face_source
+from pipeline.formats.source import open_face_source
 from pipeline.formats.jpeg import encode_jpeg
 from pipeline.formats.recordio import write_face_recordio
 from pipeline.formats.summary import sample_sheet

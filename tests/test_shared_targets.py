@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers.data import write_cache_by_hand
 
-from pipeline.cache import TeacherCache
+from pipeline.cache.format import TeacherCache
 from pipeline.cache.mapped import map_embeddings
 from pipeline.errors import DataError, PipelineError
 from pipeline.training.distill import CachedTargets

@@ -28,7 +28,8 @@ from pipeline.cache.format import TeacherCache
 from pipeline.losses.config import KDConfig
 from pipeline.models import BackboneShape
 from pipeline.models.model_file import load_model
-from pipeline.search.pools import PoolsConfig, load_pools, pools_fingerprint
+from pipeline.search.pool_files import load_pools, pools_fingerprint
+from pipeline.search.pools import PoolsConfig
 from pipeline.settings import flag, identity_fields
 from pipeline.training.config import TrainConfig
 from pipeline.training.sampling.config import SamplerConfig

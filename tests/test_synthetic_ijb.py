@@ -15,7 +15,7 @@ from pipeline.evaluation.alignment import (
 )
 from pipeline.formats.ijb import read_ijb
 from pipeline.formats.jpeg import decode_jpeg
-from pipeline.synthetic import synthesize
+from pipeline.synthetic.writer import synthesize
 from pipeline.synthetic.identity import draw_nuisance
 from pipeline.synthetic.ijb import placed_template
 from pipeline.synthetic.render import face_landmarks, render_face

@@ -22,15 +22,15 @@ from helpers.teachers import TEACHER_KWARGS, make_teacher, quiet
 
 from pipeline.cache.build import ExtractionConfig, build_teacher_cache
 from pipeline.cache.format import TeacherCache
-from pipeline.formats import open_face_source
+from pipeline.formats.source import open_face_source
 from pipeline.losses.ekd import DEFAULT_ANCHORS
 from pipeline.losses.registry import build_kd_loss
 from pipeline.models import get_model
 from pipeline.models.loading import load_embedder
 from pipeline.models.model_file import load_model, safe_torch_load, save_model
 from pipeline.models.preprocess import to_tensor
-from pipeline.search.pools import load_pools
-from pipeline.training import sampling
+from pipeline.search.pool_files import load_pools
+from pipeline.training.sampling import config as sampling
 from pipeline.training.data import FlipAugment
 from pipeline.training.loop import Distillation, TrainConfig, train
 from pipeline.training.sampling.balanced import BalancedBatchSampler

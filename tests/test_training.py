@@ -16,13 +16,14 @@ from helpers.training import (
     tiny_config,
 )
 
-from pipeline import training
 from pipeline.errors import PipelineError
 from pipeline.evaluation.curves import read_history
 from pipeline.formats.recordio import FaceRecordIO
 from pipeline.formats.verification_bin import write_verification_bin
 from pipeline.models import get_model
 from pipeline.models.model_file import safe_torch_load
+from pipeline.training.distill import Distillation
+from pipeline.training.loop import train
 from pipeline.training import step as training_step
 from pipeline.training.data import FaceDataset
 from pipeline.training.distill import CachedTargets
@@ -102,7 +103,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(faces, tmp_path, case, 
         if kd is not None:  # a fresh loss, as in a new process
             distill = ekd_distillation(len(faces), l2_weight=kd.get("l2"), scale=kd.get("scale", "weight"),
                                        warmup_epochs=kd.get("warmup_epochs", 0.0), mode=kd.get("mode", "reference"))
-        return training.train(tiny_config(out, **overrides, **more), faces, faces.num_classes, distill, **sampling)
+        return train(tiny_config(out, **overrides, **more), faces, faces.num_classes, distill, **sampling)
 
     steps = _record_steps(monkeypatch)
     straight = run(tmp_path / "straight")  # no checkpoint inside an epoch
@@ -220,7 +221,7 @@ def test_a_sigkilled_run_resumes_to_the_uninterrupted_result(random_faces, strai
 
 def test_same_seed_same_weights_other_seed_other_weights(faces, tmp_path):
     def run(name, seed):
-        training.train(tiny_config(tmp_path / name, epochs=1, seed=seed), faces, faces.num_classes)
+        train(tiny_config(tmp_path / name, epochs=1, seed=seed), faces, faces.num_classes)
         return _weights(tmp_path / name)
 
     first, again, other = run("a", 0), run("b", 0), run("c", 1)
@@ -229,44 +230,44 @@ def test_same_seed_same_weights_other_seed_other_weights(faces, tmp_path):
 
 
 def test_resume_with_changed_settings_is_refused(faces, tmp_path):
-    training.train(tiny_config(tmp_path, stop_after_epochs=1), faces, faces.num_classes)
+    train(tiny_config(tmp_path, stop_after_epochs=1), faces, faces.num_classes)
     with pytest.raises(PipelineError, match=r"different settings: lr 0.1 -> 0.2; "):
-        training.train(tiny_config(tmp_path, lr=0.2), faces, faces.num_classes)
+        train(tiny_config(tmp_path, lr=0.2), faces, faces.num_classes)
     with pytest.raises(PipelineError, match=r"different settings: arch_kwargs .* -> .*, margin 'arcface' -> "
                                             r"'cosface'; "):
-        training.train(tiny_config(tmp_path, margin="cosface", arch_kwargs={**TINY_MBF, "width": 0.25}),
-                       faces, faces.num_classes)
+        train(tiny_config(tmp_path, margin="cosface", arch_kwargs={**TINY_MBF, "width": 0.25}),
+              faces, faces.num_classes)
     with pytest.raises(PipelineError, match=r"different settings: kd \(unset\) -> 'l2'; "):
-        training.train(tiny_config(tmp_path), faces, faces.num_classes, settings={"kd": "l2"})
+        train(tiny_config(tmp_path), faces, faces.num_classes, settings={"kd": "l2"})
     # run-length and machine knobs may change
-    summary = training.train(tiny_config(tmp_path, workers=1, stop_after_epochs=5), faces, faces.num_classes)
+    summary = train(tiny_config(tmp_path, workers=1, stop_after_epochs=5), faces, faces.num_classes)
     assert summary["epochs_done"] == 2 and summary["finished"]
 
 
 def test_a_mid_epoch_checkpoint_resumes_only_with_its_settings_and_process_count(faces, tmp_path, monkeypatch):
     _record_steps(monkeypatch, crash_before=5)
     with pytest.raises(Crash):
-        training.train(tiny_config(tmp_path, checkpoint_every=4), faces, faces.num_classes)
+        train(tiny_config(tmp_path, checkpoint_every=4), faces, faces.num_classes)
     monkeypatch.undo()
     path = tmp_path / "checkpoint.pt"
     with pytest.raises(PipelineError, match=r"different settings: lr 0.1 -> 0.2; "):
-        training.train(tiny_config(tmp_path, lr=0.2), faces, faces.num_classes)
+        train(tiny_config(tmp_path, lr=0.2), faces, faces.num_classes)
     state = torch.load(path, weights_only=True)
     assert (state["epochs_done"], state["epoch_steps"]) == (0, 4)
     torch.save({**state, "world_size": 2, "steps_per_epoch": 3}, path)  # as a 2-rank run would have written it
     with pytest.raises(PipelineError, match=r"different settings: steps_per_epoch 3 -> 6, world_size 2 -> 1 \(it "
                                             r"stopped after step 4 of epoch 1\); rerun with its settings"):
-        training.train(tiny_config(tmp_path), faces, faces.num_classes)
+        train(tiny_config(tmp_path), faces, faces.num_classes)
     torch.save(state, path)
     # --checkpoint-every, like the run-length and machine knobs, may change
-    summary = training.train(tiny_config(tmp_path, checkpoint_every=5, workers=1), faces, faces.num_classes)
+    summary = train(tiny_config(tmp_path, checkpoint_every=5, workers=1), faces, faces.num_classes)
     assert summary["finished"] and len(summary["history"]) == 2
 
 
 def test_torn_checkpoint_is_refused(faces, tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(PipelineError, match="checkpoint.pt: cannot read training checkpoint"):
-        training.train(tiny_config(tmp_path), faces, faces.num_classes)
+        train(tiny_config(tmp_path), faces, faces.num_classes)
 
 
 def test_flipped_item_is_the_mirrored_image(faces):
@@ -323,8 +324,8 @@ def test_each_sample_meets_the_teacher_view_of_its_own_flip(faces, tmp_path, mon
     seen = []
     monkeypatch.setattr(training_step, "get_model", _recording_backbone(seen, []))
     kd = _RecordingKD()
-    training.train(tiny_config(tmp_path, epochs=1), faces, faces.num_classes,
-                   training.Distillation(loss=kd, targets=code.contiguous()))
+    train(tiny_config(tmp_path, epochs=1), faces, faces.num_classes,
+          Distillation(loss=kd, targets=code.contiguous()))
     dataset = FaceDataset(faces)
     views = []
     for images, rows in zip(seen, kd.teacher_rows, strict=True):
@@ -346,8 +347,8 @@ def test_margin_loss_sees_only_the_first_margin_samples(faces, tmp_path, monkeyp
     monkeypatch.setattr(training_step, "MarginHead", RecordingHead)
     monkeypatch.setattr(training_step, "get_model", _recording_backbone([], backbone_outputs))
     kd = _RecordingKD()
-    training.train(tiny_config(tmp_path, epochs=1), faces, faces.num_classes,
-                   training.Distillation(loss=kd, targets=torch.zeros(len(faces), 2, EMBEDDING_DIM)), margin_samples=3)
+    train(tiny_config(tmp_path, epochs=1), faces, faces.num_classes,
+          Distillation(loss=kd, targets=torch.zeros(len(faces), 2, EMBEDDING_DIM)), margin_samples=3)
     assert kd.batch_sizes == [8] * 6  # the KD loss sees whole batches
     batches = list(ShuffledBatchSampler(len(faces), 8, seed=0))  # the default sampler's epoch 0
     for (head_embeddings, head_labels), batch_embeddings, batch in zip(head_inputs, backbone_outputs, batches,

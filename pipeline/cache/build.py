@@ -44,7 +44,7 @@ from pipeline.cache.worker import (
 )
 from pipeline.devices import device_setting, resolve_device
 from pipeline.errors import DataError, PipelineError
-from pipeline.formats import open_face_source
+from pipeline.formats.source import open_face_source
 from pipeline.io import output_lock, refuse_mismatch
 from pipeline.models import Arch
 from pipeline.models.loading import file_sha256, load_embedder

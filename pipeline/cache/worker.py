@@ -22,7 +22,7 @@ import torch
 
 from pipeline.cache.shards import Shard, write_shard
 from pipeline.errors import DataError, PipelineError
-from pipeline.formats import open_face_source
+from pipeline.formats.source import open_face_source
 from pipeline.models.preprocess import (  # noqa: F401  (re-exported: benchmarks, tests patch them here)
     forward_views,
     prepare_teacher,

@@ -1,5 +1,4 @@
 """Verification metrics (metrics), evaluation of a model on a data folder (verification) and the
-teacher-vs-students report (report)."""
-from pipeline.evaluation.verification import evaluate_folder, write_metrics
+teacher-vs-students report (report).
 
-__all__ = ["evaluate_folder", "write_metrics"]
+Deliberately empty: import from the defining module, so importing one piece does not import them all."""

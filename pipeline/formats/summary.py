@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.formats import open_face_source
+from pipeline.formats.source import open_face_source
 from pipeline.formats.verification_bin import load_verification_bin
 
 HISTOGRAM_EDGES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)

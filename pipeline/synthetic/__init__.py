@@ -1,5 +1,4 @@
 """The embedded synthetic face benchmark: procedural identities (identity), rendered under pose, light and
-other nuisances (scene, render), written in the real insightface formats (writer)."""
-from pipeline.synthetic.writer import SyntheticConfig, contact_sheet, synthesize
+other nuisances (scene, render), written in the real insightface formats (writer).
 
-__all__ = ["SyntheticConfig", "contact_sheet", "synthesize"]
+Deliberately empty: import from the defining module (`from pipeline.synthetic.writer import synthesize`)."""

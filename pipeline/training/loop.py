@@ -30,7 +30,6 @@ from pipeline.models.model_file import save_model
 from pipeline.training import ddp
 from pipeline.training.config import TrainConfig
 from pipeline.training.data import FaceDataset, FlipAugment, ItemFailure, collate
-from pipeline.training.distill import Distillation
 from pipeline.training.live import RunLog
 from pipeline.training.resume import (
     EpochProgress,
@@ -44,13 +43,15 @@ from pipeline.training.resume import (
 )
 from pipeline.training.sampling.shuffled import ShuffledBatchSampler
 from pipeline.training.step import TrainStep
+# `Distillation` (training/distill.py) appears in annotations only, unimported: the teacher's training never
+# loads the distillation code, so editing it does not rerun the teacher.
 
 
 def train(
     cfg: TrainConfig,
     source,
     num_classes: int,
-    distill: Distillation | None = None,
+    distill: "Distillation | None" = None,
     batch_sampler_factory: Callable[[int, int], object] | None = None,
     margin_samples: int | None = None,
     settings: dict | None = None,

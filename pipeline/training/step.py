@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -17,8 +16,9 @@ from pipeline.losses.margin import MarginHead
 from pipeline.models import get_model
 from pipeline.training import ddp
 from pipeline.training.config import TrainConfig
-from pipeline.training.distill import Distillation
 from pipeline.training.optim import lr_factor, sgd_without_bn_decay
+# `Distillation` (training/distill.py) appears in annotations only, unimported: the teacher's training never
+# loads the distillation code, so editing it does not rerun the teacher.
 
 
 class FaceTrainee(nn.Module):
@@ -53,7 +53,7 @@ class TrainStep:
     """
 
     def __init__(self, cfg: TrainConfig, num_classes: int, steps_per_epoch: int, device: torch.device,
-                 distill: Distillation | None = None, margin_samples: int | None = None):
+                 distill: "Distillation | None" = None, margin_samples: int | None = None):
         backbone = get_model(cfg.arch, **cfg.arch_kwargs)
         dim = cfg.arch_kwargs.get("num_features", 512)
         centre_kd = distill.head if distill is not None else None

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.cache import TeacherCache
+from pipeline.cache.format import TeacherCache
 from pipeline.errors import PipelineError
 from pipeline.io import refuse_mismatch
 from pipeline.losses.base import Need
 from pipeline.losses.config import KDConfig
-from pipeline.search.pools import check_pair, load_pools, pools_fingerprint
+from pipeline.search.pool_files import check_pair, load_pools, pools_fingerprint
 from pipeline.training.config import TrainConfig
 from pipeline.training.distill import Distillation, KDTerm
 from pipeline.training.loop import train

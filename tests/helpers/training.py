@@ -11,10 +11,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from helpers.data import FACE_SIZE, MirroredFaces
-from pipeline import training
 from pipeline.evaluation.curves import read_history
 from pipeline.losses.registry import build_kd_loss
 from pipeline.models.model_file import safe_torch_load
+from pipeline.training.config import TrainConfig
+from pipeline.training.distill import Distillation
+from pipeline.training.loop import train
 from pipeline.training import ddp
 from pipeline.training import step as training_step
 from pipeline.training.ddp import gather_kd_inputs, scale_for_ddp
@@ -24,16 +26,16 @@ EMBEDDING_DIM = 16
 TINY_MBF = {"input_size": FACE_SIZE, "width": 0.125, "num_features": EMBEDDING_DIM}
 
 
-def tiny_config(out_dir: Path, **overrides) -> training.TrainConfig:
+def tiny_config(out_dir: Path, **overrides) -> TrainConfig:
     """A CPU config that trains the tiny MobileFaceNet in about a second per epoch."""
     knobs = dict(out_dir=out_dir, arch="mbf", arch_kwargs=dict(TINY_MBF), epochs=2, batch_size=8, lr=0.1,
                  warmup_epochs=0.5, margin_s=16.0, workers=0, device="cpu", amp=False)
     knobs.update(overrides)
-    return training.TrainConfig(**knobs)
+    return TrainConfig(**knobs)
 
 
 def ekd_distillation(num_images: int, views_differ: bool = True, seed: int = 0, l2_weight: float | None = None,
-                     mode: str = "reference", **kwargs) -> training.Distillation:
+                     mode: str = "reference", **kwargs) -> Distillation:
     """EKD against random (N, 2, EMBEDDING_DIM) teacher targets: reference mode (EMA threshold buffers) or
     global mode (fixed teacher thresholds, a 24-row queue of recent student embeddings that wraps within an
     epoch); with `l2_weight`, feature L2 as a first term (the l2+ekd combination)."""
@@ -44,9 +46,9 @@ def ekd_distillation(num_images: int, views_differ: bool = True, seed: int = 0, 
     options = {"momentum": 0.5} if mode == "reference" else {"teacher_thresholds": [0.1, 0.4, 0.7], "queue_size": 24}
     loss = build_kd_loss("ekd", mode=mode, anchors=(2, 5, 20), topk=8, temperature=0.05, **options)
     if l2_weight is None:
-        return training.Distillation(loss=loss, targets=targets, **kwargs)
+        return Distillation(loss=loss, targets=targets, **kwargs)
     terms = [KDTerm("l2", build_kd_loss("l2"), l2_weight), KDTerm("ekd", loss, 1.0)]
-    return training.Distillation(targets=targets, terms=terms, **kwargs)
+    return Distillation(targets=targets, terms=terms, **kwargs)
 
 
 def assert_same_run(got: Path, want: Path) -> tuple[dict, dict]:
@@ -105,7 +107,7 @@ def train_linear_on_mirrored(out_dir: Path, global_batch: int = 8, kd: bool = Tr
     cfg = tiny_config(out_dir, batch_size=global_batch // ddp.world_size(), epochs=1, warmup_epochs=0.0)
     distill = ekd_distillation(len(source), views_differ=False) if kd else None
     with capture_trainees(linear_backbone) as built:
-        training.train(cfg, source, source.num_classes, distill)
+        train(cfg, source, source.num_classes, distill)
     return {k: v.detach().clone() for k, v in built[0].named_parameters()}
 
 

@@ -21,8 +21,8 @@ from helpers.training import (
     train_linear_on_mirrored,
 )
 
-from pipeline import training
 from pipeline.formats.recordio import FaceRecordIO
+from pipeline.training.loop import train
 from pipeline.training import ddp
 
 
@@ -31,8 +31,8 @@ def main(data: Path, out: Path) -> None:
     rank = int(os.environ["RANK"])
     source = FaceRecordIO(data)
     with capture_trainees() as built:
-        training.train(tiny_config(out / "mbf", epochs=1, batch_size=4), source, source.num_classes,
-                       ekd_distillation(len(source)))
+        train(tiny_config(out / "mbf", epochs=1, batch_size=4), source, source.num_classes,
+              ekd_distillation(len(source)))
     trainee = built[0]
     torch.save({"parameters": {k: v.detach() for k, v in trainee.named_parameters()},
                 "initial": trainee.initial, "buffers": dict(trainee.named_buffers())},
