@@ -3,6 +3,7 @@ packages, the leaves import only leaves, the library never imports the CLI or th
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,3 +66,31 @@ def test_no_cycles_between_packages():
 def test_modules_stay_small():
     sizes = {p: len(p.read_text().splitlines()) for d in ("pipeline", "stages") for p in (ROOT / d).rglob("*.py")}
     assert not {str(p.relative_to(ROOT)): n for p, n in sizes.items() if n > 400}
+
+
+def _mapped_modules(doc: str) -> set[str]:
+    """Every `x.py` the code map's package tree names, as a path: a name belongs to the nearest folder line
+    (`name/`) above it with less indentation."""
+    tree = doc.split("```")[1]
+    folders: list[tuple[int, str]] = []
+    named = set()
+    for line in tree.splitlines():
+        indent = len(line) - len(line.lstrip())
+        folder = re.match(r"\s*([\w]+)/(\s|$)", line)
+        while folders and folders[-1][0] >= indent:  # a folder or file at this depth ends deeper folders
+            folders.pop()
+        if folder:
+            folders.append((indent, folder.group(1)))
+            continue
+        for name in re.findall(r"\b([\w]+\.py)\b", line):
+            named.add("/".join([f for _, f in folders] + [name]))
+    return named
+
+
+def test_the_code_map_names_every_module():
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    modules = {str(p.relative_to(ROOT)) for top in ("pipeline", "stages") for p in (ROOT / top).rglob("*.py")
+               if p.name != "__init__.py"}
+    missing = sorted(modules - _mapped_modules(doc))
+    assert not missing, f"docs/architecture.md does not name {missing} in its package tree"
+

@@ -1,11 +1,12 @@
-"""Under 2-process gloo DDP, gathered KD losses give the single-process loss and gradients exactly."""
+"""Under 2-process gloo DDP, gathered KD losses (and AdaDistill's centre update) give the single-process loss,
+gradients and state exactly."""
 
 import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers.training import KD_LOSS_CASES, run_kd_loss_case
+from helpers.training import KD_LOSS_CASES, run_centre_case, run_kd_loss_case
 from workers import ddp_kd_losses
 
 from pipeline.training import ddp
@@ -31,8 +32,8 @@ def _spawn(world: int, tmp_path, timeout_s: float = 120.0) -> list[dict]:
 
 def test_ddp_kd_losses_equal_single_process_on_concatenated_batch(tmp_path):
     ranks = _spawn(2, tmp_path)
-    for name in KD_LOSS_CASES:
-        single = run_kd_loss_case(name)
+    for name in [*KD_LOSS_CASES, "adadistill"]:  # adadistill: every rank's centres follow the global batch
+        single = run_centre_case() if name == "adadistill" else run_kd_loss_case(name)
         assert any(g.abs().max() > 1e-3 for step in single["grads"] for g in step), name  # non-trivial
         for result in ranks:
             ddp = result[name]

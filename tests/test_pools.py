@@ -62,7 +62,7 @@ def brute_force(views, labels, classes, k, m, centre_views):
 def test_build_pools_matches_brute_force(centre_views):
     views, labels = views_data()
     classes = int(labels.max()) + 2  # one identity without images
-    results = build_pools(views, labels, classes, k=5, m=150, centre_views=centre_views, block_rows=70,
+    results = build_pools(views, labels, classes, neighbours=5, hard_pairs=150, centre_views=centre_views, block_rows=70,
                           pilot_rows=32)
     ref = brute_force(views, labels, classes, 5, 150, centre_views)
     np.testing.assert_allclose(results.centres, ref["centres"], atol=1e-6)
@@ -80,7 +80,7 @@ def test_build_pools_matches_brute_force(centre_views):
 
 def test_files_round_trip_and_thresholds_json_is_dvc_metrics(tmp_path):
     views, labels = views_data()
-    results = build_pools(views, labels, k=4, m=50)
+    results = build_pools(views, labels, neighbours=4, hard_pairs=50)
     pools_path, thresholds_path = write_pools(tmp_path / "out", results)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["pools.h5", "thresholds.json"]
     pools = load_pools(pools_path)
@@ -105,7 +105,7 @@ def test_files_round_trip_and_thresholds_json_is_dvc_metrics(tmp_path):
 
 def test_a_failed_write_leaves_nothing_behind(tmp_path):
     views, labels = views_data(n=40)
-    results = build_pools(views, labels, k=2, m=5)
+    results = build_pools(views, labels, neighbours=2, hard_pairs=5)
     results.attrs["unstorable"] = object()  # h5py raises while writing attributes, before `complete`
     with pytest.raises(TypeError):
         write_pools(tmp_path, results)
@@ -151,7 +151,7 @@ def test_k_and_m_beyond_the_data_are_clamped_with_a_warning(caplog):
     views, labels = views_data(n=30, classes=4)
     n_neg = sum(labels[a] != labels[b] for a in range(30) for b in range(a + 1, 30))
     with caplog.at_level(logging.WARNING, logger="pipeline.search"):
-        results = build_pools(views, labels, k=50, m=10**6)
+        results = build_pools(views, labels, neighbours=50, hard_pairs=10**6)
     assert results.neighbours.shape == (6, 5) and results.neg_pairs.shape == (n_neg, 2)
     assert "k=50 is more than possible (5)" in caplog.text
     assert f"m=1000000 is more than possible ({n_neg})" in caplog.text
@@ -160,7 +160,7 @@ def test_k_and_m_beyond_the_data_are_clamped_with_a_warning(caplog):
 
 def test_sampled_rows_index_the_full_cache():
     views, labels = views_data(n=200)
-    results = build_pools(views, labels, k=3, m=40, sample=120, seed=3)
+    results = build_pools(views, labels, neighbours=3, hard_pairs=40, threshold_rows=120, seed=3)
     rows = np.sort(np.random.default_rng(3).choice(200, 120, replace=False))
     sub = brute_force(views[rows], labels[rows], int(labels.max()) + 1, 3, 40, "original")
     np.testing.assert_array_equal(results.neg_pairs, rows[sub["pairs"]])
@@ -198,8 +198,8 @@ def test_stage_writes_pools_from_a_cache(tmp_path):
     app = typer.Typer()
     app.command()(COMMANDS["build-pools"])
     out = tmp_path / "pools"
-    run = CliRunner().invoke(app, ["--cache", str(tmp_path / "cache.h5"), "--out", str(out), "--k", "3",
-                                   "--m", "20", "--centre-views", "both", "--block-rows", "64"])
+    run = CliRunner().invoke(app, ["--cache", str(tmp_path / "cache.h5"), "--out", str(out), "--neighbours", "3",
+                                   "--hard-pairs", "20", "--centre-views", "both", "--block-rows", "64"])
     assert run.exit_code == 0, run.output
     assert f"wrote {out / 'pools.h5'}" in run.output and "1e-6" in run.output
     pools = load_pools(out / "pools.h5")

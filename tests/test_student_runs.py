@@ -50,7 +50,7 @@ def world(tmp_path_factory, cli):
         cache, pools = root / f"{name}cache.h5", root / f"{name}pools"
         for args in (["extract-teacher", "--data", data, "--teacher", teacher, "--out", cache, "--device", "cpu",
                       "--threads", 1],
-                     ["build-pools", "--cache", cache, "--out", pools, "--k", 2, "--m", 100]):
+                     ["build-pools", "--cache", cache, "--out", pools, "--neighbours", 2, "--hard-pairs", 100]):
             result = cli(*args)
             assert result.exit_code == 0, result.output
         paths[f"{name}cache"], paths[f"{name}pools"] = cache, pools
@@ -156,7 +156,7 @@ def test_resume_is_refused_with_another_cache_or_pools(world, stopped, cli):
     line = error_line(result.output)
     assert "different settings: cache '" in line and ", pools '" in line
     rebuilt = world["root"] / "pools-k3"
-    assert cli("build-pools", "--cache", world["cache"], "--out", rebuilt, "--k", 3, "--m", 100).exit_code == 0
+    assert cli("build-pools", "--cache", world["cache"], "--out", rebuilt, "--neighbours", 3, "--hard-pairs", 100).exit_code == 0
     line = error_line(cli(*student(world, stopped, pools=rebuilt)).output)
     assert "different settings: pools '" in line and "cache" not in line.split("settings: ")[1]
 
@@ -203,7 +203,7 @@ def test_a_build_pools_killed_between_its_two_files_is_refused(world, cli, monke
 
     monkeypatch.setattr(pipeline.io.os, "replace", killed_before_pools_h5)
     with pytest.raises(Killed):  # thresholds of a row sample: another thresholds.json than the first build's
-        build_pools_command(cache=world["cache"], out=pools, cfg=PoolsConfig(k=3, m=50, sample=40, seed=1))
+        build_pools_command(cache=world["cache"], out=pools, cfg=PoolsConfig(neighbours=3, hard_pairs=50, threshold_rows=40, seed=1))
     monkeypatch.undo()
     assert (pools / "pools.h5").read_bytes() == (world["pools"] / "pools.h5").read_bytes()  # the old one
     assert (pools / "thresholds.json").read_bytes() != (world["pools"] / "thresholds.json").read_bytes()
@@ -231,7 +231,7 @@ def test_pools_of_another_cache_of_the_same_teacher_and_data_are_refused(world, 
     cache32, pools32 = world["root"] / "cache32.h5", world["root"] / "pools32"
     for args in (["extract-teacher", "--data", world["data"], "--teacher", world["root"] / "teacher.pt", "--out",
                   cache32, "--device", "cpu", "--dtype", "float32", "--threads", 1],
-                 ["build-pools", "--cache", cache32, "--out", pools32, "--k", 2, "--m", 100]):
+                 ["build-pools", "--cache", cache32, "--out", pools32, "--neighbours", 2, "--hard-pairs", 100]):
         assert cli(*args).exit_code == 0
     line = refused_line(world, cli, world["root"] / "mixed", pools32)
     assert "pools come from another teacher cache: cache_fingerprint" in line and "teacher_fingerprint" not in line
@@ -260,7 +260,7 @@ def test_a_second_writer_of_a_run_folder_is_refused(world, cli):
         assert error_line(result.output) == (f"error: {out}: another run (PID {holder.pid}) is writing it (lock "
                                              f"{pipeline.io.lock_path(out)}); wait for it to finish or stop it")
         assert not (out / "checkpoint.pt").exists()
-        result = cli("build-pools", "--cache", world["cache"], "--out", out, "--k", 2)
+        result = cli("build-pools", "--cache", world["cache"], "--out", out, "--neighbours", 2)
         assert result.exit_code == 2 and f"(PID {holder.pid})" in error_line(result.output)
     finally:
         holder.send_signal(signal.SIGKILL)

@@ -202,7 +202,7 @@ def pipeline_run(world, cli):
     cache, pools = root / "cache.h5", root / "pools"
     for args in (["extract-teacher", "--threads", 1, "--data", world["data"], "--teacher", teacher, "--out", cache,
                   "--device", "cpu", "--batch-size", 32],
-                 ["build-pools", "--cache", cache, "--out", pools, "--k", 4, "--m", 200]):
+                 ["build-pools", "--cache", cache, "--out", pools, "--neighbours", 4, "--hard-pairs", 200]):
         result = cli(*args)
         assert result.exit_code == 0, result.output
     (root / "teacher.pt").unlink()  # the cache must be enough: no teacher file exists any more
@@ -291,7 +291,7 @@ def test_cli_refuses_pools_of_another_teacher(world, pipeline_run, monkeypatch, 
     other_teacher = make_teacher(root / "other-teacher.pt", seed=7)
     other_cache, other_pools = root / "other-cache.h5", root / "other-pools"
     for args in (["extract-teacher", "--threads", 1, "--data", world["data"], "--teacher", other_teacher, "--out",
-                  other_cache, "--device", "cpu"], ["build-pools", "--cache", other_cache, "--out", other_pools, "--k", 4]):
+                  other_cache, "--device", "cpu"], ["build-pools", "--cache", other_cache, "--out", other_pools, "--neighbours", 4]):
         assert cli(*args).exit_code == 0
     forbid_teacher(monkeypatch)
     out = root / "wrong-pools"

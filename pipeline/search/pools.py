@@ -52,21 +52,23 @@ class CentreViews(Choice):
 class PoolsConfig:
     """The knobs of `pipeline build-pools`."""
 
-    k: int = setting(16, "Nearest identities kept per identity (by class-centre similarity).", min=1)
-    m: int = setting(100_000, "Most similar negative pairs kept (global, exact).", min=0)
+    neighbours: int = setting(16, "Nearest identities kept per identity (by class-centre similarity), for the "
+                                  "neighbours sampler.", min=1)
+    hard_pairs: int = setting(100_000, "Most similar negative image pairs kept (global, exact), for the hard-pairs "
+                                       "sampler.", min=0)
     centre_views: str = setting("original", "Views averaged into class centres: original or both (original + "
                                             "flipped).", choices=CentreViews)
     backend: str = setting("auto", "Search backend: auto, faiss, torch or numpy.", choices=Backend)
     block_rows: int = setting(4096, "Rows per block: peak memory ~ 3 x block_rows^2 x 4 B, plus N x D x 4 B for "
                                     "the embeddings.", min=1)
-    sample: int = setting(0, "Use a uniform sample of this many rows for the thresholds and negative pairs (when "
-                             "all N^2/2 pairs are too many); 0 = all rows.", min=0)
-    seed: int = setting(0, "Seed of --sample and of the threshold pilot.", min=0)
+    threshold_rows: int = setting(0, "Use a uniform sample of this many rows for the thresholds and negative pairs "
+                                     "(when all N^2/2 pairs are too many); 0 = all rows (exact).", min=0)
+    seed: int = setting(0, "Seed of --threshold-rows and of the threshold pilot.", min=0)
 
     def __post_init__(self):
         check(self)
-        if self.sample == 1:
-            raise PipelineError("--sample 1: need at least 2 rows (0 = all rows)")
+        if self.threshold_rows == 1:
+            raise PipelineError("--threshold-rows 1: need at least 2 rows (0 = all rows)")
 
 
 @dataclass
@@ -132,14 +134,15 @@ def build_pools(emb_views, labels: np.ndarray | None = None, num_classes: int | 
                 pilot_rows: int = 4096, progress: bool = False, **settings) -> PoolResults:
     """Everything in pools.h5 and thresholds.json, from an (N, V, D) array or a `TeacherCache`.
 
-    `config` (or PoolsConfig fields given by name) sets k, m, views, backend, block size and sampling.
+    `config` (or PoolsConfig fields given by name) sets the neighbours k, the hard pairs m, views, backend,
+    block size and row sampling.
     Centres average the L2-normalised `centre_views` ("original" or "both"); thresholds and negative pairs
     use `threshold_view`. k / m beyond what the data allows are clamped with a warning. Memory: N x D
-    float32 for the threshold view (or `sample` x D), plus block buffers.
+    float32 for the threshold view (or `threshold_rows` x D), plus block buffers.
     """
     cfg = replace(config, **settings) if config is not None else PoolsConfig(**settings)
-    k, m, centre_views, backend = cfg.k, cfg.m, cfg.centre_views, cfg.backend
-    block_rows, sample, seed = cfg.block_rows, cfg.sample or None, cfg.seed
+    k, m, centre_views, backend = cfg.neighbours, cfg.hard_pairs, cfg.centre_views, cfg.backend
+    block_rows, sample, seed = cfg.block_rows, cfg.threshold_rows or None, cfg.seed
     source = emb_views if hasattr(emb_views, "embeddings") else _ArraySource(emb_views, labels)
     labels = np.asarray(source.labels if labels is None else labels).reshape(-1).astype(np.int64)
     n = len(source)

@@ -12,6 +12,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from helpers.data import FACE_SIZE, MirroredFaces
 from pipeline.evaluation.curves import read_history
+from pipeline.losses.centres import AdaDistill
+from pipeline.losses.margin import MarginHead
 from pipeline.losses.registry import build_kd_loss
 from pipeline.models.model_file import safe_torch_load
 from pipeline.training.config import TrainConfig
@@ -19,7 +21,7 @@ from pipeline.training.distill import Distillation
 from pipeline.training.loop import train
 from pipeline.training import ddp
 from pipeline.training import step as training_step
-from pipeline.training.ddp import gather_kd_inputs, scale_for_ddp
+from pipeline.training.ddp import all_reduce_sum, gather_kd_inputs, scale_for_ddp
 from pipeline.training.distill import KDTerm
 
 EMBEDDING_DIM = 16
@@ -153,3 +155,29 @@ def run_kd_loss_case(name: str, rank: int = 0, world: int = 1) -> dict:
             for p in model.parameters():
                 p -= 0.5 * p.grad
     return {"losses": losses, "grads": grads, "state": dict(kd.state_dict())}
+
+
+def run_centre_case(rank: int = 0, world: int = 1) -> dict:
+    """AdaDistill through `Distillation.update_centres` and a centre-less margin head, on a linear student: this
+    rank's slice of each global batch; returns losses, gradients per step and the head's centres."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(KD_IN_DIM, KD_EMB_DIM).double()
+    head = MarginHead(5, KD_EMB_DIM, s=8.0, learn_centres=False).double()
+    distill = Distillation(targets=torch.zeros(1, 1, KD_EMB_DIM), head=AdaDistill())
+    net = DistributedDataParallel(model) if world > 1 else model
+    rows = slice(rank * KD_GLOBAL_BATCH // world, (rank + 1) * KD_GLOBAL_BATCH // world)
+    losses, grads = [], []
+    for step in range(KD_STEPS):
+        x, teacher, labels = _kd_batch(step)
+        student = net(x[rows])
+        distill.update_centres(head.weight, student.detach(), teacher[rows], labels[rows])
+        loss = head(student, labels[rows])  # DDP averages the ranks' gradients: the global batch's mean
+        model.zero_grad()
+        loss.backward()
+        losses.append(float(all_reduce_sum(loss.detach()) / world))
+        grads.append([p.grad.detach().clone() for p in model.parameters()])
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.5 * p.grad
+    return {"losses": losses, "grads": grads, "state": {"centres": head.weight.clone()}}
+

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from helpers.training import KD_LOSS_CASES, run_kd_loss_case
+from helpers.training import KD_LOSS_CASES, run_centre_case, run_kd_loss_case
 
 
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -13,6 +13,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         results = {name: run_kd_loss_case(name, rank, world) for name in KD_LOSS_CASES}
+        results["adadistill"] = run_centre_case(rank, world)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
