@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from pipeline.errors import PipelineError
 from pipeline.formats import open_face_source
 from pipeline.losses.config import KDConfig
 from pipeline.models import BackboneShape
@@ -29,11 +30,19 @@ def train_student(
     shape: BackboneShape,
 ):
     """Train a student against the teacher cache with EKD (or a KD baseline), reusing one cache for all."""
+    check_name(name)
     out = out or Path("data/students") / name
     source = open_face_source(data)
     cfg = run_config(train_cfg, shape, out, source)
     summary = run_student(cfg, source, kd, sampling, cache=cache, pools=pools)
     print_summary(out, summary)
+
+
+def check_name(name: str) -> None:
+    """A student name is one folder under data/students: '', '.', '..' or a separator would write elsewhere."""
+    if name.strip() in ("", ".", "..") or any(c in name for c in "/\\\0") or name != name.strip():
+        raise PipelineError(f"--name {name!r}: a student name must be a single folder name (no '/', '\\', "
+                            "'..', surrounding spaces or empty)")
 
 
 COMMANDS = {
