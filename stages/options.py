@@ -79,19 +79,56 @@ def _read_section(spec: str) -> dict:
     return node
 
 
-def _load_params(ctx: typer.Context, param, specs: list[str]) -> list[str]:
-    """Eager callback of --params: merge the sections into the context's default map."""
+def _params_callback(text_lists: frozenset) -> Callable:
+    """The eager callback of --params; `text_lists`: the options that take a YAML list as their
+    comma-separated text (e.g. lr_milestones)."""
+
+    def load(ctx: typer.Context, param: typer.CallbackParam, specs: list[str]) -> list[str]:
+        return _load_params(ctx, specs, text_lists)
+
+    return load
+
+
+def _load_params(ctx: typer.Context, specs: list[str], text_lists: frozenset) -> list[str]:
+    """Merge the --params sections into the context's default map."""
     if not specs or ctx.resilient_parsing:
         return specs
-    names = {p.name for p in ctx.command.params} - {"params"}
+    options = {p.name: p for p in ctx.command.params if p.name != "params"}
     defaults = dict(ctx.default_map or {})
     for spec in specs:
         for key, value in _read_section(spec).items():
-            if key not in names:
+            if key not in options:
                 raise typer.BadParameter(f"{spec}: {key!r} is not an option of this command")
-            defaults[key] = _as_text(value) if isinstance(value, (list, tuple)) else value
+            defaults[key] = _params_value(f"{spec}: {key}", value, options[key], key in text_lists)
     ctx.default_map = defaults
     return specs
+
+
+def _params_value(where: str, value: Any, option, text_list: bool) -> Any:
+    """A params.yaml value as the option's default, refused (naming file, section and key) where YAML's types
+    do not fit the option: the CLI's coercion would turn `true` into 1 epoch, or `null` into no value."""
+    annotation = getattr(getattr(option, "type_descriptor", None), "annotation", None)
+    if value is None:
+        if option.required or option.default is not None:
+            raise typer.BadParameter(f"{where}: null is not a value of this option (leave the key out for its "
+                                     "default)")
+        return None
+    if isinstance(value, (list, tuple)):
+        if not (text_list or option.multiple) or not all(_is_scalar(v) for v in value):
+            raise typer.BadParameter(f"{where}: {value!r} is a list; this option takes one value")
+        return _as_text(value) if text_list else list(value)
+    if not _is_scalar(value):
+        raise typer.BadParameter(f"{where}: a {type(value).__name__} is not a value of this option")
+    if annotation is bool and not isinstance(value, bool):
+        raise typer.BadParameter(f"{where}: {value!r} is not a boolean (true or false)")
+    if annotation is not bool and isinstance(value, bool):
+        kind = {int: "an integer", float: "a number", Path: "a path"}.get(annotation, "text")
+        raise typer.BadParameter(f"{where}: {str(value).lower()} is a boolean; this option takes {kind}")
+    return value
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (bool, int, float, str))
 
 
 def command(function: Callable, defaults: dict | None = None, **configs: type) -> Callable:
@@ -113,10 +150,11 @@ def command(function: Callable, defaults: dict | None = None, **configs: type) -
     unknown = set(defaults) - seen
     if unknown:
         raise TypeError(f"defaults for unknown options {sorted(unknown)}")
+    text_lists = frozenset(f.name for cls in configs.values() for f in cli_fields(cls) if f.metadata.get("cli_text"))
     params = inspect.Parameter(
         "params", inspect.Parameter.KEYWORD_ONLY, default=[],
         annotation=Annotated[list[str], typer.Option("--params", help=PARAMS_HELP, is_eager=True,
-                                                      callback=_load_params, metavar="FILE:SECTION")])
+                                                      callback=_params_callback(text_lists), metavar="FILE:SECTION")])
     signature = inspect.Signature(own + derived + [params])
 
     @functools.wraps(function)

@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from pipeline.errors import PipelineError
 from pipeline.formats.source import open_face_source
 from pipeline.losses.config import KDConfig
 from pipeline.models import BackboneShape
@@ -31,11 +32,19 @@ def train_student(
 ):
     """Train a student on the cached teacher targets (one cache for every student). Without KD or sampler options
     it trains the measured recipe (README, "Distillation quality"); --kd picks any method or combination."""
+    check_name(name)
     out = out or Path("data/students") / name
     source = open_face_source(data)
     cfg = run_config(train_cfg, shape, out, source)
     summary = run_student(cfg, source, kd, sampling, cache=cache, pools=pools)
     print_summary(out, summary)
+
+
+def check_name(name: str) -> None:
+    """A student name is one folder under data/students: '', '.', '..' or a separator would write elsewhere."""
+    if name.strip() in ("", ".", "..") or any(c in name for c in "/\\\0") or name != name.strip():
+        raise PipelineError(f"--name {name!r}: a student name must be a single folder name (no '/', '\\', "
+                            "'..', surrounding spaces or empty)")
 
 
 COMMANDS = {

@@ -102,3 +102,47 @@ def test_not_a_model_file_is_a_clear_error(tmp_path, cli):
     assert result.exit_code == 2
     assert f"{bogus}: not an ekd-pipeline-model file" in result.output
     assert not (tmp_path / "x.onnx").exists()
+
+
+def make_trained_like_run(folder):
+    """An mbf student shaped like a trained one: small BatchNorm variances blow the raw embeddings of random
+    inputs up to norms far above 1, as trained students' are (where an absolute tolerance refuses a correct
+    export)."""
+    torch.manual_seed(1)
+    model = get_model("mbf", **MODELS["mbf"])
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.running_var.uniform_(0.01, 0.02)
+    return save_model(folder / "model.pt", model.eval(), "mbf", MODELS["mbf"]), model
+
+
+def test_own_student_with_large_embeddings_is_accepted(tmp_path, cli):
+    model_path, model = make_trained_like_run(tmp_path)
+    with torch.no_grad():
+        norms = model(torch.rand(4, 3, SIZE, SIZE) * 2 - 1).norm(dim=1)
+    assert norms.min() > 1e3  # the regime where absolute differences of float32 rounding exceed 1e-4
+    result = cli("export", "--model", model_path, "--onnx", tmp_path / "x.onnx")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "x.onnx").is_file()
+
+
+def test_nan_weights_are_refused(tmp_path, cli):
+    torch.manual_seed(0)
+    model = get_model("mbf", **MODELS["mbf"])
+    with torch.no_grad():
+        next(model.parameters())[0].fill_(float("nan"))
+    model_path = save_model(tmp_path / "model.pt", model.eval(), "mbf", MODELS["mbf"])
+    result = cli("export", "--model", model_path, "--onnx", tmp_path / "x.onnx")
+    assert result.exit_code == 2, result.output
+    assert f"{model_path}: " in result.output and "NaN/inf" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+@pytest.mark.parametrize("tolerance", ["nan", "inf", "-1e-4"])
+def test_bad_tolerance_is_refused(tmp_path, cli, tolerance):
+    model_path = make_run(tmp_path, "mbf")
+    result = cli("export", "--model", model_path, "--onnx", tmp_path / "x.onnx", "--tolerance", tolerance)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [f"error: --tolerance {float(tolerance)}: must be a finite number >= 0"]
+    assert not (tmp_path / "x.onnx").exists()

@@ -30,9 +30,11 @@ from pipeline.models.loading import load_embedder
 from pipeline.models.model_file import load_model, safe_torch_load, save_model
 from pipeline.models.preprocess import to_tensor
 from pipeline.search.pool_files import load_pools
-from pipeline.training.sampling import config as sampling
+from pipeline.training.config import TrainConfig
 from pipeline.training.data import FlipAugment
-from pipeline.training.loop import Distillation, TrainConfig, train
+from pipeline.training.distill import Distillation
+from pipeline.training.loop import train
+from pipeline.training.sampling import config as sampling
 from pipeline.training.sampling.balanced import BalancedBatchSampler
 
 ROWS, CLASSES = 96, 8

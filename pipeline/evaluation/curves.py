@@ -3,9 +3,9 @@ evaluation curves of every model, and the KD diagnostics of the students (gradie
 embeddings, critical pairs per batch, the student's against the teacher's FPR thresholds)."""
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
+from pipeline.evaluation.readback import number, read_table
 from pipeline.io import atomic_path
 
 History = dict[str, tuple[list[int], list[float]]]
@@ -17,11 +17,17 @@ def read_history(live_dir: Path) -> History:
     out = {}
     root = Path(live_dir) / "plots" / "metrics"
     for path in sorted(root.rglob("*.tsv")):
-        with open(path, newline="") as handle:
-            rows = list(csv.DictReader(handle, delimiter="\t"))
+        rows = read_table(path, ("step", path.stem), delimiter="\t")
         name = path.relative_to(root).with_suffix("").as_posix()
-        out[name] = ([int(r["step"]) for r in rows], [float(r[path.stem]) for r in rows])
+        out[name] = ([int(number(path, f"line {i} step", _integer_text(r["step"]), 0, integer=True))
+                      for i, r in enumerate(rows, start=2)],
+                     [number(path, f"line {i} {path.stem}", r[path.stem]) for i, r in enumerate(rows, start=2)])
     return out
+
+
+def _integer_text(text: str):
+    """'12' as 12 (anything else stays as it is, for `number` to refuse by name)."""
+    return int(text) if text.strip().lstrip("-").isdigit() else text
 
 
 def run_folders(paths: list[Path]) -> list[Path]:

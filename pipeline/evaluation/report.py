@@ -3,7 +3,6 @@ the evaluation folders (metrics.json, roc.csv) that `evaluate` writes, plus an I
 `<target>.json` that `evaluate-ijb` wrote there."""
 from __future__ import annotations
 
-import csv
 import json
 import math
 from dataclasses import dataclass, field
@@ -12,8 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.errors import PipelineError
+from pipeline.errors import DataError, PipelineError
 from pipeline.evaluation.curves import plot_curves, plot_diagnostics
+from pipeline.evaluation.readback import number, read_json_object, read_table
 from pipeline.fpr import LEVEL_KEYS, REPORT_KEYS
 from pipeline.io import atomic_path, write_text_atomic
 
@@ -48,19 +48,41 @@ def load_result(run: Path, name: str, role: str) -> ModelResult:
     metrics_path = run / "metrics.json"
     if not metrics_path.is_file():
         raise PipelineError(f"{metrics_path}: missing (run `pipeline evaluate --out {run}` first)")
-    metrics = json.loads(metrics_path.read_text())
-    accuracy = {k: v["accuracy"] for k, v in metrics.items() if isinstance(v, dict) and "accuracy" in v}
-    test = metrics.get("test", {})
-    tpr = {k.split("=", 1)[1]: v for k, v in test.items() if k.startswith("tpr@fpr=")}
+    metrics = read_json_object(metrics_path)
+    accuracy = {k: number(metrics_path, f"{k}.accuracy", v["accuracy"], 0, 1) for k, v in metrics.items()
+                if isinstance(v, dict) and "accuracy" in v}
+    test = _section(metrics_path, metrics, "test")
+    tpr = {k.split("=", 1)[1]: number(metrics_path, f"test.{k}", v, 0, 1) for k, v in test.items()
+           if k.startswith("tpr@fpr=")}
     roc, thresholds = None, {}
     if (run / "roc.csv").is_file():
         roc = read_roc_csv(run / "roc.csv")
         thresholds = _thresholds_at(roc[0], read_roc_thresholds(run / "roc.csv")) if roc[0] else {}
         roc = roc if roc[0] else None  # header only: no test set
-    params = metrics.get("model", {}).get("params")
-    ijb = {target: json.loads((run / f"{target}.json").read_text()) for target in IJB_TARGETS
-           if (run / f"{target}.json").is_file()}
+    params = _section(metrics_path, metrics, "model").get("params")
+    if params is not None:
+        params = number(metrics_path, "model.params", params, 0, integer=True)
+    ijb = {target: _read_ijb(run / f"{target}.json") for target in IJB_TARGETS if (run / f"{target}.json").is_file()}
     return ModelResult(name, role, params, accuracy, tpr, thresholds, roc, ijb)
+
+
+def _section(path: Path, document: dict, key: str) -> dict:
+    value = document.get(key, {})
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: {key} is a {type(value).__name__}, expected an object")
+    return value
+
+
+def _read_ijb(path: Path) -> dict:
+    """evaluate-ijb's <target>.json, with the numbers the IJB table reads checked."""
+    result = read_json_object(path)
+    for key, value in result.items():
+        if key.startswith("tpr@fpr="):
+            number(path, key, value, 0, 1)
+    for key in ("images", "templates", "pairs", "positive_pairs", "negative_pairs"):
+        if key in result:
+            number(path, key, result[key], 0, integer=True)
+    return result
 
 
 def _thresholds_at(fpr: list[float], threshold: list[float]) -> dict[str, float]:
@@ -76,18 +98,15 @@ def _thresholds_at(fpr: list[float], threshold: list[float]) -> dict[str, float]
 
 def read_roc_csv(path: Path) -> tuple[list[float], list[float]]:
     """The (fpr, tpr) columns of a ROC CSV written by `evaluate` (empty lists for a header-only file)."""
-    rows = _roc_rows(path)
-    return [float(r["fpr"]) for r in rows], [float(r["tpr"]) for r in rows]
+    rows = read_table(path, ("fpr", "tpr"))
+    return ([number(path, f"line {i} fpr", r["fpr"], 0, 1) for i, r in enumerate(rows, start=2)],
+            [number(path, f"line {i} tpr", r["tpr"], 0, 1) for i, r in enumerate(rows, start=2)])
 
 
 def read_roc_thresholds(path: Path) -> list[float]:
-    """The score-threshold column of a ROC CSV."""
-    return [float(r["threshold"]) for r in _roc_rows(path)]
-
-
-def _roc_rows(path: Path) -> list[dict]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+    """The score-threshold column of a ROC CSV (+-inf allowed: a curve's end points)."""
+    return [number(path, f"line {i} threshold", r["threshold"], infinite=True)
+            for i, r in enumerate(read_table(path, ("threshold",)), start=2)]
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:

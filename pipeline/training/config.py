@@ -1,6 +1,7 @@
 """Every knob of one training run (teacher or student), declared once with its default, help and bounds."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -21,6 +22,27 @@ def parse_milestones(value) -> tuple[float, ...]:
         return tuple(float(x) for x in value)
     except (TypeError, ValueError):
         raise PipelineError(f"--lr-milestones: expected comma-separated epochs, got {value!r}") from None
+
+
+def check_milestones(milestones: tuple[float, ...], epochs: int) -> None:
+    """Positive, increasing epochs within the run: a milestone <= 0 would divide the LR from step 0."""
+    text = ",".join(f"{m:g}" for m in milestones)
+    if not all(math.isfinite(m) and 0 < m <= epochs for m in milestones):
+        raise PipelineError(f"--lr-milestones {text}: every milestone must be an epoch in (0, --epochs={epochs}]")
+    if any(b <= a for a, b in zip(milestones, milestones[1:])):
+        raise PipelineError(f"--lr-milestones {text}: milestones must be strictly increasing")
+
+
+# The largest margin that still leaves a loss to learn from: ArcFace's cos(theta + m) stops being monotonic
+# in theta past pi/2 (m = 10 gives loss 0); CosFace's cos(theta) - m puts every target logit below -1 at m >= 2.
+MARGIN_LIMITS = {"arcface": (math.pi / 2, "pi/2: cos(theta + m) must stay decreasing in theta"),
+                 "cosface": (2.0, "2: cos(theta) - m must stay above -1 for some angle")}
+
+
+def check_margin(margin: str, m: float | None) -> None:
+    limit, reason = MARGIN_LIMITS.get(str(margin), (math.inf, ""))
+    if m is not None and m >= limit:
+        raise PipelineError(f"--margin-m {m:g} (--margin {margin}): must be < {reason}")
 
 
 @dataclass
@@ -64,3 +86,5 @@ class TrainConfig:
     def __post_init__(self):
         self.lr_milestones = parse_milestones(self.lr_milestones)
         check(self)
+        check_milestones(self.lr_milestones, self.epochs)
+        check_margin(self.margin, self.margin_m)
