@@ -5,7 +5,8 @@ the suffix so that tools which derive names from the file stem, like torch.save,
 to disk, and renamed into place; on any failure the temporary is removed. A reader never sees a half-written
 file under a final name. Temporaries left by killed writers (their PID no longer runs) are removed by the
 next write of the same output. A full disk is reported as one line naming the file and how much was written.
-HDF5 artifacts are opened with one-line errors naming the file and its producer.
+Output locks and deletions never follow a symlink out of the output (`refuse_symlink`).
+HDF5 files are opened and written through `pipeline/hdf5.py`.
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Mapping
 
-import h5py
 import numpy as np
 
 from pipeline.errors import DataError, PipelineError
@@ -261,17 +261,6 @@ def array_sha256(*arrays: np.ndarray, digest=None) -> str:
     for array in arrays:
         digest.update(np.ascontiguousarray(array).view(np.uint8).reshape(-1))
     return digest.hexdigest()
-
-
-def open_artifact(path: str | os.PathLike, what: str, command: str) -> h5py.File:
-    """`path` opened read-only; a missing file names the `command` that writes it, a broken one says so."""
-    path = Path(path)
-    if not path.exists():
-        raise PipelineError(f"{path}: {what} not found (run `pipeline {command}` first)")
-    try:
-        return h5py.File(path, "r")
-    except OSError as error:
-        raise DataError(f"{path}: not a readable HDF5 {what} ({error})") from None
 
 
 def refuse_mismatch(path: str | os.PathLike, found: Mapping, expected: Mapping, problem: str, remedy: str) -> None:
