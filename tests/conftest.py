@@ -6,12 +6,29 @@ processes would oversubscribe them and make the suite many times slower. Numeric
 Helpers that are plain functions and classes live in tests/helpers (imported as `helpers`), code that runs in
 processes of its own in tests/workers.
 """
+from pathlib import Path
+
 import pytest
 import torch
 from helpers.data import write_random_faces
 from typer.testing import CliRunner
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_dir(tmp_path_factory):
+    """EKD_CACHE_DIR (labels files, remembered cache verifications) in a folder of this session, never the
+    user's ~/.cache; inherited by the CLI processes that tests start."""
+    import os
+
+    previous = os.environ.get("EKD_CACHE_DIR")
+    os.environ["EKD_CACHE_DIR"] = str(tmp_path_factory.mktemp("ekd-cache-dir"))
+    yield Path(os.environ["EKD_CACHE_DIR"])
+    if previous is None:
+        os.environ.pop("EKD_CACHE_DIR", None)
+    else:
+        os.environ["EKD_CACHE_DIR"] = previous
 
 
 @pytest.fixture(scope="session")
