@@ -86,6 +86,30 @@ def remove_stale_temporaries_under(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+# ------------------------------------------------------------------------------------ symlinks in outputs
+def refuse_symlink(path: str | os.PathLike, what: str) -> None:
+    """PipelineError when `path` is a symlink: an output the command writes, removes or empties must not lead
+    it to files elsewhere."""
+    if Path(path).is_symlink():
+        raise PipelineError(f"{path}: is a symlink to {os.readlink(path)}; refusing to write or delete {what} "
+                            "through it (remove the link, or give the real folder)")
+
+
+def refuse_symlinks_under(folder: str | os.PathLike, what: str) -> None:
+    """`refuse_symlink` for `folder` and everything in it (a folder a library empties or rewrites)."""
+    refuse_symlink(folder, what)
+    for root, dirs, files in os.walk(folder):  # does not descend into symlinked folders: they are reported
+        for name in dirs + files:
+            refuse_symlink(Path(root) / name, what)
+
+
+def remove_tree(folder: str | os.PathLike, what: str) -> None:
+    """Delete `folder`, a folder this pipeline wrote; a symlink in its place is refused (rmtree would fail on
+    it, and the caller would then write through it), links inside are removed as links."""
+    refuse_symlink(folder, what)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------------------- a full disk
 def is_disk_full(error: BaseException) -> bool:
     """True for ENOSPC / EDQUOT, also when a library (HDF5) only puts the errno into its message."""
@@ -153,6 +177,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     remove_stale_temporaries(path)
     tmp = temporary_name(path, suffix)
     try:
+        with disk_full_is_one_line(path):  # created here, never through a link planted under its name
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666))
         with disk_full_is_one_line(path, partial=tmp):
             yield tmp
             fsync_path(tmp)
@@ -214,6 +240,17 @@ def _holder(fd: int) -> str:
     return text if text.isdigit() else "unknown"
 
 
+def _open_lock(lock: Path, path: Path) -> int:
+    """The lock file, never through a symlink (its target would be truncated)."""
+    try:
+        return os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise PipelineError(f"{lock}: is a symlink; refusing to write the lock of {path} through it (remove "
+                                "the link)") from None
+        raise
+
+
 @contextlib.contextmanager
 def output_lock(path: str | os.PathLike) -> Iterator[Path]:
     """Hold the advisory lock of output `path` (a file or a folder) while writing it.
@@ -226,7 +263,7 @@ def output_lock(path: str | os.PathLike) -> Iterator[Path]:
     with disk_full_is_one_line(lock):
         lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock(lock, path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

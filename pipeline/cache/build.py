@@ -45,7 +45,7 @@ from pipeline.cache.worker import (
 from pipeline.devices import device_setting, resolve_device
 from pipeline.errors import DataError, PipelineError
 from pipeline.formats import open_face_source
-from pipeline.io import output_lock, refuse_mismatch
+from pipeline.io import output_lock, refuse_mismatch, refuse_symlink
 from pipeline.models import Arch
 from pipeline.models.loading import file_sha256, load_embedder
 from pipeline.models.preprocess import preprocessing_attrs
@@ -144,6 +144,7 @@ def _existing_cache_is_current(cfg: ExtractionConfig, wanted: dict, log: Callabl
 
 def _reusable_shards(cfg: ExtractionConfig, folder: Path, manifest: dict, log) -> list[Shard]:
     """Prepare the shard folder; return the planned shards that are already finished and valid."""
+    refuse_symlink(folder, "shards")
     existing = read_manifest(folder)
     if existing is not None and not cfg.overwrite:
         _refuse_mismatch(folder, existing, manifest)

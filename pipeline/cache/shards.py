@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -26,7 +25,7 @@ from pipeline.cache.contract import (
 )
 from pipeline.errors import DataError
 from pipeline.hdf5 import open_hdf5, write_hdf5
-from pipeline.io import array_sha256, write_text_atomic
+from pipeline.io import array_sha256, remove_tree, write_text_atomic
 
 MANIFEST = "manifest.json"
 SHARD_META = ("teacher_fingerprint", "dataset_fingerprint", "dim", "dtype")  # what every shard must agree on
@@ -157,4 +156,4 @@ def write_cache(out: Path, attrs: dict, parts: Iterable[tuple[int, np.ndarray, n
 
 
 def remove_shard_dir(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)
+    remove_tree(folder, "shards")
