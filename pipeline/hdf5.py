@@ -92,18 +92,32 @@ def _detach(fd: int) -> None:
         os.close(sink)
 
 
+METADATA_ROOM = 64 * 2**10  # reserved beyond the raw data for HDF5's own structures and the attributes
+
+
 @contextlib.contextmanager
-def write_hdf5(path: str | os.PathLike, suffix: str = "", **options) -> Iterator[h5py.File]:
+def write_hdf5(path: str | os.PathLike, suffix: str = "", data_bytes: int = 0, **options) -> Iterator[h5py.File]:
     """A new HDF5 file (h5py.File `options`) written to a temporary and renamed to `path` once it is complete,
     flushed and closed; on a failure nothing at `path` changes, a full disk is one line (io.atomic_path), and
-    HDF5 is left with no half-closed file."""
+    HDF5 is left with no half-closed file.
+
+    `data_bytes` (about what the datasets will hold) is claimed on the disk first (fallocate): a disk without
+    that room fails here, before HDF5 has buffered anything, and HDF5's later writes land in reserved blocks.
+    A flush that fails inside HDF5 leaves its metadata cache unable to flush again (the file can then never
+    be closed), so this is what keeps a full disk a clean error. The file is cut back to HDF5's own end once
+    closed: the reservation changes no byte."""
     with atomic_path(path, suffix=suffix) as tmp:
         handle = h5py.File(tmp, "w", **options)
         fd = handle.id.get_vfd_handle()
         try:
+            if data_bytes and hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, data_bytes + METADATA_ROOM + data_bytes // 100)
             yield handle
             handle.flush()  # what HDF5 buffered fails here, while the file can still be detached
+            end = handle.id.get_filesize()  # HDF5's end of file: the reserved blocks past it are given back
             handle.close()
+            if data_bytes:
+                os.truncate(tmp, end)
         except BaseException:
             if handle.id.valid:
                 _detach(fd)

@@ -6,6 +6,8 @@ processes would oversubscribe them and make the suite many times slower. Numeric
 Helpers that are plain functions and classes live in tests/helpers (imported as `helpers`), code that runs in
 processes of its own in tests/workers.
 """
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -49,3 +51,21 @@ def random_faces(tmp_path_factory):
     """The folder of helpers.data.write_random_faces' RecordIO set (16 classes x 3 random 16 x 16 JPEGs, a
     header layout), written once for the session. Read it; do not write into it."""
     return write_random_faces(tmp_path_factory.mktemp("random-faces"))
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A 64 KiB tmpfs (`remount(size)` makes room); skipped where this process may not mount."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                                                        capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root); the patched-writer tests cover the same code")
+
+    def remount(size: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(mount)], check=True)
+
+    try:
+        yield mount, remount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)

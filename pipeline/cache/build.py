@@ -52,6 +52,10 @@ from pipeline.models.preprocess import preprocessing_attrs
 from pipeline.settings import check, setting
 
 FLIP = "horizontal"
+# Settings a user changes on purpose (e.g. --dtype float32, as a float16 overflow advises): shards made with
+# another value cannot be part of this cache, so they are discarded (a rerun just works) instead of refused;
+# another teacher or dataset is still refused (a mistyped path must not cost hours of finished shards)
+REDONE_ON_CHANGE = ("dtype", "shard_size")
 
 
 @dataclass
@@ -147,7 +151,12 @@ def _reusable_shards(cfg: ExtractionConfig, folder: Path, manifest: dict, log) -
     refuse_symlink(folder, "shards")
     existing = read_manifest(folder)
     if existing is not None and not cfg.overwrite:
-        _refuse_mismatch(folder, existing, manifest)
+        _refuse_mismatch(folder, {k: v for k, v in existing.items() if k not in REDONE_ON_CHANGE}, manifest)
+        changed = [f"{name} {existing.get(name)} (now {manifest[name]})" for name in REDONE_ON_CHANGE
+                   if existing.get(name) != manifest[name]]
+        if changed:
+            log(f"{folder}: discarding the shards of an earlier run with {', '.join(changed)}")
+            existing = None
     if existing is None or cfg.overwrite:
         remove_shard_dir(folder)
     write_manifest(folder, manifest)

@@ -84,7 +84,7 @@ def write_shard(shard: Shard, embeddings: np.ndarray, labels: np.ndarray, keys: 
     expected = (shard.rows, len(VIEW_NAMES), int(meta["dim"]))
     if embeddings.shape != expected or embeddings.dtype.name != meta["dtype"]:
         raise ValueError(f"shard {shard.index}: embeddings {embeddings.shape} {embeddings.dtype}, expected {expected}")
-    with write_hdf5(shard.path) as handle:
+    with write_hdf5(shard.path, data_bytes=embeddings.nbytes + 16 * shard.rows) as handle:
         handle.create_dataset("embeddings", data=embeddings, track_times=False)
         handle.create_dataset("labels", data=np.asarray(labels, np.int64), track_times=False)
         handle.create_dataset("keys", data=np.asarray(keys, np.int64), track_times=False)
@@ -137,7 +137,8 @@ def write_cache(out: Path, attrs: dict, parts: Iterable[tuple[int, np.ndarray, n
     parts give the same bytes, and the array can be memory-mapped at its file offset (`cache/mapped.py`).
     """
     rows, dim, dtype = int(attrs["rows"]), int(attrs["dim"]), attrs["dtype"]
-    with write_hdf5(out, track_order=True) as handle:  # attribute order readable: `complete` last
+    data_bytes = rows * (len(VIEW_NAMES) * dim * np.dtype(dtype).itemsize + 16)
+    with write_hdf5(out, data_bytes=data_bytes, track_order=True) as handle:  # attribute order: `complete` last
         embeddings = handle.create_dataset(
             "embeddings", shape=(rows, len(VIEW_NAMES), dim), dtype=dtype, track_times=False
         )

@@ -108,7 +108,7 @@ def extract_features(embedder, paths: IjbPaths, meta: IjbMeta, out: Path, key: d
     size, n = embedder.input_size, len(meta.names)
     crops = AlignedCrops(paths, meta, alignment_matrices(paths, meta, size), size)
     loader = DataLoader(crops, batch_size=batch_size, num_workers=workers)
-    with write_hdf5(out, suffix=".h5") as handle:
+    with write_hdf5(out, suffix=".h5", data_bytes=n * 2 * embedder.dim * 4) as handle:
         features = handle.create_dataset("features", (n, 2, embedder.dim), np.float32,
                                          chunks=(min(n, 1024), 2, embedder.dim))
         pending = None

@@ -231,7 +231,7 @@ def write_pools(out_dir: str | os.PathLike, results: PoolResults) -> tuple[Path,
     out.mkdir(parents=True, exist_ok=True)
     pools_path, thresholds_path = out / "pools.h5", out / "thresholds.json"
     document = json.dumps(thresholds_document(results.thresholds), indent=2, allow_nan=False) + "\n"
-    with write_hdf5(pools_path) as handle:
+    with write_hdf5(pools_path, data_bytes=sum(getattr(results, name).nbytes for name in DATASETS)) as handle:
         for name in DATASETS:
             handle.create_dataset(name, data=getattr(results, name))
         for name, value in results.attrs.items():
