@@ -50,7 +50,10 @@ def _outside_reference(handle: h5py.File) -> str | None:
 
 def check_self_contained(handle: h5py.File, path: str | os.PathLike) -> None:
     """DataError naming `path` and the object when the file links to, or stores data in, another file."""
-    problem = _outside_reference(handle)
+    try:
+        problem = _outside_reference(handle)
+    except (RuntimeError, KeyError, ValueError, OSError) as error:  # a torn file: HDF5 cannot walk its objects
+        raise DataError(f"{path}: not a readable HDF5 file ({error})") from None
     if problem is not None:
         raise DataError(f"{path}: {problem}; refusing to read data from outside the file")
 
