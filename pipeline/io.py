@@ -5,7 +5,8 @@ the suffix so that tools which derive names from the file stem, like torch.save,
 to disk, and renamed into place; on any failure the temporary is removed. A reader never sees a half-written
 file under a final name. Temporaries left by killed writers (their PID no longer runs) are removed by the
 next write of the same output. A full disk is reported as one line naming the file and how much was written.
-HDF5 artifacts are opened with one-line errors naming the file and its producer.
+Output locks and deletions never follow a symlink out of the output (`refuse_symlink`).
+HDF5 files are opened and written through `pipeline/hdf5.py`.
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Mapping
 
-import h5py
 import numpy as np
 
 from pipeline.errors import DataError, PipelineError
@@ -84,6 +84,30 @@ def remove_stale_temporaries_under(folder: str | os.PathLike) -> list[Path]:
             _remove(candidate)
             removed.append(candidate)
     return removed
+
+
+# ------------------------------------------------------------------------------------ symlinks in outputs
+def refuse_symlink(path: str | os.PathLike, what: str) -> None:
+    """PipelineError when `path` is a symlink: an output the command writes, removes or empties must not lead
+    it to files elsewhere."""
+    if Path(path).is_symlink():
+        raise PipelineError(f"{path}: is a symlink to {os.readlink(path)}; refusing to write or delete {what} "
+                            "through it (remove the link, or give the real folder)")
+
+
+def refuse_symlinks_under(folder: str | os.PathLike, what: str) -> None:
+    """`refuse_symlink` for `folder` and everything in it (a folder a library empties or rewrites)."""
+    refuse_symlink(folder, what)
+    for root, dirs, files in os.walk(folder):  # does not descend into symlinked folders: they are reported
+        for name in dirs + files:
+            refuse_symlink(Path(root) / name, what)
+
+
+def remove_tree(folder: str | os.PathLike, what: str) -> None:
+    """Delete `folder`, a folder this pipeline wrote; a symlink in its place is refused (rmtree would fail on
+    it, and the caller would then write through it), links inside are removed as links."""
+    refuse_symlink(folder, what)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------- a full disk
@@ -153,6 +177,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     remove_stale_temporaries(path)
     tmp = temporary_name(path, suffix)
     try:
+        with disk_full_is_one_line(path):  # created here, never through a link planted under its name
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666))
         with disk_full_is_one_line(path, partial=tmp):
             yield tmp
             fsync_path(tmp)
@@ -214,6 +240,17 @@ def _holder(fd: int) -> str:
     return text if text.isdigit() else "unknown"
 
 
+def _open_lock(lock: Path, path: Path) -> int:
+    """The lock file, never through a symlink (its target would be truncated)."""
+    try:
+        return os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise PipelineError(f"{lock}: is a symlink; refusing to write the lock of {path} through it (remove "
+                                "the link)") from None
+        raise
+
+
 @contextlib.contextmanager
 def output_lock(path: str | os.PathLike) -> Iterator[Path]:
     """Hold the advisory lock of output `path` (a file or a folder) while writing it.
@@ -226,7 +263,7 @@ def output_lock(path: str | os.PathLike) -> Iterator[Path]:
     with disk_full_is_one_line(lock):
         lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock(lock, path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -261,17 +298,6 @@ def array_sha256(*arrays: np.ndarray, digest=None) -> str:
     for array in arrays:
         digest.update(np.ascontiguousarray(array).view(np.uint8).reshape(-1))
     return digest.hexdigest()
-
-
-def open_artifact(path: str | os.PathLike, what: str, command: str) -> h5py.File:
-    """`path` opened read-only; a missing file names the `command` that writes it, a broken one says so."""
-    path = Path(path)
-    if not path.exists():
-        raise PipelineError(f"{path}: {what} not found (run `pipeline {command}` first)")
-    try:
-        return h5py.File(path, "r")
-    except OSError as error:
-        raise DataError(f"{path}: not a readable HDF5 {what} ({error})") from None
 
 
 def refuse_mismatch(path: str | os.PathLike, found: Mapping, expected: Mapping, problem: str, remedy: str) -> None:

@@ -28,11 +28,15 @@ def extract_teacher(cfg: ExtractionConfig, cluster: ClusterConfig) -> None:
         client.close()
 
 
-def cache_info_command(path: Path = typer.Argument(..., help="A teacher cache written by extract-teacher.")) -> None:
+def cache_info_command(
+    path: Path = typer.Argument(..., help="A teacher cache written by extract-teacher."),
+    recheck: Annotated[bool, typer.Option("--recheck", help="Read the whole file against its checksums even if "
+                                          "this version of it was verified before.")] = False,
+) -> None:
     """Print a teacher cache's shape, provenance and embedding-norm statistics as JSON (or the progress of an
-    interrupted extraction)."""
+    interrupted extraction); its checksums are verified first."""
     try:
-        cache = TeacherCache.open(path)
+        cache = TeacherCache.open(path, recheck=recheck)
     except PipelineError:
         progress = shard_progress(path)
         if progress is None:

@@ -6,6 +6,7 @@ and a sample of the others run `python -m pipeline` in a process of its own, as 
 """
 from __future__ import annotations
 
+import hashlib
 import shutil
 import warnings
 
@@ -69,6 +70,7 @@ def files(tmp_path_factory):
         embeddings = f["embeddings"][()]
         embeddings[5, 1, 3] = np.nan
         f["embeddings"][...] = embeddings
+        f.attrs["embeddings_sha256"] = hashlib.sha256(embeddings.tobytes()).hexdigest()  # written so: not damage
     with h5py.File(caches["complete-no"], "a") as f:
         f.attrs["complete"] = "no"
     with h5py.File(caches["shifted"], "a") as f:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import errno
 import io
 import os
-import shutil
 import signal
-import subprocess
 
 import pytest
 import torch
@@ -122,24 +120,6 @@ def test_training_on_a_full_disk_fails_in_one_line_and_reruns_once_there_is_spac
     result = cli(*args)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "run" / "model.pt").exists() and not list((tmp_path / "run").glob("*.tmp-*"))
-
-
-@pytest.fixture
-def tmpfs(tmp_path):
-    """A 64 KiB tmpfs (`remount(size)` makes room); skipped where this process may not mount."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
-                                                        capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root); the patched-writer tests cover the same code")
-
-    def remount(size: str) -> None:
-        subprocess.run(["mount", "-o", f"remount,size={size}", str(mount)], check=True)
-
-    try:
-        yield mount, remount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_a_really_full_disk_then_a_rerun_with_room(random_faces, tmpfs):

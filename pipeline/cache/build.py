@@ -45,13 +45,17 @@ from pipeline.cache.worker import (
 from pipeline.devices import device_setting, resolve_device
 from pipeline.errors import DataError, PipelineError
 from pipeline.formats.source import open_face_source
-from pipeline.io import output_lock, refuse_mismatch
+from pipeline.io import output_lock, refuse_mismatch, refuse_symlink
 from pipeline.models import Arch
 from pipeline.models.loading import file_sha256, load_embedder
 from pipeline.models.preprocess import preprocessing_attrs
 from pipeline.settings import check, setting
 
 FLIP = "horizontal"
+# Settings a user changes on purpose (e.g. --dtype float32, as a float16 overflow advises): shards made with
+# another value cannot be part of this cache, so they are discarded (a rerun just works) instead of refused;
+# another teacher or dataset is still refused (a mistyped path must not cost hours of finished shards)
+REDONE_ON_CHANGE = ("dtype", "shard_size")
 
 
 @dataclass
@@ -144,9 +148,15 @@ def _existing_cache_is_current(cfg: ExtractionConfig, wanted: dict, log: Callabl
 
 def _reusable_shards(cfg: ExtractionConfig, folder: Path, manifest: dict, log) -> list[Shard]:
     """Prepare the shard folder; return the planned shards that are already finished and valid."""
+    refuse_symlink(folder, "shards")
     existing = read_manifest(folder)
     if existing is not None and not cfg.overwrite:
-        _refuse_mismatch(folder, existing, manifest)
+        _refuse_mismatch(folder, {k: v for k, v in existing.items() if k not in REDONE_ON_CHANGE}, manifest)
+        changed = [f"{name} {existing.get(name)} (now {manifest[name]})" for name in REDONE_ON_CHANGE
+                   if existing.get(name) != manifest[name]]
+        if changed:
+            log(f"{folder}: discarding the shards of an earlier run with {', '.join(changed)}")
+            existing = None
     if existing is None or cfg.overwrite:
         remove_shard_dir(folder)
     write_manifest(folder, manifest)

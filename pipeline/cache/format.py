@@ -1,7 +1,8 @@
 """The validating reader of the teacher-embedding cache (HDF5); the on-disk contract is `contract.py`.
 
-Opening checks the labels and keys against their checksums (an edited or shifted label column is refused);
-the embeddings checksum makes the cache's `fingerprint`. The writer lives in `shards.py` / `build.py`.
+Opening checks the labels and keys against their checksums (an edited or shifted label column is refused),
+and the embeddings against theirs once per version of the file (`verify.py`); the checksums are part of the
+cache's `fingerprint`. The writer lives in `shards.py` / `build.py`.
 
 `embeddings` is written contiguous and uncompressed, so training processes map it at its file offset and
 share one copy per machine (`mapped.py`, `TeacherCache.to_torch`); chunked caches are read into RAM.
@@ -27,8 +28,10 @@ from pipeline.cache.contract import (
     is_marked_complete,
 )
 from pipeline.cache.mapped import Layout, convert_hint, inspect_layout, map_embeddings
+from pipeline.cache.verify import verify_embeddings
 from pipeline.errors import DataError, PipelineError
-from pipeline.io import array_sha256, open_artifact, refuse_mismatch
+from pipeline.hdf5 import open_artifact
+from pipeline.io import array_sha256, refuse_mismatch
 
 
 def _plain(value):
@@ -61,8 +64,11 @@ class TeacherCache:
 
     # ------------------------------------------------------------------ opening and validation
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "TeacherCache":
-        """Open and validate `path`; PipelineError/DataError naming the file if it breaks the contract."""
+    def open(cls, path: str | os.PathLike, verify: bool = True, recheck: bool = False) -> "TeacherCache":
+        """Open and validate `path`; PipelineError/DataError naming the file if it breaks the contract.
+
+        `verify`: the embeddings checksum too (`verify.py`: read once per version of the file, remembered;
+        `recheck` reads it even when remembered)."""
         path = Path(path)
         with open_artifact(path, "teacher cache", "extract-teacher") as handle:
             missing = [name for name in DATASETS if name not in handle]
@@ -81,9 +87,17 @@ class TeacherCache:
             cache.keys = handle["keys"][()].astype(np.int64, copy=False)
         for name in ("labels", "keys"):
             if array_sha256(getattr(cache, name)) != attrs[f"{name}_sha256"]:
-                raise DataError(f"{path}: dataset {name!r} does not match its checksum (edited or corrupted); "
-                                "rebuild it with `pipeline extract-teacher --overwrite`")
+                raise cache.checksum_error(name)
+        if verify:
+            try:
+                verify_embeddings(cache, recheck=recheck)
+            finally:
+                cache.close()  # the handle the streaming read opened: reopened per process when needed
         return cache
+
+    def checksum_error(self, name: str) -> DataError:
+        return DataError(f"{self.path}: dataset {name!r} does not match its checksum (edited or corrupted); "
+                         "rebuild it with `pipeline extract-teacher --overwrite`")
 
     def _validate_shapes(self, handle: h5py.File) -> None:
         if self.attrs["format_version"] != FORMAT_VERSION:

@@ -7,14 +7,13 @@ on which runs, workers or interruptions produced them (what the shards' own byte
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-import h5py
 import numpy as np
 
 from pipeline.cache.contract import (
@@ -24,7 +23,9 @@ from pipeline.cache.contract import (
     mark_complete,
     write_attrs,
 )
-from pipeline.io import array_sha256, atomic_path, write_text_atomic
+from pipeline.errors import DataError
+from pipeline.hdf5 import open_hdf5, write_hdf5
+from pipeline.io import array_sha256, remove_tree, write_text_atomic
 
 MANIFEST = "manifest.json"
 SHARD_META = ("teacher_fingerprint", "dataset_fingerprint", "dim", "dtype")  # what every shard must agree on
@@ -83,19 +84,18 @@ def write_shard(shard: Shard, embeddings: np.ndarray, labels: np.ndarray, keys: 
     expected = (shard.rows, len(VIEW_NAMES), int(meta["dim"]))
     if embeddings.shape != expected or embeddings.dtype.name != meta["dtype"]:
         raise ValueError(f"shard {shard.index}: embeddings {embeddings.shape} {embeddings.dtype}, expected {expected}")
-    with atomic_path(shard.path) as tmp:
-        with h5py.File(tmp, "w") as handle:
-            handle.create_dataset("embeddings", data=embeddings, track_times=False)
-            handle.create_dataset("labels", data=np.asarray(labels, np.int64), track_times=False)
-            handle.create_dataset("keys", data=np.asarray(keys, np.int64), track_times=False)
-            write_attrs(handle, {"start": shard.start, "stop": shard.stop, **{k: meta[k] for k in SHARD_META}})
-            mark_complete(handle)
+    with write_hdf5(shard.path, data_bytes=embeddings.nbytes + 16 * shard.rows) as handle:
+        handle.create_dataset("embeddings", data=embeddings, track_times=False)
+        handle.create_dataset("labels", data=np.asarray(labels, np.int64), track_times=False)
+        handle.create_dataset("keys", data=np.asarray(keys, np.int64), track_times=False)
+        write_attrs(handle, {"start": shard.start, "stop": shard.stop, **{k: meta[k] for k in SHARD_META}})
+        mark_complete(handle)
 
 
 def shard_is_valid(shard: Shard, meta: dict) -> bool:
     """True if the shard file exists, is complete, covers its range and came from this teacher/dataset."""
     try:
-        with h5py.File(shard.path, "r") as handle:
+        with open_hdf5(shard.path) as handle:
             attrs = handle.attrs
             return (
                 is_marked_complete(handle)
@@ -105,7 +105,7 @@ def shard_is_valid(shard: Shard, meta: dict) -> bool:
                 and handle["embeddings"].shape == (shard.rows, len(VIEW_NAMES), int(meta["dim"]))
                 and handle["labels"].shape == handle["keys"].shape == (shard.rows,)
             )
-    except (OSError, KeyError):  # missing, truncated or foreign file: redo it
+    except (OSError, KeyError, DataError):  # missing, truncated, foreign or linking outside: redo it
         return False
 
 
@@ -122,10 +122,11 @@ def assemble(out: Path, shards: list[Shard], attrs: dict) -> None:
 
     def parts():
         for shard in shards:
-            with h5py.File(shard.path, "r") as part:
+            with open_hdf5(shard.path) as part:
                 yield shard.start, part["embeddings"][()], part["labels"][()], part["keys"][()]
 
-    write_cache(out, attrs, parts())
+    with contextlib.closing(parts()) as iterator:  # a failed write closes the shard being read at once
+        write_cache(out, attrs, iterator)
 
 
 def write_cache(out: Path, attrs: dict, parts: Iterable[tuple[int, np.ndarray, np.ndarray, np.ndarray]]) -> None:
@@ -136,24 +137,24 @@ def write_cache(out: Path, attrs: dict, parts: Iterable[tuple[int, np.ndarray, n
     parts give the same bytes, and the array can be memory-mapped at its file offset (`cache/mapped.py`).
     """
     rows, dim, dtype = int(attrs["rows"]), int(attrs["dim"]), attrs["dtype"]
-    with atomic_path(out) as tmp:
-        with h5py.File(tmp, "w", track_order=True) as handle:  # attribute order readable: `complete` last
-            embeddings = handle.create_dataset(
-                "embeddings", shape=(rows, len(VIEW_NAMES), dim), dtype=dtype, track_times=False
-            )
-            labels = handle.create_dataset("labels", shape=(rows,), dtype=np.int64, track_times=False)
-            keys = handle.create_dataset("keys", shape=(rows,), dtype=np.int64, track_times=False)
-            targets = {"embeddings": embeddings, "labels": labels, "keys": keys}
-            digests = {name: hashlib.sha256() for name in DATASETS}
-            for start, *arrays in parts:
-                stop = start + len(arrays[0])
-                for name, array in zip(DATASETS, arrays):
-                    values = np.ascontiguousarray(array, dtype=targets[name].dtype)
-                    targets[name][start:stop] = values
-                    array_sha256(values, digest=digests[name])
-            write_attrs(handle, {**attrs, **{f"{name}_sha256": digests[name].hexdigest() for name in DATASETS}})
-            mark_complete(handle)
+    data_bytes = rows * (len(VIEW_NAMES) * dim * np.dtype(dtype).itemsize + 16)
+    with write_hdf5(out, data_bytes=data_bytes, track_order=True) as handle:  # attribute order: `complete` last
+        embeddings = handle.create_dataset(
+            "embeddings", shape=(rows, len(VIEW_NAMES), dim), dtype=dtype, track_times=False
+        )
+        labels = handle.create_dataset("labels", shape=(rows,), dtype=np.int64, track_times=False)
+        keys = handle.create_dataset("keys", shape=(rows,), dtype=np.int64, track_times=False)
+        targets = {"embeddings": embeddings, "labels": labels, "keys": keys}
+        digests = {name: hashlib.sha256() for name in DATASETS}
+        for start, *arrays in parts:
+            stop = start + len(arrays[0])
+            for name, array in zip(DATASETS, arrays):
+                values = np.ascontiguousarray(array, dtype=targets[name].dtype)
+                targets[name][start:stop] = values
+                array_sha256(values, digest=digests[name])
+        write_attrs(handle, {**attrs, **{f"{name}_sha256": digests[name].hexdigest() for name in DATASETS}})
+        mark_complete(handle)
 
 
 def remove_shard_dir(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)
+    remove_tree(folder, "shards")

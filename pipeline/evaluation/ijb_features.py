@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Iterator
 
 import cv2
-import h5py
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -31,7 +30,7 @@ from pipeline.evaluation.alignment import (
 )
 from pipeline.formats.ijb import IjbMeta, IjbPaths
 from pipeline.formats.jpeg import JPEG_SOI
-from pipeline.io import atomic_path
+from pipeline.hdf5 import open_hdf5, write_hdf5
 from pipeline.models.preprocess import forward_views, prepare_teacher
 
 FORMAT = "ekd-ijb-features"
@@ -109,7 +108,7 @@ def extract_features(embedder, paths: IjbPaths, meta: IjbMeta, out: Path, key: d
     size, n = embedder.input_size, len(meta.names)
     crops = AlignedCrops(paths, meta, alignment_matrices(paths, meta, size), size)
     loader = DataLoader(crops, batch_size=batch_size, num_workers=workers)
-    with atomic_path(out, suffix=".h5") as tmp, h5py.File(tmp, "w") as handle:
+    with write_hdf5(out, suffix=".h5", data_bytes=n * 2 * embedder.dim * 4) as handle:
         features = handle.create_dataset("features", (n, 2, embedder.dim), np.float32,
                                          chunks=(min(n, 1024), 2, embedder.dim))
         pending = None
@@ -146,10 +145,10 @@ def cached_features(path: Path, key: dict, images: int) -> bool:
     if not path.is_file():
         return False
     try:
-        with h5py.File(path, "r") as handle:
+        with open_hdf5(path) as handle:  # a feature file that reaches outside itself raises DataError
             attrs = dict(handle.attrs)
             rows = handle["features"].shape[0] if "features" in handle else -1
-    except OSError:
+    except (OSError, DataError):  # unreadable, or linking outside itself: recomputed and replaced
         return False
     same = all(str(attrs.get(name)) == str(value) for name, value in key.items())
     return bool(attrs.get("complete")) and same and rows == images
@@ -157,7 +156,7 @@ def cached_features(path: Path, key: dict, images: int) -> bool:
 
 def read_features(path: Path, rows: int = READ_ROWS) -> Iterator[tuple[int, np.ndarray]]:
     """`(start, (n, 2, D) float32)` blocks of a feature file, in row order."""
-    with h5py.File(path, "r") as handle:
+    with open_hdf5(path) as handle:
         features = handle["features"]
         for start in range(0, features.shape[0], rows):
             yield start, features[start:start + rows]

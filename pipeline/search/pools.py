@@ -20,12 +20,12 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import h5py
 import numpy as np
 from tqdm import tqdm
 
 from pipeline.errors import DataError, PipelineError
-from pipeline.io import atomic_path, write_text_atomic
+from pipeline.hdf5 import write_hdf5
+from pipeline.io import write_text_atomic
 from pipeline.search.backends import Backend
 from pipeline.search.knn import accumulate_centres, normalise_centres
 from pipeline.search.pool_files import DATASETS, FORMAT_VERSION, sha256_hex
@@ -233,13 +233,12 @@ def write_pools(out_dir: str | os.PathLike, results: PoolResults) -> tuple[Path,
     out.mkdir(parents=True, exist_ok=True)
     pools_path, thresholds_path = out / "pools.h5", out / "thresholds.json"
     document = json.dumps(thresholds_document(results.thresholds), indent=2, allow_nan=False) + "\n"
-    with atomic_path(pools_path) as tmp:
-        with h5py.File(tmp, "w") as handle:
-            for name in DATASETS:
-                handle.create_dataset(name, data=getattr(results, name))
-            for name, value in results.attrs.items():
-                handle.attrs[name] = value
-            handle.attrs["thresholds_json_sha256"] = sha256_hex(document.encode())
-            handle.attrs["complete"] = True  # last: readers trust nothing without it
+    with write_hdf5(pools_path, data_bytes=sum(getattr(results, name).nbytes for name in DATASETS)) as handle:
+        for name in DATASETS:
+            handle.create_dataset(name, data=getattr(results, name))
+        for name, value in results.attrs.items():
+            handle.attrs[name] = value
+        handle.attrs["thresholds_json_sha256"] = sha256_hex(document.encode())
+        handle.attrs["complete"] = True  # last: readers trust nothing without it
         write_text_atomic(thresholds_path, document)  # a kill from here on leaves a pair check_pair refuses
     return pools_path, thresholds_path

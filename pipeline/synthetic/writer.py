@@ -45,7 +45,7 @@ from pipeline.errors import PipelineError
 from pipeline.formats.jpeg import encode_jpeg
 from pipeline.formats.recordio import write_face_recordio
 from pipeline.formats.verification_bin import write_verification_bin
-from pipeline.io import disk_full_is_one_line, output_lock, temporary_name
+from pipeline.io import disk_full_is_one_line, output_lock, refuse_symlink, temporary_name
 from pipeline.settings import check, setting
 from pipeline.synthetic.identity import Identity, draw_nuisance
 from pipeline.synthetic.ijb import TARGET as IJB_TARGET
@@ -197,6 +197,41 @@ def _ijb_digests(work: Path) -> dict[str, str]:
     return out
 
 
+def _written_ijb(out_dir: Path) -> bool:
+    """Whether `out_dir/ijb` holds exactly the IJB set the last complete run recorded in synthetic.json: only
+    its folders and regular files, no link, the same digests."""
+    try:
+        recorded = json.loads((out_dir / "synthetic.json").read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    root = out_dir / "ijb"
+    folders = {root, root / IJB_TARGET, root / IJB_TARGET / "meta", root / IJB_TARGET / "loose_crop"}
+    for parent, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(parent) / name
+            if path.is_symlink() or (name in dirs and path not in folders) or \
+                    (name in files and Path(parent) not in folders - {root, root / IJB_TARGET}):
+                return False
+    expected = {name: digest for name, digest in recorded.items() if name.startswith("ijb/")}
+    return bool(expected) and _ijb_digests(out_dir) == expected
+
+
+def _remove_previous_ijb(out_dir: Path) -> None:
+    """Clear the way for this run's IJB set: an empty folder, or the set a previous run wrote (unchanged).
+    Anything else in `out_dir/ijb` is not this command's to delete: refused before any work is done."""
+    folder = out_dir / "ijb"
+    if not os.path.lexists(folder):
+        return
+    refuse_symlink(folder, "the IJB set")
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+    elif folder.is_dir() and _written_ijb(out_dir):
+        shutil.rmtree(folder)
+    else:
+        raise PipelineError(f"{folder}: holds files synthesize did not write (or changed since); move them away "
+                            "or choose another output folder, then rerun")
+
+
 def _labelled_images(tasks: list[RenderTask], workers: int, desc: str) -> Iterator[tuple[bytes, int]]:
     """Render tasks in order, yielding (jpeg, identity) with a progress bar."""
     with tqdm(total=sum(len(t.items) for t in tasks), desc=desc, unit="img", disable=None) as bar:
@@ -242,6 +277,7 @@ def _synthesize(out_dir: Path, cfg: SyntheticConfig, args: dict) -> dict:
     difficulty, val_identities, val_pairs = cfg.difficulty, cfg.val_identities, cfg.val_pairs
     test_identities, test_images_per_identity = cfg.test_identities, cfg.test_images_per_identity
     long_tail, workers = cfg.long_tail, cfg.workers
+    _remove_previous_ijb(out_dir)
     (out_dir / "synthetic.json").unlink(missing_ok=True)  # the folder is incomplete until we finish
     work = temporary_name(out_dir / "synthetic")  # a folder; output_lock removed those of killed runs
     work.mkdir()
@@ -290,7 +326,9 @@ def _synthesize(out_dir: Path, cfg: SyntheticConfig, args: dict) -> dict:
             os.replace(work / name, out_dir / name)
         if ijb:
             summary["files"].update(_ijb_digests(work))
-            shutil.rmtree(out_dir / "ijb", ignore_errors=True)
+            if os.path.lexists(out_dir / "ijb"):  # appeared while this run worked: not ours to replace
+                raise PipelineError(f"{out_dir / 'ijb'}: created by something else during this run; move it away "
+                                    "and rerun")
             os.replace(work / "ijb", out_dir / "ijb")
         temporary = work / "synthetic.json"
         temporary.write_text(json.dumps(summary, indent=2) + "\n")

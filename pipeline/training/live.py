@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.io import disk_full_is_one_line, write_text_atomic
+from pipeline.io import disk_full_is_one_line, refuse_symlinks_under, write_text_atomic
 
 
 class RunLog:
@@ -20,6 +20,8 @@ class RunLog:
         from dvclive import Live
 
         self.dir = Path(run_dir) / "dvclive"
+        # DVCLive empties (a fresh run) or rewrites (a resume) this folder: never files a link leads to
+        refuse_symlinks_under(self.dir, "the training history")
         if resume_step > 0:
             truncate_history(self.dir, resume_step)
         with disk_full_is_one_line(self.dir):

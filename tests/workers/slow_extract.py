@@ -22,7 +22,7 @@ def main(data: str, teacher: str, out: str, shard_size: int, batch_size: int, de
     import pipeline.cache.shards as shards
     import pipeline.cache.worker as extraction
 
-    forward, assemble, real_file = extraction.forward_views, build.assemble, shards.h5py.File
+    forward, assemble, real_open = extraction.forward_views, build.assemble, shards.open_hdf5
     assembling = []
 
     def slow_forward(*args, **kwargs):
@@ -33,14 +33,14 @@ def main(data: str, teacher: str, out: str, shard_size: int, batch_size: int, de
         assembling.append(True)
         return assemble(*args, **kwargs)
 
-    def slow_file(path, mode="r", *args, **kwargs):
-        if assembling and mode == "r":  # the merge opening a shard
+    def slow_open(path):
+        if assembling:  # the merge opening a shard
             Path(out + ".assembling").touch()  # tells the test that the merge is under way
             time.sleep(delay)
-        return real_file(path, mode, *args, **kwargs)
+        return real_open(path)
 
     extraction.forward_views, build.assemble = slow_forward, flagged_assemble
-    shards.h5py = type("SlowH5py", (), {"File": staticmethod(slow_file)})
+    shards.open_hdf5 = slow_open
     cfg = build.ExtractionConfig(data=Path(data), teacher=Path(teacher), out=Path(out), shard_size=shard_size,
                                  batch_size=batch_size, device="cpu", threads=1)  # as tests/test_extract.py's
     build.build_teacher_cache(cfg, log=quiet)
