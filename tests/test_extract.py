@@ -22,13 +22,14 @@ from typer.testing import CliRunner
 from workers.dask_tasks import exit_once_then_run
 
 import pipeline.cache.worker as worker
-from pipeline.cache.build import ExtractionConfig, build_teacher_cache, shard_progress
+from pipeline.cache.build import REDONE_ON_CHANGE, ExtractionConfig, _manifest, build_teacher_cache, shard_progress
 from pipeline.cache.format import TeacherCache
 from pipeline.cache.shards import shard_dir
 from pipeline.errors import DataError, PipelineError
 from pipeline.formats.source import open_face_source
 from pipeline.models.loading import load_embedder
 from pipeline.models.model_file import load_model
+from pipeline.settings import identity_fields
 from stages.extract_teacher import COMMANDS
 
 ROWS, SHARD, BATCH = 150, 32, 16  # 5 shards of 2 batches (the last shard is shorter)
@@ -49,8 +50,8 @@ def setup(tmp_path_factory):
 
 def config(data, teacher, out, **kw):
     """One torch thread per forward unless `kw` says otherwise (the suite shares two busy cores)."""
-    return ExtractionConfig(data=data, teacher=teacher, out=out, shard_size=SHARD, batch_size=BATCH,
-                            device="cpu", **{"threads": 1, **kw})
+    return ExtractionConfig(data=data, teacher=teacher, out=out,
+                            **{"shard_size": SHARD, "batch_size": BATCH, "device": "cpu", "threads": 1, **kw})
 
 
 def sha256(path):
@@ -122,6 +123,34 @@ def test_failure_mid_run_leaves_nothing_complete_then_resumes(setup, tmp_path):
     summary = build_teacher_cache(config(setup["data"], setup["teacher"], out), log=quiet)
     assert (summary["shards_reused"], summary["shards_run"]) == (2, 3)
     assert sha256(out) == sha256(setup["reference"])
+
+
+# ExtractionConfig's identity fields changed on a resume: refused by name, or (settings a user changes on purpose,
+# REDONE_ON_CHANGE) the earlier shards discarded. arch and input_size only apply to files that do not record
+# them (TorchScript/ONNX): their presence in the manifest is checked below instead.
+RESUME_CHANGES = {"batch_size": BATCH + 1, "device": "auto", "threads": 2, "dtype": "float32", "shard_size": SHARD * 2}
+
+
+@pytest.mark.parametrize("name", RESUME_CHANGES)
+def test_a_resume_with_a_changed_setting_is_refused_by_name_or_starts_over(setup, tmp_path, name):
+    out = tmp_path / "cache.h5"
+    failing = FailingTeacher(load_embedder(setup["teacher"]), raise_on=6)
+    with pytest.raises(OSError, match="simulated"):
+        build_teacher_cache(config(setup["data"], setup["teacher"], out), teacher=failing, log=quiet)
+    changed = config(setup["data"], setup["teacher"], out, **{name: RESUME_CHANGES[name]})
+    if name in REDONE_ON_CHANGE:
+        summary = build_teacher_cache(changed, log=quiet)
+        assert summary["shards_reused"] == 0 and summary["shards_run"] > 0
+        return
+    with pytest.raises(PipelineError, match=f"{name} "):
+        build_teacher_cache(changed, log=quiet)
+
+
+def test_every_identity_setting_is_in_the_shard_manifest(setup):
+    cfg = config(setup["data"], setup["teacher"], setup["root"] / "unused.h5")
+    manifest = _manifest(cfg, load_embedder(setup["teacher"]), "fingerprint", ROWS)
+    assert {f.name for f in identity_fields(ExtractionConfig)} <= set(manifest)
+    assert set(RESUME_CHANGES) | {"arch", "input_size"} == {f.name for f in identity_fields(ExtractionConfig)}
 
 
 def test_nan_teacher_output_names_the_keys(setup, tmp_path):

@@ -49,7 +49,7 @@ from pipeline.io import output_lock, refuse_mismatch, refuse_symlink
 from pipeline.models import Arch
 from pipeline.models.loading import file_sha256, load_embedder
 from pipeline.models.preprocess import preprocessing_attrs
-from pipeline.settings import check, setting
+from pipeline.settings import check, identity, setting
 
 FLIP = "horizontal"
 # Settings a user changes on purpose (e.g. --dtype float32, as a float16 overflow advises): shards made with
@@ -62,22 +62,24 @@ REDONE_ON_CHANGE = ("dtype", "shard_size")
 class ExtractionConfig:
     """The knobs of `pipeline extract-teacher`."""
 
-    data: Path = setting(help="Training set: folder with train.rec/.idx/property (or images).")
-    teacher: Path = setting(help="Teacher weights (.pt/.pth, checkpoint, TorchScript, ONNX).")
-    out: Path = setting(help="The HDF5 cache to write.")
+    # the data and the teacher enter a run's identity by their fingerprints, not their paths
+    data: Path = setting(help="Training set: folder with train.rec/.idx/property (or images).", identity=False)
+    teacher: Path = setting(help="Teacher weights (.pt/.pth, checkpoint, TorchScript, ONNX).", identity=False)
+    out: Path = setting(help="The HDF5 cache to write.", identity=False)
     arch: Optional[str] = setting(None, "Teacher architecture if it cannot be inferred.", choices=Arch)
     batch_size: int = setting(256, "Images per forward (each is run with its flip).", min=1)
     shard_size: int = setting(16384, "Rows per resumable shard file.", min=1)
     dtype: str = setting("float16", "Stored embedding type: float16 or float32.", choices=CacheDtype)
     device: str = device_setting()
     decode_threads: int = setting(0, "JPEG decode threads per process (0 = sized to the machine).", min=0,
-                                  cli=False)
+                                  cli=False, identity=False)
     threads: int = setting(0, "Torch threads of each teacher forward on CPU, in this process and in every Dask "
                               "worker: the cache's bytes depend on it, not on --workers (0 = min(4, CPU cores)).",
                            min=0)
     input_size: Optional[int] = setting(None, "Input size of a TorchScript/ONNX teacher that does not declare it "
                                               "(default: the data's image size).", min=16)
-    overwrite: bool = setting(False, "Rebuild even if a cache from another teacher/dataset exists.")
+    overwrite: bool = setting(False, "Rebuild even if a cache from another teacher/dataset exists.",
+                              identity=False)
 
     def __post_init__(self):
         self.data, self.teacher, self.out = Path(self.data), Path(self.teacher), Path(self.out)
@@ -89,8 +91,8 @@ class ClusterConfig:
     """Where extraction runs: in this process, on a local Dask cluster, or on an existing scheduler."""
 
     workers: int = setting(0, "Dask workers: 0 = in this process, -1 = one per GPU (CPU-sized without GPUs).",
-                           min=-1)
-    scheduler: Optional[str] = setting(None, "Use an existing Dask cluster, e.g. tcp://host:8786.")
+                           min=-1, identity=False)
+    scheduler: Optional[str] = setting(None, "Use an existing Dask cluster, e.g. tcp://host:8786.", identity=False)
 
     def __post_init__(self):
         check(self)
@@ -109,15 +111,15 @@ class ClusterConfig:
 
 
 def _manifest(cfg: ExtractionConfig, teacher, dataset_fp: str, rows: int) -> dict:
+    """What the shards of a run depend on: every identity setting of `cfg` (declared in ExtractionConfig, so
+    none can be forgotten here) plus the teacher's and the data's fingerprints."""
     return {
+        **identity(cfg),
         "format_version": FORMAT_VERSION,
         "teacher_fingerprint": teacher.fingerprint,
         "dataset_fingerprint": dataset_fp,
         "dim": int(teacher.dim),
-        "dtype": cfg.dtype,
         "rows": int(rows),
-        "shard_size": int(cfg.shard_size),
-        "threads": int(cfg.threads),
     }
 
 
