@@ -14,6 +14,7 @@ from pipeline.evaluation.verification import (
     evaluate_folder,
     write_metrics,
 )
+from pipeline.models.finite import check_finite_embedder
 from pipeline.models.loading import load_embedder
 from stages import options
 
@@ -39,6 +40,7 @@ def evaluate(
     """Evaluate a model on every *.bin and the test.rec of a data folder."""
     size = {} if cfg.input_size is None else {"input_size": cfg.input_size}
     embedder = load_embedder(model, arch=cfg.arch, device=resolve_device(cfg.device), **size)
+    check_finite_embedder(embedder)  # NaN weights give NaN metrics that look like a result
     metrics = evaluate_folder(embedder, data, fprs=DEFAULT_FPRS, batch_size=cfg.batch_size, flip=cfg.flip,
                               method=cfg.tpr_method)
     metrics["model"] = embedder.describe()

@@ -10,6 +10,7 @@ import typer
 from pipeline.devices import resolve_device
 from pipeline.evaluation.ijb import IjbConfig, evaluate_ijb
 from pipeline.evaluation.verification import EvalConfig
+from pipeline.models.finite import check_finite_embedder
 from pipeline.models.loading import load_embedder
 from stages import options
 
@@ -30,6 +31,7 @@ def command(
     TPR at FPR 1e-6 .. 1e-1."""
     size = {} if cfg.input_size is None else {"input_size": cfg.input_size}
     embedder = load_embedder(model, arch=cfg.arch, device=resolve_device(cfg.device), **size)
+    check_finite_embedder(embedder)  # NaN weights give NaN metrics that look like a result
     metrics, written, reused = evaluate_ijb(embedder, ijb, out, ijb_cfg, batch_size=cfg.batch_size, flip=cfg.flip,
                                             method=cfg.tpr_method)
     if reused:

@@ -10,7 +10,8 @@ from pipeline.errors import PipelineError
 from pipeline.io import atomic_path
 from pipeline.models.loading import export_onnx, load_embedder
 from pipeline.models.model_file import load_model
-from pipeline.models.parity import check_finite_weights, check_tolerance, relative_difference
+from pipeline.models.finite import check_finite_weights
+from pipeline.models.parity import check_tolerance, relative_difference
 
 
 def command(

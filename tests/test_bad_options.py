@@ -78,3 +78,23 @@ def test_empty_paths_are_refused(tmp_path, capsys, monkeypatch, command):
     monkeypatch.chdir(tmp_path)
     assert "an empty path names no file or folder" in one_line_error(capsys, *command)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command, message", [
+    (["synthesize", "--out", "s", "--identities", 10**9], "--identities 1000000000: must be <= 10000000"),
+    (["synthesize", "--out", "s", "--images-per-identity", 10**9], "--images-per-identity 1000000000: must be <="),
+    (["train-teacher", "--data", "d", "--out", "t", "--embedding-size", 10**9], "--embedding-size 1000000000: must"),
+])
+def test_absurd_sizes_are_refused_before_allocating(tmp_path, capsys, monkeypatch, command, message):
+    monkeypatch.chdir(tmp_path)
+    assert one_line_error(capsys, *command).startswith(f"error: {message}")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("batch", [49, 10**9])
+def test_batch_larger_than_the_data_is_one_line(random_faces, tmp_path, capsys, batch):
+    line = one_line_error(capsys, "train-teacher", "--data", random_faces, "--out", tmp_path / "run", "--arch", "mbf",
+                          "--width", 0.125, "--embedding-size", 16, "--batch-size", batch, "--workers", 0,
+                          "--device", "cpu")
+    assert line == (f"error: --batch-size {batch} x 1 processes: more than the 48 images of the training data (one "
+                    "batch is drawn without repeats)")

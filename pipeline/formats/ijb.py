@@ -11,6 +11,10 @@ centres at integers, as OpenCV has them), in the order: left eye, right eye, nos
 right mouth corner, left and right as seen in the image. Blank lines are skipped; line numbers in errors are
 those of the file.
 
+Values are checked where they are read: ids are decimal integers 0 <= id < 2**63 (int64), labels 0 or 1,
+landmarks and faceness finite with |value| <= 1e6 (no crop is a million pixels wide; larger values overflow
+float32 features), image names unique (features are keyed by name).
+
 The pair file of the real IJB-C has 15.7M lines: it is parsed by numpy's C reader, and only when that fails
 (or the file has blank lines) line by line, to name the offending line.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -30,6 +35,9 @@ from pipeline.settings import Choice
 
 LANDMARKS = 5
 LANDMARK_ORDER = ("left eye", "right eye", "nose tip", "left mouth corner", "right mouth corner")
+ID_LIMIT = 2**63  # ids are held as int64
+VALUE_LIMIT = 1e6  # |landmark| and faceness: far beyond any crop or score, well inside float32
+_DECIMAL = re.compile(r"[+-]?[0-9]+", re.ASCII)  # int() would also take "4_0" and non-ASCII digits
 
 
 class IjbTarget(Choice):
@@ -106,11 +114,21 @@ def _records(path: Path, what: str):
                 yield number, fields
 
 
-def _integer(text: str, path: Path, number: int, what: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise DataError(f"{path} line {number}: {what} {text!r} is not an integer") from None
+def _integer(text: str, path: Path, number: int, what: str, limit: int = ID_LIMIT) -> int:
+    """A decimal integer 0 <= value < limit."""
+    if not _DECIMAL.fullmatch(text):
+        raise DataError(f"{path} line {number}: {what} {text!r} is not an integer")
+    value = int(text)
+    if not 0 <= value < limit:
+        raise DataError(f"{path} line {number}: {what} {text} is out of range (0 to {limit - 1})")
+    return value
+
+
+def _label(text: str, path: Path, number: int) -> int:
+    value = int(text) if _DECIMAL.fullmatch(text) else None
+    if value not in (0, 1):
+        raise DataError(f"{path} line {number}: label {text} is not 0 or 1")
+    return value
 
 
 def _check_name(name: str, path: Path, number: int) -> str:
@@ -149,6 +167,8 @@ def _read_landmarks(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, list
                 value = math.nan
             if not math.isfinite(value):
                 raise DataError(f"{path} line {number}: {what} {text!r} is not a finite number")
+            if abs(value) > VALUE_LIMIT:
+                raise DataError(f"{path} line {number}: {what} {text} is out of range (|value| <= {VALUE_LIMIT:g})")
             row.append(value)
         if row[-1] < 0:
             raise DataError(f"{path} line {number}: faceness score {fields[-1]} is negative")
@@ -165,7 +185,7 @@ def _pairs_line_by_line(path: Path) -> tuple[np.ndarray, np.ndarray]:
         if len(fields) != 3:
             raise DataError(f"{path} line {number}: expected 'template_1 template_2 label', got {len(fields)} fields")
         rows.append([_integer(fields[0], path, number, "template id"), _integer(fields[1], path, number,
-                     "template id"), _integer(fields[2], path, number, "label")])
+                     "template id"), _label(fields[2], path, number)])
         lines.append(number)
     return np.array(rows, np.int64).reshape(-1, 3), np.array(lines, np.int64)
 
@@ -185,11 +205,37 @@ def _read_pairs(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # numpy warns about a file of blank lines
             rows = np.loadtxt(path, dtype=np.int64, ndmin=2, comments=None, encoding="utf-8")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, OverflowError, UnicodeDecodeError):
         rows = None
-    if rows is not None and rows.shape == (newlines, 3):
+    # the C reader takes negative ids and any label: values out of range are named by the line-by-line reader
+    if (rows is not None and rows.shape == (newlines, 3) and rows[:, :2].min() >= 0
+            and np.isin(rows[:, 2], (0, 1)).all()):
         return rows, None
     return _pairs_line_by_line(path)
+
+
+def _check_same_images(paths: IjbPaths, names: list[str], lines: list[int], point_names: list[str],
+                       point_lines: list[int]) -> None:
+    """Both image files list the same images, each once, in the same order."""
+    for file, listed in ((paths.template_media, names), (paths.landmarks, point_names)):
+        if not listed:
+            raise DataError(f"{file}: no images listed")
+    first_line: dict[str, int] = {}
+    for name, line in zip(names, lines):
+        if first_line.setdefault(name, line) != line:
+            raise DataError(f"{paths.template_media} line {line}: image {name!r} is listed again (first on line "
+                            f"{first_line[name]}); each image is one line")
+    for i, (name, other) in enumerate(zip(names, point_names)):
+        if name != other:
+            raise DataError(f"{paths.landmarks} line {point_lines[i]}: image {other!r}, but {paths.template_media} "
+                            f"line {lines[i]} names {name!r} (both files list the same images in the same order)")
+    if len(point_names) != len(names):  # name the first line the shorter file lacks
+        (longer, longer_names, longer_lines), shorter = (
+            ((paths.landmarks, point_names, point_lines), paths.template_media) if len(point_names) > len(names)
+            else ((paths.template_media, names, lines), paths.landmarks))
+        common = min(len(names), len(point_names))
+        raise DataError(f"{longer} line {longer_lines[common]}: image {longer_names[common]!r} is not in {shorter}, "
+                        f"which ends after {common} images (both list the same images)")
 
 
 def read_ijb(folder: str | os.PathLike, target: str) -> IjbMeta:
@@ -199,17 +245,7 @@ def read_ijb(folder: str | os.PathLike, target: str) -> IjbMeta:
     paths = IjbPaths(Path(folder), ijb_target(target))
     names, templates, medias, lines = _read_template_media(paths.template_media)
     point_names, landmarks, faceness, point_lines = _read_landmarks(paths.landmarks)
-    if not names:
-        raise DataError(f"{paths.template_media}: no images listed")
-    for i, (name, other) in enumerate(zip(names, point_names)):
-        if name != other:
-            raise DataError(f"{paths.landmarks} line {point_lines[i]}: image {other!r}, but {paths.template_media} "
-                            f"line {lines[i]} names {name!r} (both files list the same images in the same order)")
-    if len(point_names) != len(names):
-        longer, count = ((paths.landmarks, len(point_names)) if len(point_names) > len(names)
-                         else (paths.template_media, len(names)))
-        raise DataError(f"{longer}: {count} images, but {paths.template_media} lists {len(names)} and "
-                        f"{paths.landmarks} {len(point_names)} (both list the same images)")
+    _check_same_images(paths, names, lines, point_names, point_lines)
     rows, pair_lines = _read_pairs(paths.pairs)
     if rows.shape[0] == 0:
         raise DataError(f"{paths.pairs}: no template pairs listed")
@@ -217,9 +253,6 @@ def read_ijb(folder: str | os.PathLike, target: str) -> IjbMeta:
     def pair_line(row: int) -> int:
         return int(pair_lines[row]) if pair_lines is not None else row + 1
 
-    bad = np.flatnonzero((rows[:, 2] != 0) & (rows[:, 2] != 1))
-    if bad.size:
-        raise DataError(f"{paths.pairs} line {pair_line(bad[0])}: label {rows[bad[0], 2]} is not 0 or 1")
     known = np.unique(templates)
     unknown = ~np.isin(rows[:, :2], known)
     if unknown.any():

@@ -40,7 +40,7 @@ class BackboneShape:
 
     input_size: Optional[int] = setting(None, "Input size (multiple of 16); default: the data's image size.", min=16)
     width: float = setting(1.0, "Channel multiplier (1.0 = arcface_torch's model).", above=0.0)
-    embedding_size: int = setting(512, "Embedding dimension.", min=1)
+    embedding_size: int = setting(512, "Embedding dimension.", min=1, max=65536)
 
     def __post_init__(self):
         check(self)

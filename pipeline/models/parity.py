@@ -2,7 +2,7 @@
 
 Trained face models give raw embeddings whose norms reach 1e4-1e7 on random inputs, and only their direction
 is used (cosine scores), so the comparison is relative to each embedding's norm; float32 export rounding
-is about 1e-7 of it. A model or an output with NaN/inf is refused: NaN compares as "no difference".
+is about 1e-7 of it. An output with NaN/inf is refused: NaN compares as "no difference" (weights: finite.py).
 """
 from __future__ import annotations
 
@@ -20,13 +20,6 @@ def check_tolerance(option: str, tolerance: float) -> None:
     """A finite, non-negative tolerance (NaN would pass every comparison)."""
     if not math.isfinite(tolerance) or tolerance < 0:
         raise PipelineError(f"{option} {tolerance}: must be a finite number >= 0")
-
-
-def check_finite_weights(model: nn.Module, source: str | Path) -> None:
-    """Refuse a model with NaN/inf in a weight or buffer (e.g. a diverged run), naming the first such key."""
-    for key, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise DataError(f"{source}: {key} holds NaN/inf values (a diverged run?); refusing to use it")
 
 
 def relative_difference(net: nn.Module, embed: Callable[[torch.Tensor], torch.Tensor], size: int,

@@ -145,8 +145,9 @@ def contact_sheet(identities: int = 8, images: int = 10, size: int = 112, seed: 
 class SyntheticConfig:
     """The knobs of `pipeline synthesize` (the same arguments give bit-identical files)."""
 
-    identities: int = setting(2000, "Training identities (labels 0..identities-1).", min=2)
-    images_per_identity: int = setting(40, "Images per training identity (the mean when --long-tail is on).", min=1)
+    identities: int = setting(2000, "Training identities (labels 0..identities-1).", min=2, max=10**7)
+    images_per_identity: int = setting(40, "Images per training identity (the mean when --long-tail is on).", min=1,
+                                       max=10**4)
     size: int = setting(112, "Image side in pixels (112 as insightface; 32-48 for a quick CPU demo).", min=16)
     seed: int = setting(0, "Master seed: the same arguments give bit-identical files.", min=0)
     difficulty: float = setting(0.5, "0..1: nuisance strength (pose, light, blur, noise, occluders, JPEG) and "

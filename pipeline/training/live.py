@@ -4,12 +4,19 @@
 summaries (`epoch/*`) and the per-epoch evaluation (`eval/*`) at each epoch's last step. A resumed run keeps
 the history up to its checkpoint and continues it: rows a killed run logged after the checkpoint are dropped
 first, so the history equals the uninterrupted run's.
+
+A damaged history file on resume (garbage bytes, a wrong field count, a non-numeric or non-finite value):
+rows after the checkpoint are replaced anyway, so damage there (steps increase down a file: any line after a
+row at or past the resume step) is dropped with them. Damage before it is one DataError naming the file and
+line: those rows are not logged again, and dropping them would leave a history that looks complete but is not.
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+from pipeline.errors import DataError
 from pipeline.io import disk_full_is_one_line, refuse_symlinks_under, write_text_atomic
 
 
@@ -48,18 +55,16 @@ def truncate_history(live_dir: Path, first_dropped_step: int) -> None:
     left, as DVCLive would have written it at that point."""
     summary: dict = {}
     last_step = None
-    for path in sorted((live_dir / "plots" / "metrics").rglob("*.tsv")):
-        text = path.read_text()
-        lines = text.split("\n")[:-1]  # without the "" after the last newline, or the torn line instead
+    root = live_dir / "plots" / "metrics"
+    for path in sorted(root.rglob("*.tsv")):
+        name = path.relative_to(root).with_suffix("").parts
+        lines = path.read_bytes().split(b"\n")[:-1]  # without the "" after the last newline, or the torn line
         if not lines:
             continue
-        header = lines[0].split("\t")
+        header, kept = _kept_rows(path, lines, name[-1], first_dropped_step)
         step = header.index("step")
-        kept = [row for row in (line.split("\t") for line in lines[1:])
-                if len(row) == len(header) and int(row[step]) < first_dropped_step]
         write_text_atomic(path, "".join("\t".join(row) + "\n" for row in [header, *kept]))
         if kept:
-            name = path.relative_to(live_dir / "plots" / "metrics").with_suffix("").parts
             _set_in(summary, name, float(kept[-1][header.index(name[-1])]))
             last_step = max(int(kept[-1][step]), last_step if last_step is not None else -1)
     if last_step is not None:
@@ -69,6 +74,42 @@ def truncate_history(live_dir: Path, first_dropped_step: int) -> None:
         write_text_atomic(metrics, json.dumps(summary, indent=4) + "\n")
     else:
         metrics.unlink(missing_ok=True)
+
+
+def _kept_rows(path: Path, lines: list[bytes], metric: str, first_dropped_step: int):
+    """(header, the rows at steps < first_dropped_step); DataError for a damaged line among them."""
+    header = _fields(lines[0])
+    if header is None or "step" not in header or metric not in header:
+        raise DataError(f"{path} line 1: not a DVCLive header with columns step and {metric}; delete the run's "
+                        "dvclive/ folder to drop its history, or use --no-resume")
+    kept, step = [], header.index("step")
+    for number, raw in enumerate(lines[1:], 2):
+        row = _fields(raw)
+        values = _numbers(row) if row is not None and len(row) == len(header) else None
+        if values is None or not (row[step].isascii() and row[step].isdigit()):
+            raise DataError(f"{path} line {number}: damaged row ({raw[:40]!r}) before the resume step "
+                            f"{first_dropped_step}, so not logged again; delete the line (its step is then missing "
+                            "from the history) or use --no-resume")
+        if int(row[step]) >= first_dropped_step:
+            break  # this row and every later one are logged again by the resumed run
+        kept.append(row)
+    return header, kept
+
+
+def _fields(raw: bytes) -> list[str] | None:
+    try:
+        return raw.decode("utf-8").split("\t")
+    except UnicodeDecodeError:
+        return None
+
+
+def _numbers(row: list[str]) -> list[float] | None:
+    """The row's finite values (DVCLive logs only those; `RunLog.log` skips NaN), None if any is not one."""
+    try:
+        values = [float(field) for field in row]
+    except ValueError:
+        return None
+    return values if all(math.isfinite(v) for v in values) else None
 
 
 def _set_in(tree: dict, keys: tuple[str, ...], value: float) -> None:

@@ -84,6 +84,10 @@ def _train(cfg, out, device, source, num_classes, distill, batch_sampler_factory
                 "world_size": world}
     input_size = cfg.arch_kwargs.get("input_size")
     dataset = FaceDataset(source, preload=cfg.preload, image_size=(input_size, input_size) if input_size else None)
+    # checked here: the shuffled sampler's own error is a ValueError, a traceback at the CLI
+    if batch_sampler_factory is None and cfg.batch_size * world > len(dataset):
+        raise PipelineError(f"--batch-size {cfg.batch_size} x {world} processes: more than the {len(dataset)} images "
+                            "of the training data (one batch is drawn without repeats)")
     index_batches = (
         batch_sampler_factory(world, rank)
         if batch_sampler_factory is not None

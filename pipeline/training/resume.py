@@ -127,6 +127,7 @@ def load_train_state(path: Path, trainee, optimizer, scheduler, scaler, extra_mo
                             "over") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise PipelineError(f"{path}: not a training checkpoint of this pipeline")
+    check_entries(path, state)
     epoch_steps = int(state.get("epoch_steps", 0))
     changed = differences(state.get("config") or {}, expected_config)
     if epoch_steps and not changed:  # a position inside an epoch means the same batches only on as many ranks
@@ -139,16 +140,76 @@ def load_train_state(path: Path, trainee, optimizer, scheduler, scaler, extra_mo
             f"{path}: the checkpoint was written with different settings: {', '.join(changed)}; rerun with its "
             "settings, use another run folder, or --no-resume to start over"
         )
-    trainee.load_state_dict(state["trainee"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    for module, module_state in zip(extra_modules, state["extra_modules"], strict=True):
-        module.load_state_dict(module_state)
-    _restore_rng(state, device)
-    sums = state.get("epoch_sums")
-    progress = EpochProgress.from_sums(epoch_steps, _own_row(sums).tolist()) if epoch_steps else EpochProgress()
+    check_tensors(path, state, trainee, optimizer)
+    try:  # what check_tensors cannot see (e.g. a KD buffer's size) torch's loaders refuse: one line of it
+        trainee.load_state_dict(state["trainee"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        for module, module_state in zip(extra_modules, state["extra_modules"], strict=True):
+            module.load_state_dict(module_state)
+        _restore_rng(state, device)
+        sums = state.get("epoch_sums")
+        progress = EpochProgress.from_sums(epoch_steps, _own_row(sums).tolist()) if epoch_steps else EpochProgress()
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        _cannot_resume(path, f"{first[:200]} ({type(error).__name__})")
     return ResumePoint(int(state["epochs_done"]), progress)
+
+
+# entries a resume reads, and their types (None: older checkpoints may lack it)
+_ENTRIES = {"epochs_done": int, "trainee": dict, "optimizer": dict, "scheduler": dict, "scaler": dict,
+            "extra_modules": list, "torch_rng": torch.Tensor, "epoch_steps": (int, None), "config": (dict, None)}
+
+
+def _cannot_resume(path: Path, what: str):
+    raise PipelineError(f"{path}: cannot resume: {what}; delete it or use --no-resume")
+
+
+def check_entries(path: Path, state: dict) -> None:
+    """Every entry a resume reads present (where required) and of its type; counts not negative."""
+    for key, kind in _ENTRIES.items():
+        kind, optional = (kind[0], True) if isinstance(kind, tuple) else (kind, False)
+        if optional and state.get(key) is None:
+            continue
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            found = "missing" if key not in state else f"a {type(state[key]).__name__}"
+            _cannot_resume(path, f"entry {key!r} is {found}, expected a {kind.__name__}")
+    for key in ("epochs_done", "epoch_steps"):
+        if (state.get(key) or 0) < 0:
+            _cannot_resume(path, f"entry {key!r} is {state[key]}, expected a count >= 0")
+
+
+def check_tensors(path: Path, state: dict, trainee, optimizer) -> None:
+    """The checkpoint's model and optimiser tensors of this run's shapes (and the model's of its dtypes):
+    load_state_dict would cast another dtype silently, and the optimiser's loader checks no shapes at all (a
+    momentum buffer of another width would fail at the first step instead)."""
+    live = trainee.state_dict()
+    for key, saved in state["trainee"].items():
+        _check_tensor(path, f"model tensor {key!r}", saved, live.get(key), same_dtype=True)
+    groups = state["optimizer"].get("param_groups")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    try:
+        ids = [i for group in groups for i in group["params"]]
+    except (TypeError, KeyError):
+        _cannot_resume(path, "the optimiser state has no readable param_groups")
+    if len(ids) != len(params):
+        _cannot_resume(path, f"the optimiser state holds {len(ids)} parameters, this run's model {len(params)}")
+    states = state["optimizer"].get("state") or {}
+    for index, param in zip(ids, params):
+        for name, saved in (states.get(index) or {}).items():
+            if isinstance(saved, torch.Tensor) and saved.dim() > 0:  # a scalar "step" has no parameter shape
+                _check_tensor(path, f"optimiser {name} of parameter {index}", saved, param, same_dtype=False)
+
+
+def _check_tensor(path: Path, what: str, saved, live: torch.Tensor | None, same_dtype: bool) -> None:
+    if live is None:  # torch's strict loader names unexpected keys
+        return
+    if not isinstance(saved, torch.Tensor):
+        _cannot_resume(path, f"{what} is a {type(saved).__name__}, not a tensor")
+    if saved.shape != live.shape or (same_dtype and saved.dtype != live.dtype):
+        _cannot_resume(path, f"{what} is {saved.dtype} {tuple(saved.shape)}, this run's {live.dtype} "
+                             f"{tuple(live.shape)} (written by a run of another model?)")
 
 
 def _own_row(rows: torch.Tensor) -> torch.Tensor:
