@@ -1,4 +1,4 @@
-"""Shard tasks for the Dask tests of tests/test_extract.py. They run inside Dask worker processes, which import
+"""Shard tasks for the Dask tests of tests/cache/test_extract.py. They run inside Dask worker processes, which import
 them from here by name (`workers.dask_tasks`), so they cannot live in a test module."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One gloo DDP rank of tests/test_ddp_losses.py (a torch.multiprocessing target, imported by the fork server):
+"""One gloo DDP rank of tests/losses/test_ddp_losses.py (a torch.multiprocessing target, imported by the fork server):
 the linear KD student of helpers.training.run_kd_loss_case trained on this rank's slice, for every case."""
 from pathlib import Path
 

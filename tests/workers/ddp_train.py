@@ -1,4 +1,4 @@
-"""One torchrun rank of tests/test_training_ddp.py.
+"""One torchrun rank of tests/training/test_training_ddp.py.
 
 Run as `python -m torch.distributed.run --nproc_per_node 2 ... tests/workers/ddp_train.py DATA OUT`: each rank
 trains (1) a tiny MobileFaceNet on the RecordIO set DATA with a margin + EKD loss and (2) a BatchNorm-free

@@ -1,4 +1,4 @@
-"""The teacher-cache extraction of tests/test_extract.py, slowed down so that the test can SIGKILL it at a
+"""The teacher-cache extraction of tests/cache/test_extract.py, slowed down so that the test can SIGKILL it at a
 chosen point.
 
 Run as `python tests/workers/slow_extract.py DATA TEACHER OUT SHARD_SIZE BATCH_SIZE DELAY`: an in-process
@@ -42,7 +42,7 @@ def main(data: str, teacher: str, out: str, shard_size: int, batch_size: int, de
     extraction.forward_views, build.assemble = slow_forward, flagged_assemble
     shards.open_hdf5 = slow_open
     cfg = build.ExtractionConfig(data=Path(data), teacher=Path(teacher), out=Path(out), shard_size=shard_size,
-                                 batch_size=batch_size, device="cpu", threads=1)  # as tests/test_extract.py's
+                                 batch_size=batch_size, device="cpu", threads=1)  # as tests/cache/test_extract.py's
     build.build_teacher_cache(cfg, log=quiet)
 
 

@@ -33,7 +33,7 @@ from pipeline.settings import identity_fields
 from stages.extract_teacher import COMMANDS
 
 ROWS, SHARD, BATCH = 150, 32, 16  # 5 shards of 2 batches (the last shard is shorter)
-SLOW_EXTRACTION = Path(__file__).parent / "workers" / "slow_extract.py"
+SLOW_EXTRACTION = Path(__file__).parents[1] / "workers" / "slow_extract.py"
 
 
 @pytest.fixture(scope="module")
