@@ -47,9 +47,9 @@ def _tiny_params(work: Path, **changes) -> dict:
     params["teacher_training"]["demo"].update(arch="r18", width=0.125, embedding_size=32, epochs=1, batch_size=16,
                                               workers=0)
     params["student"].update(width=0.125, embedding_size=32, epochs=1, batch_size=16, balanced_batch_size=16,
-                             queue_size=256, workers=0)
+                             workers=0)
     params["extract"].update(batch_size=32, shard_size=40)
-    params["pools"].update(k=4, m=200, block_rows=32)
+    params["pools"].update(neighbours=4, hard_pairs=200, block_rows=32)
     params.update(changes)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return params
