@@ -62,7 +62,7 @@ def test_cache_info_refuses_a_flipped_byte(damaged, cli):
 
 def test_build_pools_refuses_it_and_writes_nothing(damaged, tmp_path, cli):
     out = tmp_path / "pools"
-    refused(cli("build-pools", "--cache", damaged, "--out", out, "--k", 4), damaged)
+    refused(cli("build-pools", "--cache", damaged, "--out", out, "--neighbours", 4), damaged)
     assert not (out / "pools.h5").exists() and not (out / "thresholds.json").exists()
 
 
