@@ -35,8 +35,11 @@ def _field_default(field: dataclasses.Field) -> Any:
 
 
 def cli_fields(cls: type) -> list[dataclasses.Field]:
-    """The fields of a config class that are command-line options."""
-    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", False)]
+    """The fields of a config class that are command-line options: the class's own first, then those of the
+    mixins it inherits (e.g. KDConfig's --kd before each method's options)."""
+    own = cls.__dict__.get("__annotations__", {})
+    fields = [f for f in dataclasses.fields(cls) if f.metadata.get("cli", False)]
+    return sorted(fields, key=lambda f: f.name not in own)
 
 
 def _option(field: dataclasses.Field, annotation: Any, default: Any) -> inspect.Parameter:

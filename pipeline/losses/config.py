@@ -27,7 +27,7 @@ DEFAULT_KD = "l2+ekd"
 
 
 @dataclass
-class KDConfig(*settings_classes()):
+class KDConfig(*reversed(settings_classes())):  # reversed: the options then list in registration order
     """Which distillation methods a student trains with, and their knobs."""
 
     kd: str = setting(DEFAULT_KD, "Distillation: none, one method or a '+'-combination, each term with its own "
