@@ -37,10 +37,13 @@ def tiny_config(out_dir: Path, **overrides) -> TrainConfig:
 
 
 def ekd_distillation(num_images: int, views_differ: bool = True, seed: int = 0, l2_weight: float | None = None,
-                     mode: str = "reference", **kwargs) -> Distillation:
+                     mode: str = "reference", adadistill: bool = False, **kwargs) -> Distillation:
     """EKD against random (N, 2, EMBEDDING_DIM) teacher targets: reference mode (EMA threshold buffers) or
     global mode (fixed teacher thresholds, a 24-row queue of recent student embeddings that wraps within an
-    epoch); with `l2_weight`, feature L2 as a first term (the l2+ekd combination)."""
+    epoch); with `l2_weight`, feature L2 as a first term (the l2+ekd combination); with `adadistill`, AdaDistill
+    moves the margin head's centres (adadistill+ekd)."""
+    if adadistill:
+        kwargs["head"] = AdaDistill()
     g = torch.Generator().manual_seed(seed)
     targets = torch.randn(num_images, 2, EMBEDDING_DIM, generator=g)
     if not views_differ:

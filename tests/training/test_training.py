@@ -52,6 +52,8 @@ RESUME_CASES = {
     # global EKD: the student queue (a ring buffer that wraps within an epoch); the official balanced sampler
     # (a mid-epoch resume draws its first batches again and drops them) with the margin on the general part
     "ekd-global-queue-balanced-sampler": (dict(log_every=3), {"mode": "global", "balanced": True}),
+    # AdaDistill: the margin head's centres are a buffer moved every step (in checkpoint.pt with the head)
+    "adadistill-ekd": (dict(log_every=2), {"mode": "global", "adadistill": True}),
 }
 
 
@@ -102,7 +104,8 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(faces, tmp_path, case, 
         distill = None
         if kd is not None:  # a fresh loss, as in a new process
             distill = ekd_distillation(len(faces), l2_weight=kd.get("l2"), scale=kd.get("scale", "weight"),
-                                       warmup_epochs=kd.get("warmup_epochs", 0.0), mode=kd.get("mode", "reference"))
+                                       warmup_epochs=kd.get("warmup_epochs", 0.0), mode=kd.get("mode", "reference"),
+                                       adadistill=kd.get("adadistill", False))
         return train(tiny_config(out, **overrides, **more), faces, faces.num_classes, distill, **sampling)
 
     steps = _record_steps(monkeypatch)
@@ -120,6 +123,8 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(faces, tmp_path, case, 
     if kd is not None:
         ekd_state = next(s for s in final_state["extra_modules"] if "ema_student_thresholds" in s or "queue.ptr" in s)
         assert ekd_state.get("ema_student_thresholds", ekd_state.get("queue.embeddings")).abs().sum() > 0
+    if kd and kd.get("adadistill"):  # the centres moved: a buffer of the head, not a parameter
+        assert "head.weight" in final_state["trainee"] and "kd/adadistill/alpha_mean" in history
     if kd and "l2" in kd:
         assert "eval/check/accuracy" in history and "kd/grad_ratio_ekd" in history
         assert final_state["extra_modules"][-1]["updates"] == 12  # the balance updated every step
