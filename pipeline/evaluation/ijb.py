@@ -33,6 +33,7 @@ from pipeline.evaluation.ijb_features import (
     read_features,
 )
 from pipeline.evaluation.metrics import Roc, downsample_roc, l2_normalize
+from pipeline.evaluation.uncertainty import readout_uncertainty
 from pipeline.formats.ijb import IjbMeta, IjbPaths, IjbTarget, ijb_target, read_ijb
 from pipeline.fpr import FPR_LEVELS, fpr_key
 from pipeline.io import atomic_path, output_lock, write_text_atomic
@@ -132,9 +133,14 @@ def pair_scores(unique: np.ndarray, features: np.ndarray, pairs: np.ndarray,
 
 def verification_metrics(scores: np.ndarray, labels: np.ndarray, method: str, roc_points: int = 2000
                          ) -> tuple[dict, dict]:
-    """`({"tpr@fpr=1e-6": ..., ...}, {"fpr", "tpr", "threshold"} lists of a log-FPR-spaced ROC)`."""
+    """`({"tpr@fpr=1e-6": ..., ..., "tpr_se": ..., "resolved": ..., "impostor_pairs": ...}, {"fpr", "tpr",
+    "threshold"} lists of a log-FPR-spaced ROC)`: each TPR with its standard error and whether the impostor
+    pairs resolve its FPR (`uncertainty.readout_uncertainty`)."""
     roc = Roc.from_scores(scores, labels)
-    metrics = {f"tpr@fpr={fpr_key(f)}": tpr for f, tpr in roc.tpr_at(IJB_FPRS, method).items()}
+    tprs = roc.tpr_at(IJB_FPRS, method)
+    metrics = {f"tpr@fpr={fpr_key(f)}": tpr for f, tpr in tprs.items()}
+    genuine = int(np.count_nonzero(labels))
+    metrics.update(readout_uncertainty(tprs, genuine, len(labels) - genuine))
     fpr, tpr, thresholds = roc.curve()
     keep = downsample_roc(fpr, tpr, thresholds, roc_points)
     return metrics, {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist(), "threshold": thresholds[keep].tolist()}

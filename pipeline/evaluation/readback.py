@@ -1,6 +1,7 @@
 """Result files read back (metrics.json, roc.csv, <target>.json, DVCLive .tsv), each value checked: a damaged
 file (truncated, garbage bytes, a wrong type, NaN, a missing column) is one DataError naming the file and the
-key or row, never a traceback or a report built on garbage."""
+key or row, never a traceback or a report built on garbage. TPR standard errors and resolution flags are read
+as stored, or derived from the pair counts of a file written before they were stored."""
 from __future__ import annotations
 
 import csv
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import DataError
+from pipeline.evaluation.uncertainty import readout_uncertainty
 
 
 def read_json_object(path: Path) -> dict:
@@ -57,3 +59,38 @@ def read_table(path: Path, columns: tuple[str, ...], delimiter: str = ",") -> li
         if any(row.get(c) in (None, "") for c in columns):
             raise DataError(f"{path}: line {index} lacks a value of {', '.join(columns)} (truncated?)")
     return rows
+
+
+def flag(path: Path, where: str, value: Any) -> bool:
+    """`value` as a JSON boolean."""
+    if not isinstance(value, bool):
+        raise DataError(f"{path}: {where} is {value!r}, expected true or false")
+    return value
+
+
+def _keyed(path: Path, where: str, value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: {where} is {value!r}, expected an object keyed by FPR")
+    return value
+
+
+def read_uncertainty(path: Path, where: str, section: dict, tprs: dict[str, float]
+                     ) -> tuple[dict[str, float], dict[str, bool]]:
+    """`(standard error, resolved)` per FPR key of the TPRs `tprs` of a metrics section (`where`: its name in
+    messages, "" for the top level): the stored `tpr_se` / `resolved`, checked; for a file written before they
+    were stored, derived from its pair counts; empty when it has neither."""
+    if "tpr_se" in section or "resolved" in section:
+        se = {k: number(path, f"{where}tpr_se.{k}", v, 0, 0.5)
+              for k, v in _keyed(path, f"{where}tpr_se", section.get("tpr_se", {})).items()}
+        resolved = {k: flag(path, f"{where}resolved.{k}", v)
+                    for k, v in _keyed(path, f"{where}resolved", section.get("resolved", {})).items()}
+        for k, v in _keyed(path, f"{where}impostor_pairs", section.get("impostor_pairs", {})).items():
+            number(path, f"{where}impostor_pairs.{k}", v, 0, integer=True)
+        return se, resolved
+    counts = [section.get(k) for k in ("positive_pairs", "negative_pairs")]
+    if any(c is None for c in counts):
+        return {}, {}
+    genuine, impostors = (number(path, f"{where}{k}", c, 0, integer=True)
+                          for k, c in zip(("positive_pairs", "negative_pairs"), counts))
+    derived = readout_uncertainty({float(k): v for k, v in tprs.items()}, genuine, impostors)
+    return derived["tpr_se"], derived["resolved"]

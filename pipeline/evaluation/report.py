@@ -13,14 +13,24 @@ from PIL import Image
 
 from pipeline.errors import DataError, PipelineError
 from pipeline.evaluation.curves import plot_curves, plot_diagnostics
-from pipeline.evaluation.readback import number, read_json_object, read_table
+from pipeline.evaluation.readback import number, read_json_object, read_table, read_uncertainty
+from pipeline.evaluation.readouts import (
+    Readout,
+    gain_cell,
+    gap_blockers,
+    gap_cell,
+    gap_footnote,
+    tpr_cell,
+    unresolved_levels,
+)
+from pipeline.evaluation.uncertainty import MIN_IMPOSTORS
 from pipeline.fpr import LEVEL_KEYS, REPORT_KEYS
 from pipeline.io import atomic_path, write_text_atomic
 
 REPORT_FPRS = REPORT_KEYS
 IJB_TARGETS = ("ijbc", "ijbb")  # evaluate-ijb's <target>.json files in a run folder
 IJB_FPRS = tuple(reversed(LEVEL_KEYS))  # "1e-6" .. "1e-1", the insightface IJB table's columns
-IJB_GAP = "1e-4"  # the IJB table's gap-closed column: the EKD paper's headline level, when the pairs resolve it
+UNRESOLVED_MARK = "†"  # on a TPR column some model's pairs do not resolve
 
 
 @dataclass
@@ -31,16 +41,16 @@ class ModelResult:
     role: str  # "teacher", "baseline" or "student"
     params: int | None
     accuracy: dict[str, float]  # verification .bin name -> 10-fold accuracy
-    tpr: dict[str, float]  # "1e-4" -> TPR on the test set
+    test: Readout  # "1e-4" -> TPR on the test set, its standard error, whether the test pairs resolve 1e-4
     thresholds: dict[str, float] = field(default_factory=dict)  # "1e-4" -> score threshold on the test set
     roc: tuple[list[float], list[float]] | None = None
     ijb: dict[str, dict] = field(default_factory=dict)  # "ijbc" -> that run's <target>.json (evaluate-ijb)
 
-
-def gap_closed(student: float, baseline: float, teacher: float) -> float:
-    """(student - baseline) / (teacher - baseline); NaN when the teacher does not beat the baseline."""
-    gap = teacher - baseline
-    return (student - baseline) / gap if gap > 0 else math.nan
+    def ijb_readout(self, target: str) -> Readout:
+        """The IJB `target`'s TPR at each FPR with standard errors and resolution (`_read_ijb` fills them in)."""
+        document = self.ijb[target]
+        return Readout({f: document[f"tpr@fpr={f}"] for f in IJB_FPRS if f"tpr@fpr={f}" in document},
+                       document.get("tpr_se", {}), document.get("resolved", {}))
 
 
 def load_result(run: Path, name: str, role: str) -> ModelResult:
@@ -54,6 +64,7 @@ def load_result(run: Path, name: str, role: str) -> ModelResult:
     test = _section(metrics_path, metrics, "test")
     tpr = {k.split("=", 1)[1]: number(metrics_path, f"test.{k}", v, 0, 1) for k, v in test.items()
            if k.startswith("tpr@fpr=")}
+    se, resolved = read_uncertainty(metrics_path, "test.", test, tpr)
     roc, thresholds = None, {}
     if (run / "roc.csv").is_file():
         roc = read_roc_csv(run / "roc.csv")
@@ -63,7 +74,7 @@ def load_result(run: Path, name: str, role: str) -> ModelResult:
     if params is not None:
         params = number(metrics_path, "model.params", params, 0, integer=True)
     ijb = {target: _read_ijb(run / f"{target}.json") for target in IJB_TARGETS if (run / f"{target}.json").is_file()}
-    return ModelResult(name, role, params, accuracy, tpr, thresholds, roc, ijb)
+    return ModelResult(name, role, params, accuracy, Readout(tpr, se, resolved), thresholds, roc, ijb)
 
 
 def _section(path: Path, document: dict, key: str) -> dict:
@@ -74,14 +85,15 @@ def _section(path: Path, document: dict, key: str) -> dict:
 
 
 def _read_ijb(path: Path) -> dict:
-    """evaluate-ijb's <target>.json, with the numbers the IJB table reads checked."""
+    """evaluate-ijb's <target>.json, with the numbers the IJB table reads checked and each TPR's `tpr_se` and
+    `resolved` filled in (derived from the pair counts for a file written before they were stored)."""
     result = read_json_object(path)
-    for key, value in result.items():
-        if key.startswith("tpr@fpr="):
-            number(path, key, value, 0, 1)
+    tpr = {key.split("=", 1)[1]: number(path, key, value, 0, 1) for key, value in result.items()
+           if key.startswith("tpr@fpr=")}
     for key in ("images", "templates", "pairs", "positive_pairs", "negative_pairs"):
         if key in result:
             number(path, key, result[key], 0, integer=True)
+    result["tpr_se"], result["resolved"] = read_uncertainty(path, "", result, tpr)
     return result
 
 
@@ -115,59 +127,97 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return f"{value:.{digits}f}"
 
 
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _header(cells: list[str]) -> list[str]:
+    return [_row(cells), "|" + "---|" * len(cells)]
+
+
+def _roles(results: list[ModelResult]) -> tuple[ModelResult | None, ModelResult | None]:
+    return (next((r for r in results if r.role == "teacher"), None),
+            next((r for r in results if r.role == "baseline"), None))
+
+
 def markdown_table(results: list[ModelResult]) -> str:
-    """Teacher and each student: accuracy per .bin, TPR at each FPR, parameters, gap closed per FPR."""
-    teacher = next((r for r in results if r.role == "teacher"), None)
-    baseline = next((r for r in results if r.role == "baseline"), None)
+    """Teacher and each student: accuracy per .bin, test TPR ± SE at each FPR, parameters, gap closed per FPR
+    (where resolved, `readouts`), with the footnote naming the levels that are not."""
+    teacher, baseline = _roles(results)
     bins = sorted({name for r in results for name in r.accuracy})
     header = ["model", "params (M)"] + [f"{b} acc" for b in bins] + [f"TPR@{f}" for f in REPORT_FPRS]
+    blockers = {}
     if teacher and baseline:
         header += [f"gap closed @{f}" for f in REPORT_FPRS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        blockers = gap_blockers(REPORT_FPRS, [r.test for r in results], teacher.test, baseline.test)
+    lines = _header(header)
     for r in results:
         row = [f"{r.name} ({r.role})", _fmt(r.params / 1e6, 3) if r.params else "–"]
-        row += [_fmt(r.accuracy.get(b)) for b in bins] + [_fmt(r.tpr.get(f)) for f in REPORT_FPRS]
+        row += [_fmt(r.accuracy.get(b)) for b in bins] + [tpr_cell(r.test, f) for f in REPORT_FPRS]
         if teacher and baseline:
-            row += [
-                _fmt(gap_closed(r.tpr[f], baseline.tpr[f], teacher.tpr[f]), 3)
-                if f in r.tpr and f in baseline.tpr and f in teacher.tpr
-                else "–"
-                for f in REPORT_FPRS
-            ]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+            row += [gap_cell(r.test, f, teacher.test, baseline.test, blockers) for f in REPORT_FPRS]
+        lines.append(_row(row))
+    note = gap_footnote(blockers, "test set")
+    return "\n".join(lines) + (f"\n\n{note}" if note else "")
 
 
 def ijb_table(results: list[ModelResult], target: str) -> str:
-    """One IJB target: each model's TPR at FPR 1e-6 .. 1e-1 (and gap closed at 1e-4 with teacher and baseline),
-    under a line saying what was measured and which FPRs the pair count resolves."""
+    """One IJB target: each model's TPR ± SE at FPR 1e-6 .. 1e-1 (a dagger on the levels some model's impostor
+    pairs do not resolve) and, with teacher and baseline, gap closed at the report's FPRs where resolved,
+    under a line saying what was measured."""
     rows = [r for r in results if target in r.ijb]
+    readouts = {r.name: r.ijb_readout(target) for r in rows}
     first = rows[0].ijb[target]
-    tpr = {r.name: {f: r.ijb[target].get(f"tpr@fpr={f}") for f in IJB_FPRS} for r in rows}
-    teacher = next((r.name for r in rows if r.role == "teacher"), None)
-    baseline = next((r.name for r in rows if r.role == "baseline"), None)
-    negatives = first.get("negative_pairs", 0)
-    gap_fpr = _resolved_gap_fpr(negatives) if teacher is not None and baseline is not None else None
-    header = ["model"] + [f"TPR@{f}" for f in IJB_FPRS] + ([f"gap closed @{gap_fpr}"] if gap_fpr else [])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    teacher, baseline = _roles(rows)
+    unresolved = unresolved_levels(list(readouts.values()), IJB_FPRS)
+    header = ["model"] + [f"TPR@{f}" + (f" {UNRESOLVED_MARK}" if f in unresolved else "") for f in IJB_FPRS]
+    blockers = {}
+    if teacher and baseline:
+        header += [f"gap closed @{f}" for f in REPORT_FPRS]
+        blockers = gap_blockers(REPORT_FPRS, list(readouts.values()), readouts[teacher.name],
+                                readouts[baseline.name])
+    lines = _header(header)
     for r in rows:
-        row = [f"{r.name} ({r.role})"] + [_fmt(tpr[r.name][f]) for f in IJB_FPRS]
-        if gap_fpr:
-            row.append(_fmt(gap_closed(tpr[r.name][gap_fpr], tpr[baseline][gap_fpr], tpr[teacher][gap_fpr]), 3))
-        lines.append("| " + " | ".join(row) + " |")
-    limit = (f" With {negatives} impostor pairs the lowest measurable FPR is {1 / negatives:.1e}: columns below it "
-             "read the curve's first point." if negatives else "")
-    note = (f"{first.get('target', target.upper())}, insightface eval_ijbc protocol ({first.get('mode', '')}, "
-            f"{first.get('tpr_method', '')} read-out): {first.get('images')} images, {first.get('templates')} "
-            f"templates, {first.get('pairs')} template pairs ({first.get('positive_pairs')} genuine).{limit}")
-    return note + "\n\n" + "\n".join(lines)
+        row = [f"{r.name} ({r.role})"] + [tpr_cell(readouts[r.name], f) for f in IJB_FPRS]
+        if teacher and baseline:
+            row += [gap_cell(readouts[r.name], f, readouts[teacher.name], readouts[baseline.name], blockers)
+                    for f in REPORT_FPRS]
+        lines.append(_row(row))
+    negatives = first.get("negative_pairs")
+    notes = [f"{UNRESOLVED_MARK} not resolved: fewer than {MIN_IMPOSTORS} of the {negatives} impostor pairs lie "
+             "above the threshold (floor(FPR x impostor pairs)); the value reads the curve's first points."
+             ] if unresolved else []
+    notes += [note for note in [gap_footnote(blockers, target.upper())] if note]
+    intro = (f"{first.get('target', target.upper())}, insightface eval_ijbc protocol ({first.get('mode', '')}, "
+             f"{first.get('tpr_method', '')} read-out): {first.get('images')} images, {first.get('templates')} "
+             f"templates, {first.get('pairs')} template pairs ({first.get('positive_pairs')} genuine). TPR ± its "
+             "binomial standard error over the genuine pairs.")
+    return "\n\n".join([intro, "\n".join(lines)] + notes)
 
 
-def _resolved_gap_fpr(negatives: int) -> str:
-    """IJB_GAP, or the lowest FPR above it that `negatives` impostor pairs resolve (below 1 / negatives every
-    TPR is the curve's first point, and a gap of nearly equal first points means nothing)."""
-    candidates = IJB_FPRS[IJB_FPRS.index(IJB_GAP):]
-    return next((f for f in candidates if not negatives or negatives * float(f) >= 1), candidates[-1])
+def test_vs_ijb_table(results: list[ModelResult], target: str) -> str:
+    """Test-set and IJB TPR ± SE side by side at the report's FPRs, and each student's gain over the baseline
+    on both: whether what KD gains on the test pairs carries over to templates of aligned loose crops."""
+    rows = [r for r in results if target in r.ijb]
+    _, baseline = _roles(rows)
+    name = target.upper()
+
+    def column(label: str, readouts: list[Readout], f: str) -> str:
+        return f"{label} @{f}" + (f" {UNRESOLVED_MARK}" if unresolved_levels(readouts, [f]) else "")
+
+    header = ["model"] + [cell for f in REPORT_FPRS for cell in (
+        column("test", [r.test for r in rows], f), column(name, [r.ijb_readout(target) for r in rows], f))]
+    lines = _header(header)
+    for r in rows:
+        lines.append(_row([f"{r.name} ({r.role})"] + [cell for f in REPORT_FPRS for cell in (
+            tpr_cell(r.test, f), tpr_cell(r.ijb_readout(target), f))]))
+    for r in (rows if baseline else []):
+        if r.role == "student":
+            lines.append(_row([f"{r.name} - {baseline.name}"] + [cell for f in REPORT_FPRS for cell in (
+                gain_cell(r.test, baseline.test, f),
+                gain_cell(r.ijb_readout(target), baseline.ijb_readout(target), f))]))
+    return "\n".join(lines) + (f"\n\n{UNRESOLVED_MARK} not resolved on those pairs (see above)."
+                               if UNRESOLVED_MARK in lines[0] else "")
 
 
 def thresholds_table(results: list[ModelResult], teacher_train: dict[str, float]) -> str:
@@ -215,8 +265,11 @@ def render(results: list[ModelResult], teacher_train: dict[str, float], faces: b
     parts = [
         "# Teacher vs students",
         "",
-        "Accuracy: 10-fold verification accuracy on each `.bin` (flip TTA). TPR@FPR: all pairs of `test.rec`. "
-        "Gap closed = (student - baseline) / (teacher - baseline) at each FPR.",
+        "Accuracy: 10-fold verification accuracy on each `.bin` (flip TTA). TPR@FPR: all pairs of `test.rec`, "
+        "± its binomial standard error over the genuine pairs (a lower bound on the run-to-run spread: pairs "
+        "share images). Gap closed = (student - baseline) / (teacher - baseline) at each FPR, shown where every "
+        f"model's FPR is resolved (at least {MIN_IMPOSTORS} impostor pairs above the threshold) and teacher - "
+        "baseline exceeds 2 combined standard errors; n/r otherwise.",
         "",
         markdown_table(results),
         "",
@@ -224,7 +277,12 @@ def render(results: list[ModelResult], teacher_train: dict[str, float], faces: b
     ]
     for target in IJB_TARGETS:
         if any(target in r.ijb for r in results):
-            parts += ["", f"## {target.upper()}: 1:1 template verification", "", ijb_table(results, target)]
+            parts += ["", f"## {target.upper()}: 1:1 template verification", "", ijb_table(results, target),
+                      "", f"### Test set vs {target.upper()}", "",
+                      "The same models' TPR ± SE on the test pairs (aligned training-style images) and on "
+                      f"{target.upper()} templates (aligned loose crops), and each student's gain over the "
+                      "baseline on both (standard errors combined as if independent: conservative, the models "
+                      "share the pairs).", "", test_vs_ijb_table(results, target)]
     if teacher_train:
         parts += ["", "## FPR thresholds (cosine similarity)", "",
                   "The teacher's exact thresholds over all training negatives (build-pools) beside each model's "
@@ -249,9 +307,12 @@ def render(results: list[ModelResult], teacher_train: dict[str, float], faces: b
 def summary(results: list[ModelResult]) -> dict:
     """Flat numbers per model, for `dvc metrics show`."""
     return {r.name: {"role": r.role, "params": r.params, **{f"acc_{k}": v for k, v in r.accuracy.items()},
-                     **{f"tpr@{f}": r.tpr[f] for f in REPORT_FPRS if f in r.tpr},
+                     **{f"tpr@{f}": r.test.tpr[f] for f in REPORT_FPRS if f in r.test.tpr},
+                     **{f"tpr_se@{f}": r.test.se[f] for f in REPORT_FPRS if f in r.test.se},
                      **{f"{target}_tpr@{f}": values[f"tpr@fpr={f}"] for target, values in r.ijb.items()
-                        for f in IJB_FPRS if f"tpr@fpr={f}" in values}} for r in results}
+                        for f in IJB_FPRS if f"tpr@fpr={f}" in values},
+                     **{f"{target}_tpr_se@{f}": values["tpr_se"][f] for target, values in r.ijb.items()
+                        for f in IJB_FPRS if f in values["tpr_se"]}} for r in results}
 
 
 def write_report(results: list[ModelResult], teacher_train: dict[str, float], out: Path,

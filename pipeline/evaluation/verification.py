@@ -29,6 +29,7 @@ from pipeline.evaluation.metrics import (
     l2_normalize,
     verification_accuracy,
 )
+from pipeline.evaluation.uncertainty import readout_uncertainty
 from pipeline.formats.jpeg import decode_image
 from pipeline.formats.recordio import FaceRecordIO
 from pipeline.formats.verification_bin import load_verification_bin
@@ -153,18 +154,20 @@ def evaluate_identities(
 ) -> tuple[dict, dict]:
     """All-pairs 1:1 verification on a labelled set: `(metrics, roc)`.
 
-    `metrics` has `tpr@fpr=<f>` for each target (`metrics.tpr_at_fpr` with `method`) and the image, identity
-    and pair counts; `roc` is `{"fpr", "tpr", "threshold"}` lists, at most ~`roc_points` points log-spaced in
+    `metrics` has `tpr@fpr=<f>` for each target (`metrics.tpr_at_fpr` with `method`), the image, identity
+    and pair counts, and each TPR's standard error and resolution (`uncertainty.readout_uncertainty`); `roc` is `{"fpr", "tpr", "threshold"}` lists, at most ~`roc_points` points log-spaced in
     FPR."""
     labels = np.asarray(labels).reshape(-1)
     positive, negative = all_pairs_scores(fuse_flips(embeddings, flipped), labels)
     roc = Roc.from_pos_neg(positive, negative)
-    metrics = {f"tpr@fpr={fpr_key(f)}": tpr for f, tpr in roc.tpr_at(fprs, method).items()}
+    tprs = roc.tpr_at(fprs, method)
+    metrics = {f"tpr@fpr={fpr_key(f)}": tpr for f, tpr in tprs.items()}
     metrics.update(
         images=int(labels.size),
         identities=int(np.unique(labels).size),
         positive_pairs=int(positive.size),
         negative_pairs=int(negative.size),
+        **readout_uncertainty(tprs, positive.size, negative.size),
     )
     fpr, tpr, thresholds = roc.curve()
     keep = downsample_roc(fpr, tpr, thresholds, roc_points)

@@ -153,12 +153,13 @@ def plan_ijb(seed: int, identities: int, templates: int) -> IjbPlan:
                     keys.append(((IMAGE_ROLE, i, images), (VIDEO_ROLE, i, videos)))
                     images += 1
                 videos += 1
-    ids = list(template_identity)
-    pairs = np.array([(a, b) for k, a in enumerate(ids) for b in ids[k + 1:]], np.int64)
-    pairs = pairs[rng.permutation(len(pairs))]
-    swap = rng.random(len(pairs)) < 0.5
-    pairs[swap] = pairs[swap][:, ::-1]
-    labels = np.array([template_identity[a] == template_identity[b] for a, b in pairs.tolist()], np.int8)
+    ids = np.fromiter(template_identity, np.int64, len(template_identity))
+    owner = np.fromiter(template_identity.values(), np.int64, len(template_identity))
+    index = np.stack(np.triu_indices(len(ids), 1), 1)  # every pair of templates, in the order of `ids`
+    index = index[rng.permutation(len(index))]
+    swap = rng.random(len(index)) < 0.5
+    index[swap] = index[swap][:, ::-1]
+    pairs, labels = ids[index], (owner[index[:, 0]] == owner[index[:, 1]]).astype(np.int8)
     table = np.array(rows, np.int64)
     return IjbPlan(table[:, 0], table[:, 1], table[:, 2], keys, template_identity, pairs, labels)
 

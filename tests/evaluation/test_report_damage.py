@@ -37,6 +37,9 @@ METRICS = {
     "tpr above 1": b'{"test": {"tpr@fpr=1e-4": 3}}',
     "test as a list": b'{"test": [0.5]}',
     "params as text": b'{"model": {"params": "many"}}',
+    "SE above 0.5": b'{"test": {"tpr@fpr=1e-4": 0.5, "tpr_se": {"1e-4": 0.7}}}',
+    "resolved as a number": b'{"test": {"tpr@fpr=1e-4": 0.5, "tpr_se": {}, "resolved": {"1e-4": 1}}}',
+    "pair count as a float": b'{"test": {"tpr@fpr=1e-4": 0.5, "positive_pairs": 10.5, "negative_pairs": 99}}',
 }
 ROCS = {
     "truncated": ROC[:-9].encode() + b"\n0.5,",
@@ -52,6 +55,10 @@ IJBS = {
     "tpr as text": b'{"tpr@fpr=1e-4": "x"}',
     "NaN tpr": b'{"tpr@fpr=1e-4": NaN}',
     "negative pairs as a float": b'{"tpr@fpr=1e-4": 0.5, "negative_pairs": 1.5}',
+    "SE as text": b'{"tpr@fpr=1e-4": 0.5, "tpr_se": {"1e-4": "small"}}',
+    "SE as a list": b'{"tpr@fpr=1e-4": 0.5, "tpr_se": [0.01]}',
+    "resolved as text": b'{"tpr@fpr=1e-4": 0.5, "resolved": {"1e-4": "yes"}}',
+    "impostor count negative": b'{"tpr@fpr=1e-4": 0.5, "resolved": {}, "impostor_pairs": {"1e-4": -3}}',
 }
 HISTORIES = {
     "truncated": b"step\tepoch\n9\t",
