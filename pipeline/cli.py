@@ -39,7 +39,7 @@ STAGE_COMMANDS = {
 }
 
 HELP = ("Evaluation-oriented knowledge distillation (EKD) for face recognition, offline: the teacher runs once "
-        "into an HDF5 cache (extract-teacher), FAISS builds pair pools and exact FPR thresholds (build-pools), "
+        "into an HDF5 cache (extract-teacher), exact search builds pair pools and FPR thresholds (build-pools), "
         "students train on the cached targets (train-student), evaluate/report compare them.")
 INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
