@@ -68,7 +68,8 @@ def argv(options: dict) -> list[str]:
 def record(stage: str, n: int, run: Run, images: int, path: Path, **extra) -> dict:
     if run.rc != 0 and not run.killed:
         raise SystemExit(f"{stage} at N={n} failed (exit {run.rc}):\n{run.tail}")
-    return {"stage": stage, "n": n, "wall_s": round(run.wall_s, 2), "images_per_s": round(images / run.wall_s, 1),
+    return {"stage": stage, "n": n, "wall_s": round(run.wall_s, 2), "cpu_s": round(run.cpu_s, 2),
+            "images_per_s": round(images / run.wall_s, 1),
             "peak_rss_mb": round(run.peak_rss / MB), "disk_bytes": disk_bytes(path),
             "bars": [f"{b.desc} {b.n}/{b.total} {b.rate}" for b in run.bars], **extra}
 
@@ -90,7 +91,9 @@ def train_student(n: int, data: Path, cache: Path, pools: Path, out: Path, log: 
     epoch_s = first.first_bar_s + bar.total / steps_per_s
     again = run_child(command, log, kill_when=lambda b: b.desc.startswith("epoch") and b.n >= args.train_steps + 10)
     resumed_at = again.first_bar.n if again.first_bar else None
-    run = Run(0, epoch_s, max(first.peak_rss, again.peak_rss), True, first.bars)
+    cpu_per_step = first.cpu_s / max(first.wall_s, 1e-9) * (first.wall_s - first.first_bar_s) / max(bar.n, 1)
+    cpu_s = first.cpu_s / first.wall_s * first.first_bar_s + bar.total * cpu_per_step  # same split as wall
+    run = Run(0, epoch_s, max(first.peak_rss, again.peak_rss), True, cpu_s, first.bars)
     return record("train-student", n, run, epoch_images, out, epoch="extrapolated", epoch_images=epoch_images,
                   setup_s=round(first.first_bar_s, 1), steps_measured=bar.n, steps_total=bar.total,
                   steps_per_s=round(steps_per_s, 3), killed_at_step=bar.n, resumed_at_step=resumed_at,
@@ -153,9 +156,10 @@ def summarise(records: list[dict]) -> list[dict]:
             continue
         ns = [r["n"] for r in rows]
         line = {"benchmark": "scale", "stage": stage, "sizes": ns, "identities": [r["identities"] for r in rows]}
-        for key in ("wall_s", "images_per_s", "peak_rss_mb", "disk_bytes"):
+        for key in ("wall_s", "cpu_s", "images_per_s", "peak_rss_mb", "disk_bytes"):
             line[key] = [r[key] for r in rows]
         line["b_wall"] = exponent(ns, line["wall_s"])
+        line["b_cpu"] = exponent(ns, line["cpu_s"])
         line["b_rss"] = exponent(ns, line["peak_rss_mb"])
         line["b_disk"] = exponent(ns, line["disk_bytes"])
         for key in ("epoch", "online_epoch_s", "ns_per_pair", "negative_pairs", "resume_ok", "resumed_at_step",

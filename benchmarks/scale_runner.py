@@ -60,6 +60,7 @@ class Run:
     wall_s: float
     peak_rss: int
     killed: bool
+    cpu_s: float = 0.0  # user + system CPU seconds of the child and its waited-for descendants
     bars: list[Progress] = field(default_factory=list)  # the last state of every distinct bar, in order
     first_bar: Progress | None = None
     first_bar_s: float | None = None  # seconds until the first bar appeared (the stage's set-up)
@@ -141,9 +142,9 @@ def run_child(target: Callable[[], object], log: Path, kill_after_s: float | Non
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     proc = psutil.Process(pid)
-    peak, killed, status = 0, False, None
+    peak, killed, status, usage = 0, False, None, None
     while status is None:
-        done, raw = os.waitpid(pid, os.WNOHANG)
+        done, raw, usage = os.wait4(pid, os.WNOHANG)
         if done:
             status = raw
             break
@@ -161,7 +162,7 @@ def run_child(target: Callable[[], object], log: Path, kill_after_s: float | Non
     os.close(master)
     log_handle.close()
     rc = os.waitstatus_to_exitcode(status)
-    return Run(rc, wall, peak, killed, [state["bars"][d] for d in state["order"]], state["first"],
+    return Run(rc, wall, peak, killed, usage.ru_utime + usage.ru_stime, [state["bars"][d] for d in state["order"]], state["first"],
                state["first_s"], state["buffer"][-3000:])
 
 
