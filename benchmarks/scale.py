@@ -9,9 +9,11 @@ targets (the shipped `ekd` recipe: L2 + EKD, hard-pair sampler), evaluate. For s
 checkpoint (the resumed bar must start at the checkpoint) and killed again: the epoch's time is the
 measured set-up plus total steps / measured steps per second (marked `"epoch": "extrapolated"`).
 
-Teacher: a randomly initialised `--teacher-arch` (default mbf x0.125, 512-d) stands in for the real teacher so
-that 100k images fit the CPU budget; `teacher_rates` measures the bare two-view forward rate of the proxy
-and of an r100 at 112 px on this machine, and the online-teacher epoch (`online_epoch_s`) is the cached
+Teacher: a stand-in (`--teacher-arch pooled`: 8x8 average pooling and a fixed random projection to 512-d,
+TorchScript; or a randomly initialised backbone such as mbf) replaces the real teacher so that 100k images
+fit the CPU budget: extract-teacher then measures the pipeline's own cost (decode, preprocess, the cache),
+and `teacher_rates` measures the bare two-view forward rate of the proxy and of an r100 at 112 px on this
+machine (the real teacher's cost, added in the estimates), and the online-teacher epoch (`online_epoch_s`) is the cached
 epoch plus one teacher forward per trained image at each rate (derived, not run).
 
 At the largest size `--sample` rows of build-pools are compared with the exact thresholds: the FPR each
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import tempfile
@@ -100,41 +103,68 @@ def train_student(n: int, data: Path, cache: Path, pools: Path, out: Path, log: 
                   resume_ok=resumed_at == (bar.n // every) * every)
 
 
+def pools_resume(n: int, cache: Path, out: Path, log: Path) -> dict:
+    """build-pools killed at 60% of its threshold scan (scan state saved every 10 s), then rerun: the rerun's
+    bar must start where the last save was, and it must write the same thresholds."""
+    os.environ["PIPELINE_SCAN_CHECKPOINT_S"] = "10"
+    command = pipeline_command(["build-pools", "--cache", cache, "--out", out, *argv(POOLS)])
+    scans = ("thresholds", "coarse ranks", "exact ranks")
+    first = run_child(command, log, kill_when=lambda b: b.desc in scans[:2] and b.n >= 0.6 * b.total)
+    again = run_child(command, log)
+    del os.environ["PIPELINE_SCAN_CHECKPOINT_S"]
+    killed = {d: f"{b.n}/{b.total}" for d, b in zip([b.desc for b in first.bars], first.bars) if d in scans}
+    resumed = {d: f"{b.n}/{b.total}" for d, b in again.firsts.items() if d in scans}
+    return {"stage": "build-pools-resume", "n": n, "killed": first.killed, "killed_at": killed,
+            "rerun_starts_at": resumed, "rerun_wall_s": round(again.wall_s, 1), "rerun_rc": again.rc,
+            "same_thresholds": (out / "thresholds.json").read_text() == (out.parent / "pools" / "thresholds.json")
+            .read_text() if again.rc == 0 else False}
+
+
 def measure_size(n: int, root: Path, args, rates: dict) -> list[dict]:
     work = root / f"n{n}"
     data, cache, pools, student, results = (work / p for p in ("data", "teacher.h5", "pools", "student", "eval"))
     log = work / "stages.log"
     identities = max(2, n // SYNTHESIZE["--images-per-identity"])
     images = identities * SYNTHESIZE["--images-per-identity"]
-    out = []
+    out: list[dict] = []
+
+    def add(r: dict) -> None:  # each record is also kept as it comes: a stopped run keeps what it measured
+        r["identities"] = identities
+        out.append(r)
+        with open(root / "records.jsonl", "a") as handle:
+            handle.write(json.dumps(r) + "\n")
+
     run = run_child(pipeline_command(["synthesize", "--out", data, "--size", args.image_size,
                                       IDENTITIES, identities, *argv(SYNTHESIZE)]), log)
-    out.append(record("synthesize", images, run, images, data / "train.rec", identities=identities,
+    add(record("synthesize", images, run, images, data / "train.rec", identities=identities,
                       all_files_bytes=disk_bytes(data)))
     run = run_child(pipeline_command(["extract-teacher", "--data", data, "--teacher", args.teacher_file,
                                       "--out", cache, *argv(EXTRACT)]), log)
-    out.append(record("extract-teacher", images, run, images, cache, teacher=args.teacher_arch))
+    add(record("extract-teacher", images, run, images, cache, teacher=args.teacher_arch))
     run = run_child(pipeline_command(["build-pools", "--cache", cache, "--out", pools, *argv(POOLS)]), log)
     document = json.loads((pools / "thresholds.json").read_text())
     n_neg = document.get("counts", {}).get("n_neg")
-    out.append(record("build-pools", images, run, images, pools, negative_pairs=n_neg,
+    add(record("build-pools", images, run, images, pools, negative_pairs=n_neg,
                       ns_per_pair=round(run.wall_s / n_neg * 1e9, 3) if n_neg else None))
     train = train_student(images, data, cache, pools, student, log, args)
     epoch_images = train["epoch_images"]
     train["online_epoch_s"] = {name: round(train["wall_s"] + epoch_images / rate, 1)
                                for name, rate in rates["images_per_s"].items()}
-    out.append(train)
+    add(train)
     model = student / "model.pt"
     if model.exists():  # a killed (extrapolated) epoch leaves no model: evaluate the checkpoint-free way
         run = run_child(pipeline_command(["evaluate", "--model", model, "--data", data, "--out", results,
                                           *argv(EVALUATE)]), log)
-        out.append(record("evaluate", images, run, SYNTHESIZE["--test-identities"]
+        add(record("evaluate", images, run, SYNTHESIZE["--test-identities"]
                           * SYNTHESIZE["--test-images-per-identity"], results))
+    if n == max(args.sizes) and not args.tiny:
+        try:
+            add(pools_resume(images, cache, work / "pools_resume", log))
+        except Exception as error:  # noqa: BLE001 - a failed demonstration is a result, not a reason to stop
+            add({"stage": "build-pools-resume", "n": images, "error": repr(error)})
     if n == max(args.sizes) and args.samples:
-        out.append({"stage": "sample-error", "n": images, **sample_error(cache, pools, args.samples, argv(POOLS), POOLS_SAMPLE,
+        add({"stage": "sample-error", "n": images, **sample_error(cache, pools, args.samples, argv(POOLS), POOLS_SAMPLE,
                                                                    POOLS["--block-rows"], log)})
-    for r in out:
-        r["identities"] = identities
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return out
@@ -204,7 +234,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[6250, 25000, 100000])
     parser.add_argument("--image-size", type=int, default=112)
-    parser.add_argument("--teacher-arch", default="mbf")
+    parser.add_argument("--teacher-arch", default="pooled", help="pooled (near-free TorchScript) or a backbone")
     parser.add_argument("--teacher-width", type=float, default=0.125)
     parser.add_argument("--reference-arch", default="r100", help="the real teacher whose forward rate is measured")
     parser.add_argument("--train-full-max", type=int, default=6250, help="largest N trained for a whole epoch")
@@ -214,35 +244,43 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep each size's files")
     parser.add_argument("--json", type=Path, help="write every record here")
     parser.add_argument("--plot", type=Path)
+    parser.add_argument("--from-records", type=Path, help="only summarise a run's records.jsonl (no stage runs)")
     parser.add_argument("--tiny", action="store_true", help="a few seconds: 32 px, N = 600 and 1200, no r100")
     args = parser.parse_args()
     if args.tiny:
         args.sizes, args.image_size, args.teacher_width, args.reference_arch = [600, 1200], 32, 0.125, ""
         args.train_full_max, args.train_steps, args.samples = 600, 4, [300]
+    if args.from_records:
+        return report([json.loads(line) for line in args.from_records.read_text().splitlines()],
+                      json.loads((args.from_records.parent / "rates.json").read_text()), args)
     root = args.work or Path(tempfile.mkdtemp(prefix="scale-"))
     root.mkdir(parents=True, exist_ok=True)
-    args.teacher_file = root / "teacher.pt"
+    args.teacher_file = root / ("teacher.ts" if args.teacher_arch == "pooled" else "teacher.pt")
     save_teacher(args.teacher_file, args.teacher_arch, args.teacher_width, args.image_size, root / "probes.log")
     rates = teacher_rates(args.teacher_file, args.reference_arch, args.image_size, root / "probes.log")
     records = []
     for n in args.sizes:
         records += measure_size(n, root, args, rates)
-    machine = {"cpu": cpu_name(), "cores": __import__("os").cpu_count(), "gpu": None}
+    report(records, rates, args)
+    if not args.work:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def report(records: list[dict], rates: dict, args) -> None:
+    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "gpu": None}
     lines = summarise(records)
     for line in lines:
         print(json.dumps(line))
     print(json.dumps({"benchmark": "scale", "stage": "teacher-rates", **rates, "machine": machine}))
     for r in records:
-        if r["stage"] == "sample-error":
+        if r["stage"] in ("sample-error", "build-pools-resume"):
             print(json.dumps({"benchmark": "scale", **r}))
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "rates": rates, "records": records,
                                          "lines": lines}, indent=1))
     if args.plot:
         plot(lines, args.plot, f"{machine['cpu']}, {machine['cores']} cores, no GPU; {args.image_size} px, "
-                               f"teacher {args.teacher_arch} x{args.teacher_width}")
-    if not args.work:
-        shutil.rmtree(root, ignore_errors=True)
+                               f"teacher {args.teacher_arch}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,23 @@ def _in_child(function, log: Path, result: Path, *args) -> dict:
     return json.loads(result.read_text())
 
 
+def _pooled_teacher(size: int):
+    """A near-free stand-in teacher (TorchScript): 8x8 average pooling, a fixed random projection to 512-d.
+    Extraction then measures the pipeline (decode, preprocess, write), not a network."""
+    import torch
+    from torch import nn
+
+    class Pooled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("p", torch.randn(3 * 64, 512, generator=torch.Generator().manual_seed(0)))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.adaptive_avg_pool2d(x, 8).flatten(1) @ self.p
+
+    return torch.jit.script(Pooled())
+
+
 def _save(path: str, arch: str, width: float, size: int) -> dict:
     import torch
 
@@ -39,6 +56,9 @@ def _save(path: str, arch: str, width: float, size: int) -> dict:
     from pipeline.models.model_file import save_model
 
     torch.manual_seed(0)
+    if arch == "pooled":
+        torch.jit.save(_pooled_teacher(size), path)
+        return {"input_size": size, "num_features": 512}
     kwargs = {"input_size": size, "width": width, "num_features": 512}
     save_model(path, get_model(arch, **kwargs).eval(), arch, kwargs)
     return kwargs
@@ -60,10 +80,15 @@ def _forward_rate(model, size: int, batch: int) -> float:
 
 
 def _rates(teacher: str, reference: str, size: int) -> dict:
+    import torch
+
     from pipeline.models import get_model
     from pipeline.models.model_file import load_model
 
-    model, info = load_model(teacher)
+    if teacher.endswith(".ts"):
+        model, info = torch.jit.load(teacher), {"arch": "pooled (TorchScript)"}
+    else:
+        model, info = load_model(teacher)
     rates = {"proxy": _forward_rate(model.eval(), size, FORWARD_BATCH["proxy"])}
     if reference:
         rates[reference] = _forward_rate(get_model(reference, input_size=size).eval(), size,

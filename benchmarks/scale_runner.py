@@ -33,8 +33,14 @@ import psutil
 POLL_S = 0.05
 COLUMNS = 160
 # tqdm's bar: "desc:  40%|####      | 400/1000 [00:10<00:15, 39.8batch/s]" (rate may be "s/batch")
-BAR = re.compile(r"(?P<desc>[^\r\n|]*?):?\s+\d+%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)\s*"
+BAR = re.compile(r"(?P<desc>[^\r\n|]*?):?\s+\d+%\|[^|]*\|\s*(?P<n>[\d.]+[kMG]?)/(?P<total>[\d.]+[kMG]?)\s*"
                  r"\[(?P<elapsed>[\d:]+)<(?P<eta>[\d:?]+),\s*(?P<rate>[\d.?]+)\s*(?P<unit>[^\]]*)\]")
+
+
+def _count(text: str) -> int:
+    """tqdm's counts, unit-scaled ones included ("3.99k")."""
+    scale = {"k": 1e3, "M": 1e6, "G": 1e9}.get(text[-1], 1)
+    return int(round(float(text.rstrip("kMG")) * scale))
 
 
 @dataclass
@@ -50,7 +56,7 @@ class Progress:
         match = BAR.search(text)
         if not match:
             return None
-        return cls(match["desc"].strip(), int(match["n"]), int(match["total"]), match["eta"],
+        return cls(match["desc"].strip(), _count(match["n"]), _count(match["total"]), match["eta"],
                    f"{match['rate']} {match['unit'].strip()}")
 
 
@@ -64,6 +70,7 @@ class Run:
     bars: list[Progress] = field(default_factory=list)  # the last state of every distinct bar, in order
     first_bar: Progress | None = None
     first_bar_s: float | None = None  # seconds until the first bar appeared (the stage's set-up)
+    firsts: dict = field(default_factory=dict)  # desc -> the first state seen of that bar (a resumed bar: n > 0)
     tail: str = ""
 
 
@@ -114,7 +121,7 @@ def run_child(target: Callable[[], object], log: Path, kill_after_s: float | Non
         os.close(master)
         _child(target, slave)
     os.close(slave)
-    state = {"buffer": "", "bars": {}, "first": None, "first_s": None, "order": []}
+    state = {"buffer": "", "bars": {}, "first": None, "first_s": None, "order": [], "firsts": {}}
     lock = threading.Lock()
 
     def read() -> None:
@@ -137,6 +144,7 @@ def run_child(target: Callable[[], object], log: Path, kill_after_s: float | Non
                         state["first"], state["first_s"] = bar, time.perf_counter() - started
                     if bar.desc not in state["bars"]:
                         state["order"].append(bar.desc)
+                        state["firsts"][bar.desc] = bar
                     state["bars"][bar.desc] = bar
 
     reader = threading.Thread(target=read, daemon=True)
@@ -163,7 +171,7 @@ def run_child(target: Callable[[], object], log: Path, kill_after_s: float | Non
     log_handle.close()
     rc = os.waitstatus_to_exitcode(status)
     return Run(rc, wall, peak, killed, usage.ru_utime + usage.ru_stime, [state["bars"][d] for d in state["order"]], state["first"],
-               state["first_s"], state["buffer"][-3000:])
+               state["first_s"], state["firsts"], state["buffer"][-3000:])
 
 
 def pipeline_command(args: list[str]) -> Callable[[], object]:
