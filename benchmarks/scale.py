@@ -200,6 +200,20 @@ def summarise(records: list[dict]) -> list[dict]:
     return lines
 
 
+def markdown(lines: list[dict]) -> str:
+    """The measured table: one row per stage and size, the fitted exponents in the stage's first row."""
+    rows = ["| stage | N | identities | wall s | CPU s | images/s (wall) | peak RSS MB | disk MB | b (wall) | "
+            "b (CPU) | b (RSS) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for line in lines:
+        for i, n in enumerate(line["sizes"]):
+            fits = (f"{line['b_wall']} | {line['b_cpu']} | {line['b_rss']}" if i == 0 else " | | ")
+            mark = " (extrapolated)" if line.get("epoch", [""] * len(line["sizes"]))[i] == "extrapolated" else ""
+            rows.append(f"| {line['stage'] if i == 0 else ''} | {n:,} | {line['identities'][i]:,} | "
+                        f"{line['wall_s'][i]:.1f}{mark} | {line['cpu_s'][i]:.1f} | {line['images_per_s'][i]:,.0f} | "
+                        f"{line['peak_rss_mb'][i]:,} | {line['disk_bytes'][i] / 1e6:,.1f} | {fits} |")
+    return "\n".join(rows)
+
+
 def plot(lines: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -208,11 +222,13 @@ def plot(lines: list[dict], path: Path, title: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for line in lines:
-        label = f"{line['stage']} (b={line['b_wall']})"
-        axes[0].loglog(line["sizes"], line["wall_s"], "o-", label=label)
+        label = f"{line['stage']} (b CPU={line['b_cpu']}, wall={line['b_wall']})"
+        drawn = axes[0].loglog(line["sizes"], line["cpu_s"], "o-", label=label)
+        axes[0].loglog(line["sizes"], line["wall_s"], "o--", color=drawn[0].get_color(), alpha=0.4)
         axes[1].loglog(line["sizes"], np.array(line["peak_rss_mb"]) / 1024, "o-",
                        label=f"{line['stage']} (b={line['b_rss']})")
-    axes[0].set(xlabel="training images N", ylabel="wall time, s", title="time per stage (train: one epoch)")
+    axes[0].set(xlabel="training images N", ylabel="seconds",
+               title="CPU s (solid), wall s (dashed, shared machine); train: one epoch")
     axes[1].set(xlabel="training images N", ylabel="peak RSS, GiB", title="peak RSS per stage")
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
@@ -244,6 +260,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep each size's files")
     parser.add_argument("--json", type=Path, help="write every record here")
     parser.add_argument("--plot", type=Path)
+    parser.add_argument("--markdown", type=Path, help="write the measured table (markdown) here")
     parser.add_argument("--from-records", type=Path, help="only summarise a run's records.jsonl (no stage runs)")
     parser.add_argument("--tiny", action="store_true", help="a few seconds: 32 px, N = 600 and 1200, no r100")
     args = parser.parse_args()
@@ -278,6 +295,8 @@ def report(records: list[dict], rates: dict, args) -> None:
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "rates": rates, "records": records,
                                          "lines": lines}, indent=1))
+    if args.markdown:
+        args.markdown.write_text(markdown(lines) + "\n")
     if args.plot:
         plot(lines, args.plot, f"{machine['cpu']}, {machine['cores']} cores, no GPU; {args.image_size} px, "
                                f"teacher {args.teacher_arch}")

@@ -49,6 +49,28 @@ def student_train_rate(batch: int = 16) -> float:
     return batch / (time.perf_counter() - started)
 
 
+def sampler_step_ms(identities: int, setdiff: bool, steps: int = 20) -> float:
+    """Milliseconds per batch of the hard-pair sampler (train-student's `--sampler pairs`, the main process)
+    at `identities` x 30 images, batch 64 + 64; `setdiff`: the former O(identities)-per-batch draw."""
+    import numpy as np
+
+    from pipeline.training.pair_sampler import HardPairBatchSampler
+
+    class Setdiff(HardPairBatchSampler):
+        def _free_identities(self, picks, taken):
+            return np.setdiff1d(self._identities, np.fromiter(taken, dtype=np.int64, count=len(taken)))[picks]
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(identities), 30)
+    pairs = rng.integers(0, labels.size, (100_000, 2))
+    sampler = (Setdiff if setdiff else HardPairBatchSampler)(labels, 64, 64, pairs, pair_share=0.5)
+    batches = iter(sampler)
+    started = time.perf_counter()
+    for _ in range(steps):
+        next(batches)
+    return (time.perf_counter() - started) / steps * 1e3
+
+
 def hours(seconds: float) -> float:
     return round(seconds / 3600, 2)
 
@@ -116,6 +138,9 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
     result = estimate(json.loads(args.scale_json.read_text()), student_train_rate())
+    result["sampler_ms_per_step"] = {
+        f"{c}": {"before_setdiff": round(sampler_step_ms(c, True), 3), "after": round(sampler_step_ms(c, False), 3)}
+        for c in (208, 833, 3333, 85_742, 360_232)}
     print(json.dumps(result))
     if args.markdown:
         print(markdown(result))
