@@ -67,7 +67,9 @@ class Window:
         if band.size:
             self._pending.append(band.astype(np.float32, copy=False))
             self._pending_size += band.size
-            if self._pending_size >= max(_FLUSH_KEYS, 2 * (self.rank + 1)):
+            # a bounded window folds its values into the histogram every _FLUSH_KEYS (memory: one buffer,
+            # whatever N); an unbounded one keeps the rank+1 largest, so it may buffer 2 (rank + 1) first
+            if self._pending_size >= (_FLUSH_KEYS if self.bounded else max(_FLUSH_KEYS, 2 * (self.rank + 1))):
                 self._flush()
 
     def add_ge(self, values: np.ndarray) -> None:
