@@ -10,8 +10,12 @@ import typer
 
 from pipeline.cache.format import TeacherCache
 from pipeline.io import output_lock
+from pipeline.search.checkpoint import ScanCheckpoint
 from pipeline.search.pools import PoolsConfig, build_pools, describe, write_pools
+from pipeline.settings import identity
 from stages import options
+
+SCAN_STATE = "pools.scan.npz"  # the running pair scan's position and state (removed once the pools are written)
 
 
 def build_pools_command(
@@ -23,11 +27,17 @@ def build_pools_command(
     started = time.perf_counter()
     with output_lock(out):  # one build per folder; stale temporaries of killed builds go first
         source = TeacherCache.open(cache)
+        # the pair scans save their position every few minutes: a killed build continues where it stopped, if
+        # every identity setting of PoolsConfig (declared there) and the cache are the same
+        checkpoint = ScanCheckpoint(out / SCAN_STATE, {"cache": source.fingerprint, **identity(cfg)})
         try:
-            results = build_pools(source, config=cfg, progress=True)
+            results = build_pools(source, config=cfg, progress=True, checkpoint=checkpoint)
         finally:
             source.close()
         pools_path, thresholds_path = write_pools(out, results)
+        checkpoint.clear()
+    for scan, block in checkpoint.resumed_at.items():
+        print(f"resumed the {scan} scan at block {block:,} from {out / SCAN_STATE}")
     print(f"wrote {pools_path} (centres {results.centres.shape[0]:,} x {results.centres.shape[1]}, "
           f"neighbours k={results.neighbours.shape[1]}, negative pairs m={results.neg_pairs.shape[0]:,})")
     print(f"wrote {thresholds_path}")

@@ -81,14 +81,17 @@ def block_pairs(n: int, block_rows: int) -> list[tuple[int, int, int, int]]:
 
 
 def scan_negatives(layout: PairLayout, engine, block_rows: int, progress: bool = False,
-                   desc: str = "pairs") -> Iterator[tuple[object, int, int]]:
+                   desc: str = "pairs", start: int = 0) -> Iterator[tuple[object, int, int]]:
     """Yield (S, r0, c0) per block pair: S = similarities with positives and pairs i >= j set to -inf.
 
-    S lives in the engine's reused buffer: consume it before asking for the next block.
+    S lives in the engine's reused buffer: consume it before asking for the next block. `start`: skip the
+    first `start` block pairs (a resumed scan; the bar starts there).
     """
     emb = engine.put(layout.emb)
     blocks = block_pairs(layout.n, block_rows)
-    for r0, r1, c0, c1 in tqdm(blocks, desc=desc, unit="block", disable=not progress or None, leave=False):
+    bar = tqdm(blocks[start:], desc=desc, unit="block", initial=start, total=len(blocks),
+               disable=not progress or None, leave=False)
+    for r0, r1, c0, c1 in bar:
         s = engine.sims(emb[r0:r1], emb[c0:c1])
         for rows, cols in layout.positive_rects(r0, r1, c0, c1):
             engine.fill(s, rows, cols)

@@ -27,6 +27,20 @@ class TopPairs:
         self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._size = 0
 
+    def key(self) -> list:
+        return ["top pairs", self.m]
+
+    def state(self) -> dict[str, np.ndarray]:
+        self._compact()
+        sims, i, j = self._parts[0] if self._parts else (np.empty(0, np.float32), np.empty(0, np.int64),
+                                                         np.empty(0, np.int64))
+        return {"sims": sims, "i": i, "j": j, "floor": np.float32(self.floor)}
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        sims = np.array(state["sims"], np.float32)
+        self._parts = [(sims, np.array(state["i"]), np.array(state["j"]))] if sims.size else []
+        self._size, self.floor = sims.size, np.float32(state["floor"])
+
     def consume(self, engine, s, r0: int, c0: int) -> None:
         if self.m == 0:
             return

@@ -131,13 +131,14 @@ def read_normalised(source, rows: np.ndarray, views: tuple[int, ...], progress: 
 
 def build_pools(emb_views, labels: np.ndarray | None = None, num_classes: int | None = None,
                 config: PoolsConfig | None = None, threshold_view: str = "original", fprs=DEFAULT_FPRS,
-                pilot_rows: int = 4096, progress: bool = False, **settings) -> PoolResults:
+                pilot_rows: int = 4096, progress: bool = False, checkpoint=None, **settings) -> PoolResults:
     """Everything in pools.h5 and thresholds.json, from an (N, V, D) array or a `TeacherCache`.
 
     `config` (or PoolsConfig fields given by name) sets the neighbours k, the hard pairs m, views, backend,
     block size and row sampling.
     Centres average the L2-normalised `centre_views` ("original" or "both"); thresholds and negative pairs
-    use `threshold_view`. k / m beyond what the data allows are clamped with a warning. Memory: N x D
+    use `threshold_view`. k / m beyond what the data allows are clamped with a warning. `checkpoint`
+    (search/checkpoint.ScanCheckpoint) makes the pair scans resumable after a kill. Memory: N x D
     float32 for the threshold view (or `threshold_rows` x D), plus block buffers.
     """
     cfg = replace(config, **settings) if config is not None else PoolsConfig(**settings)
@@ -180,7 +181,8 @@ def build_pools(emb_views, labels: np.ndarray | None = None, num_classes: int | 
     centres = normalise_centres(sums)
     neighbours, neighbour_sims = identity_neighbours(centres, k, sizes, backend=backend, block_rows=block_rows)
     result, pairs, sims = negative_statistics(emb, labels[pair_rows], m, fprs=fprs, seed=seed, backend=backend,
-                                              block_rows=block_rows, pilot_rows=pilot_rows, progress=progress)
+                                              block_rows=block_rows, pilot_rows=pilot_rows, progress=progress,
+                                              checkpoint=checkpoint)
     pairs = pair_rows[pairs]
     result["counts"].update(N_total=n, sampled=int(chosen is not None))
     attrs = {

@@ -67,7 +67,9 @@ class Window:
         if band.size:
             self._pending.append(band.astype(np.float32, copy=False))
             self._pending_size += band.size
-            if self._pending_size >= max(_FLUSH_KEYS, 2 * (self.rank + 1)):
+            # a bounded window folds its values into the histogram every _FLUSH_KEYS (memory: one buffer,
+            # whatever N); an unbounded one keeps the rank+1 largest, so it may buffer 2 (rank + 1) first
+            if self._pending_size >= (_FLUSH_KEYS if self.bounded else max(_FLUSH_KEYS, 2 * (self.rank + 1))):
                 self._flush()
 
     def add_ge(self, values: np.ndarray) -> None:
@@ -88,6 +90,20 @@ class Window:
             values = np.partition(values, values.size - keep)[values.size - keep :]
             self.lo = max(self.lo, values.min())  # later values below the kept ones cannot matter
         self._pending, self._pending_size = [values], values.size
+
+    def state(self) -> dict[str, np.ndarray]:
+        """What a resumed scan needs (search/checkpoint.py): the count above hi and the values kept."""
+        self._flush()
+        kept = self.hist if self.bounded else (self._pending[0] if self._pending else np.empty(0, np.float32))
+        return {"above": np.int64(self.above), "lo": self.lo, "kept": kept}
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        self.above, self.lo = int(state["above"]), np.float32(state["lo"])
+        if self.bounded:
+            self.hist = np.array(state["kept"], np.int64)
+        else:
+            self._pending = [np.array(state["kept"], np.float32)]
+            self._pending_size = self._pending[0].size
 
     def side(self) -> str:
         """'inside', 'above' (the rank's value is > hi) or 'below' (< lo)."""
@@ -121,6 +137,12 @@ class CoarseHistogram:
         if values.size:
             coarse = (float_keys(values) >> COARSE_SHIFT) + COARSE_BINS // 2
             self.counts += np.bincount(coarse, minlength=COARSE_BINS)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"counts": self.counts}
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        self.counts = np.array(state["counts"], np.int64)
 
     def window(self, rank: int, total: int) -> Window:
         """The exact window (one coarse bin) holding descending rank `rank` (`rank` < values counted)."""

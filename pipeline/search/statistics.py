@@ -75,9 +75,11 @@ def negative_thresholds(emb: np.ndarray, labels: np.ndarray, fprs=DEFAULT_FPRS, 
 
 def negative_statistics(emb: np.ndarray, labels: np.ndarray, m: int, fprs=DEFAULT_FPRS,
                         sample: int | None = None, seed: int = 0, backend: str = "auto", block_rows: int = 4096,
-                        pilot_rows: int = 4096, progress: bool = False) -> tuple[dict, np.ndarray, np.ndarray]:
+                        pilot_rows: int = 4096, progress: bool = False,
+                        checkpoint=None) -> tuple[dict, np.ndarray, np.ndarray]:
     """Thresholds (as `negative_thresholds`) and the top-M negative pairs (as `top_negative_pairs`, on the
-    same rows) sharing their scans. Returns (thresholds result, pairs, sims); pairs index the input rows."""
+    same rows) sharing their scans; `checkpoint` (search/checkpoint.ScanCheckpoint) makes the scans
+    resumable. Returns (thresholds result, pairs, sims); pairs index the input rows."""
     emb = check_rows(emb)
     labels = np.asarray(labels).reshape(-1)
     n_total = emb.shape[0]
@@ -89,7 +91,7 @@ def negative_statistics(emb: np.ndarray, labels: np.ndarray, m: int, fprs=DEFAUL
     engine = scan_engine(backend)
     pairs = TopPairs(clamp(int(m), layout.n_neg, "m"), layout)
     values, method = exact_thresholds(layout, engine, ranks, block_rows, pilot_rows, seed, progress,
-                                      ride_along=(pairs,) if pairs.m else ())
+                                      ride_along=(pairs,) if pairs.m else (), checkpoint=checkpoint)
     top, sims = pairs.result()
     if rows is not None:
         top = rows[top]

@@ -23,7 +23,7 @@ import numpy as np
 from pipeline.errors import PipelineError
 from pipeline.fpr import FPR_LEVELS, fpr_key
 from pipeline.search.backends import FLOOR_ALL
-from pipeline.search.layout import PairLayout, positive_sims, scan_negatives
+from pipeline.search.layout import PairLayout, block_pairs, positive_sims, scan_negatives
 from pipeline.search.select import (
     CoarseHistogram,
     Window,
@@ -54,6 +54,16 @@ class WindowSet:
         self.direct = [w for w in windows if w.expected_fraction > extract_fraction]
         self.shared = [w for w in windows if w.expected_fraction <= extract_fraction]
         self.split_fraction = split_fraction
+
+    def key(self) -> list:
+        return [[w.rank, float(w.lo), float(w.hi)] for w in self.direct + self.shared]
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {f"{i}.{k}": v for i, w in enumerate(self.direct + self.shared) for k, v in w.state().items()}
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        for i, window in enumerate(self.direct + self.shared):
+            window.restore({k: state[f"{i}.{k}"] for k in ("above", "lo", "kept")})
 
     def consume(self, engine, s, r0: int, c0: int) -> None:
         for window in self.direct:
@@ -91,15 +101,31 @@ class CoarseConsumer:
     def __init__(self, histogram: CoarseHistogram):
         self.histogram = histogram
 
+    def key(self) -> list:
+        return ["coarse", float(self.histogram.floor)]
+
+    def state(self) -> dict[str, np.ndarray]:
+        return self.histogram.state()
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        self.histogram.restore(state)
+
     def consume(self, engine, s, r0: int, c0: int) -> None:
         self.histogram.add(engine.values_ge(s, self.histogram.floor))
 
 
-def run_scan(layout: PairLayout, engine, block_rows: int, consumers: list, progress: bool, desc: str) -> None:
-    """One pass over every negative pair, each block handed to every consumer (`consume(engine, S, r0, c0)`)."""
-    for s, r0, c0 in scan_negatives(layout, engine, block_rows, progress=progress, desc=desc):
+def run_scan(layout: PairLayout, engine, block_rows: int, consumers: list, progress: bool, desc: str,
+             checkpoint=None) -> None:
+    """One pass over every negative pair, each block handed to every consumer (`consume(engine, S, r0, c0)`);
+    with a `checkpoint` (search/checkpoint.ScanCheckpoint) it resumes a saved scan and saves its own."""
+    blocks = len(block_pairs(layout.n, block_rows))
+    start = checkpoint.start(f"{desc} ({engine.name})", consumers, blocks) if checkpoint else 0
+    scan = scan_negatives(layout, engine, block_rows, progress=progress, desc=desc, start=start)
+    for done, (s, r0, c0) in enumerate(scan, start + 1):
         for consumer in consumers:
             consumer.consume(engine, s, r0, c0)
+        if checkpoint:
+            checkpoint.after_block(done, consumers)
 
 
 def pilot_windows(layout: PairLayout, engine, ranks: dict[str, int], pilot_rows: int, seed: int,
@@ -172,9 +198,11 @@ def _cap_bins(lo, hi, centre, max_bins: int):
 
 def exact_thresholds(layout: PairLayout, engine, ranks: dict[str, int], block_rows: int = 4096,
                      pilot_rows: int = 4096, seed: int = 0, progress: bool = False,
-                     ride_along: tuple = (), pilot_z: float = PILOT_Z) -> tuple[dict[str, float], dict]:
+                     ride_along: tuple = (), pilot_z: float = PILOT_Z,
+                     checkpoint=None) -> tuple[dict[str, float], dict]:
     """{key: value at descending rank} over all negative pairs, exact; `ride_along` consumers see the
-    first full scan (so top-M pairs cost no extra pass). Returns (values, method summary)."""
+    first full scan (so top-M pairs cost no extra pass); `checkpoint` makes the scans resumable
+    (search/checkpoint.py). Returns (values, method summary)."""
     extra = list(ride_along)
     values: dict[str, float] = {}
     todo, floor, scans = dict(ranks), FLOOR_ALL, 0
@@ -183,7 +211,8 @@ def exact_thresholds(layout: PairLayout, engine, ranks: dict[str, int], block_ro
     if use_pilot:
         windows = pilot_windows(layout, engine, ranks, pilot_rows, seed, z=pilot_z)
         if windows:
-            run_scan(layout, engine, block_rows, [WindowSet(list(windows.values()))] + extra, progress, "thresholds")
+            run_scan(layout, engine, block_rows, [WindowSet(list(windows.values()))] + extra, progress, "thresholds",
+                     checkpoint)
             extra, scans = [], scans + 1
             sides = {key: w.side() for key, w in windows.items()}
             values = {key: w.value() for key, w in windows.items() if sides[key] == "inside"}
@@ -195,9 +224,11 @@ def exact_thresholds(layout: PairLayout, engine, ranks: dict[str, int], block_ro
     missed = sorted(todo) if use_pilot else []
     if todo:
         coarse = CoarseHistogram(floor)
-        run_scan(layout, engine, block_rows, [CoarseConsumer(coarse)] + extra, progress, "coarse ranks")
+        run_scan(layout, engine, block_rows, [CoarseConsumer(coarse)] + extra, progress, "coarse ranks",
+                 checkpoint)
         windows = {key: coarse.window(rank, layout.n_neg) for key, rank in todo.items()}
-        run_scan(layout, engine, block_rows, [WindowSet(list(windows.values()))], progress, "exact ranks")
+        run_scan(layout, engine, block_rows, [WindowSet(list(windows.values()))], progress, "exact ranks",
+                 checkpoint)
         scans += 2
         for key, window in windows.items():
             if window.side() != "inside":  # cannot happen unless the float keys are inconsistent

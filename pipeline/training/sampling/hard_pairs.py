@@ -58,10 +58,17 @@ class HardPairBatchSampler(BalancedBatchSampler):
                 continue
             taken.update((a, b))
             blocks += [self._images_with(a, i, rng), self._images_with(b, j, rng)]
-        free = np.setdiff1d(self._identities, np.fromiter(taken, dtype=np.int64, count=len(taken)))
-        for identity in rng.choice(free, self.identities_per_batch - len(blocks), replace=False):
+        picks = rng.choice(self._identities.size - len(taken), self.identities_per_batch - len(blocks), replace=False)
+        for identity in self._free_identities(picks, taken):
             blocks.append(self._images_of(int(identity), rng))
         return blocks
+
+    def _free_identities(self, picks: np.ndarray, taken: set[int]) -> np.ndarray:
+        """`np.setdiff1d(self._identities, taken)[picks]` without building the O(identities) difference every
+        batch (50 ms a step at MS1M's 85k identities, 0.6 s at Glint360K's 360k): position q of the free list
+        is q plus the number of taken positions t_i (sorted) with t_i - i <= q. Same draws, same batches."""
+        gone = np.sort(np.searchsorted(self._identities, np.fromiter(taken, dtype=np.int64, count=len(taken))))
+        return self._identities[picks + np.searchsorted(gone - np.arange(gone.size), picks, side="right")]
 
     def _images_with(self, identity: int, image: int, rng: np.random.Generator) -> np.ndarray:
         """`per_identity` images of `identity`: `image` first, then a random subset of its others (cycled

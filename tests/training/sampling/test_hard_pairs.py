@@ -109,3 +109,25 @@ def test_pair_share_fills_the_rest_with_random_identities():
         assert all((first[0], second[0]) in pool for first, second in zip(parts[0:4:2], parts[1:4:2]))
     with pytest.raises(PipelineError, match="pair share 1.5"):
         HardPairBatchSampler(LABELS, 4, 8, pairs, pair_share=1.5)
+
+
+class SetdiffSampler(HardPairBatchSampler):
+    """The former balanced part: random identities drawn from np.setdiff1d(identities, taken) each batch."""
+
+    def _free_identities(self, picks, taken):
+        return np.setdiff1d(self._identities, np.fromiter(taken, dtype=np.int64, count=len(taken)))[picks]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_free_identities_give_the_setdiff_batches(seed):
+    """The O(taken) free-identity lookup draws exactly the batches of the O(identities) setdiff it replaced,
+    with gaps in the identity numbers and pairs that take many identities."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(rng.choice(400, 120, replace=False), rng.integers(2, 7, 120))
+    pairs = rng.integers(0, labels.size, (300, 2))
+    new = HardPairBatchSampler(labels, 8, 40, pairs, per_identity=4, seed=seed, pair_share=0.8)
+    old = SetdiffSampler(labels, 8, 40, pairs, per_identity=4, seed=seed, pair_share=0.8)
+    for epoch in range(3):
+        new.set_epoch(epoch)
+        old.set_epoch(epoch)
+        assert list(new) == list(old)
