@@ -153,7 +153,7 @@ def _check_experiments(work: Path, students: list[str]) -> None:
     subprocess.run(["git", "add", "-A"], cwd=work, check=True)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run"], cwd=work,
                    check=True)
-    _dvc(work, "exp", "run", "-S", "student.lr=0.05")
+    _dvc(work, "exp", "run", "-S", "student.warmup_epochs=0.25")
     table = json.loads(_dvc(work, "exp", "show", "--json", "--no-fetch"))
     main = next(row for row in table if row["rev"] != "workspace")
     rows = [main] + [exp for entry in main.get("experiments") or [] for exp in entry["revs"]]
