@@ -16,8 +16,11 @@ and `teacher_rates` measures the bare two-view forward rate of the proxy and of 
 machine (the real teacher's cost, added in the estimates), and the online-teacher epoch (`online_epoch_s`) is the cached
 epoch plus one teacher forward per trained image at each rate (derived, not run).
 
-At the largest size `--sample` rows of build-pools are compared with the exact thresholds: the FPR each
-sampled threshold really has over all negatives (counted exactly) and its ratio to the target FPR.
+At the largest size (`--extras`): build-pools is SIGKILLed at 60% of its threshold scan and rerun (it must
+resume at its last saved block and write the same thresholds), and `--samples` rows of build-pools'
+`--sample` are compared with the exact thresholds: the FPR each sampled threshold really has over all
+negatives (counted in one more full scan with `count`, else read off the exact thresholds) over the target.
+`--stages` measures some stages only, on the files another run kept in `--work` (`--keep`).
 
 Prints one JSON line per stage (sizes, wall_s, images_per_s, peak_rss_mb, disk_bytes, exponents b of
 wall ~ N^b and RSS ~ N^b) plus one for the teacher rates and one for the sampling error; `--plot` draws
@@ -266,7 +269,8 @@ def main() -> None:
     parser.add_argument("--markdown", type=Path, help="write the measured table (markdown) here")
     parser.add_argument("--stages", type=lambda s: s.split(","), default=list(STAGES),
                         help="stages to measure (comma-separated); the others' files come from --work")
-    parser.add_argument("--extras", type=lambda s: [x for x in s.split(",") if x], default=["resume", "sample", "count"],
+    parser.add_argument("--extras", type=lambda s: [x for x in s.split(",") if x],
+                        default=["resume", "sample", "count"],
                         help="at the largest size: resume (build-pools killed and resumed), sample (--sample error), "
                              "count (count every negative above the sampled thresholds instead of interpolating)")
     parser.add_argument("--tag", default="", help="suffix of the records file (records<TAG>.jsonl)")
