@@ -16,8 +16,11 @@ and `teacher_rates` measures the bare two-view forward rate of the proxy and of 
 machine (the real teacher's cost, added in the estimates), and the online-teacher epoch (`online_epoch_s`) is the cached
 epoch plus one teacher forward per trained image at each rate (derived, not run).
 
-At the largest size `--sample` rows of build-pools are compared with the exact thresholds: the FPR each
-sampled threshold really has over all negatives (counted exactly) and its ratio to the target FPR.
+At the largest size (`--extras`): build-pools is SIGKILLed at 60% of its threshold scan and rerun (it must
+resume at its last saved block and write the same thresholds), and `--samples` rows of build-pools'
+`--threshold-rows` are compared with the exact thresholds: the FPR each sampled threshold really has over all
+negatives (counted in one more full scan with `count`, else read off the exact thresholds) over the target.
+`--stages` measures some stages only, on the files another run kept in `--work` (`--keep`).
 
 Prints one JSON line per stage (sizes, wall_s, images_per_s, peak_rss_mb, disk_bytes, exponents b of
 wall ~ N^b and RSS ~ N^b) plus one for the teacher rates and one for the sampling error; `--plot` draws
@@ -131,40 +134,43 @@ def measure_size(n: int, root: Path, args, rates: dict) -> list[dict]:
     def add(r: dict) -> None:  # each record is also kept as it comes: a stopped run keeps what it measured
         r["identities"] = identities
         out.append(r)
-        with open(root / "records.jsonl", "a") as handle:
+        with open(root / f"records{args.tag}.jsonl", "a") as handle:
             handle.write(json.dumps(r) + "\n")
 
-    run = run_child(pipeline_command(["synthesize", "--out", data, "--size", args.image_size,
-                                      IDENTITIES, identities, *argv(SYNTHESIZE)]), log)
-    add(record("synthesize", images, run, images, data / "train.rec", identities=identities,
-                      all_files_bytes=disk_bytes(data)))
-    run = run_child(pipeline_command(["extract-teacher", "--data", data, "--teacher", args.teacher_file,
-                                      "--out", cache, *argv(EXTRACT)]), log)
-    add(record("extract-teacher", images, run, images, cache, teacher=args.teacher_arch))
-    run = run_child(pipeline_command(["build-pools", "--cache", cache, "--out", pools, *argv(POOLS)]), log)
-    document = json.loads((pools / "thresholds.json").read_text())
-    n_neg = document.get("counts", {}).get("n_neg")
-    add(record("build-pools", images, run, images, pools, negative_pairs=n_neg,
-                      ns_per_pair=round(run.wall_s / n_neg * 1e9, 3) if n_neg else None))
-    train = train_student(images, data, cache, pools, student, log, args)
-    epoch_images = train["epoch_images"]
-    train["online_epoch_s"] = {name: round(train["wall_s"] + epoch_images / rate, 1)
-                               for name, rate in rates["images_per_s"].items()}
-    add(train)
+    wanted = set(args.stages)  # the others reuse the files of an earlier run kept in --work
+    if "synthesize" in wanted:
+        run = run_child(pipeline_command(["synthesize", "--out", data, "--size", args.image_size,
+                                          IDENTITIES, identities, *argv(SYNTHESIZE)]), log)
+        add(record("synthesize", images, run, images, data / "train.rec", all_files_bytes=disk_bytes(data)))
+    if "extract-teacher" in wanted:
+        run = run_child(pipeline_command(["extract-teacher", "--data", data, "--teacher", args.teacher_file,
+                                          "--out", cache, *argv(EXTRACT)]), log)
+        add(record("extract-teacher", images, run, images, cache, teacher=args.teacher_arch))
+    if "build-pools" in wanted:
+        run = run_child(pipeline_command(["build-pools", "--cache", cache, "--out", pools, *argv(POOLS)]), log)
+        n_neg = json.loads((pools / "thresholds.json").read_text()).get("counts", {}).get("n_neg")
+        add(record("build-pools", images, run, images, pools, negative_pairs=n_neg,
+                   ns_per_pair=round(run.cpu_s / n_neg * 1e9, 3) if n_neg else None))
+    if "train-student" in wanted:
+        train = train_student(images, data, cache, pools, student, log, args)
+        epoch_images = train["epoch_images"]
+        train["online_epoch_s"] = {name: round(train["wall_s"] + epoch_images / rate, 1)
+                                   for name, rate in rates["images_per_s"].items()}
+        add(train)
     model = student / "model.pt"
-    if model.exists():  # a killed (extrapolated) epoch leaves no model: evaluate the checkpoint-free way
+    if "evaluate" in wanted and model.exists():  # a killed (extrapolated) epoch leaves no model.pt
         run = run_child(pipeline_command(["evaluate", "--model", model, "--data", data, "--out", results,
                                           *argv(EVALUATE)]), log)
         add(record("evaluate", images, run, SYNTHESIZE["--test-identities"]
                           * SYNTHESIZE["--test-images-per-identity"], results))
-    if n == max(args.sizes) and not args.tiny:
+    if n == max(args.sizes) and not args.tiny and "resume" in args.extras:
         try:
             add(pools_resume(images, cache, work / "pools_resume", log))
         except Exception as error:  # noqa: BLE001 - a failed demonstration is a result, not a reason to stop
             add({"stage": "build-pools-resume", "n": images, "error": repr(error)})
-    if n == max(args.sizes) and args.samples:
-        add({"stage": "sample-error", "n": images, **sample_error(cache, pools, args.samples, argv(POOLS), POOLS_SAMPLE,
-                                                                   POOLS["--block-rows"], log)})
+    if n == max(args.sizes) and args.samples and "sample" in args.extras:
+        add({"stage": "sample-error", "n": images, **sample_error(
+            cache, pools, args.samples, argv(POOLS), POOLS_SAMPLE, POOLS["--block-rows"], log, "count" in args.extras)})
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return out
@@ -261,6 +267,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write every record here")
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--markdown", type=Path, help="write the measured table (markdown) here")
+    parser.add_argument("--stages", type=lambda s: s.split(","), default=list(STAGES),
+                        help="stages to measure (comma-separated); the others' files come from --work")
+    parser.add_argument("--extras", type=lambda s: [x for x in s.split(",") if x],
+                        default=["resume", "sample", "count"],
+                        help="at the largest size: resume (build-pools killed and resumed), sample (--sample error), "
+                             "count (count every negative above the sampled thresholds instead of interpolating)")
+    parser.add_argument("--tag", default="", help="suffix of the records file (records<TAG>.jsonl)")
     parser.add_argument("--from-records", type=Path, help="only summarise a run's records.jsonl (no stage runs)")
     parser.add_argument("--tiny", action="store_true", help="a few seconds: 32 px, N = 600 and 1200, no r100")
     args = parser.parse_args()
@@ -273,8 +286,11 @@ def main() -> None:
     root = args.work or Path(tempfile.mkdtemp(prefix="scale-"))
     root.mkdir(parents=True, exist_ok=True)
     args.teacher_file = root / ("teacher.ts" if args.teacher_arch == "pooled" else "teacher.pt")
-    save_teacher(args.teacher_file, args.teacher_arch, args.teacher_width, args.image_size, root / "probes.log")
-    rates = teacher_rates(args.teacher_file, args.reference_arch, args.image_size, root / "probes.log")
+    if args.teacher_file.exists() and (root / "rates.json").exists():  # a later pass over a kept --work
+        rates = json.loads((root / "rates.json").read_text())
+    else:
+        save_teacher(args.teacher_file, args.teacher_arch, args.teacher_width, args.image_size, root / "probes.log")
+        rates = teacher_rates(args.teacher_file, args.reference_arch, args.image_size, root / "probes.log")
     records = []
     for n in args.sizes:
         records += measure_size(n, root, args, rates)

@@ -170,7 +170,8 @@ def run_child(target: Callable[[], object], log: Path, kill_after_s: float | Non
     os.close(master)
     log_handle.close()
     rc = os.waitstatus_to_exitcode(status)
-    return Run(rc, wall, peak, killed, usage.ru_utime + usage.ru_stime, [state["bars"][d] for d in state["order"]], state["first"],
+    bars = [state["bars"][d] for d in state["order"]]
+    return Run(rc, wall, peak, killed, usage.ru_utime + usage.ru_stime, bars, state["first"],
                state["first_s"], state["firsts"], state["buffer"][-3000:])
 
 
