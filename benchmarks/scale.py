@@ -271,7 +271,7 @@ def main() -> None:
                         help="stages to measure (comma-separated); the others' files come from --work")
     parser.add_argument("--extras", type=lambda s: [x for x in s.split(",") if x],
                         default=["resume", "sample", "count"],
-                        help="at the largest size: resume (build-pools killed and resumed), sample (--sample error), "
+                        help="at the largest size: resume (build-pools killed and resumed), sample (--threshold-rows error), "
                              "count (count every negative above the sampled thresholds instead of interpolating)")
     parser.add_argument("--tag", default="", help="suffix of the records file (records<TAG>.jsonl)")
     parser.add_argument("--from-records", type=Path, help="only summarise a run's records.jsonl (no stage runs)")

@@ -20,7 +20,7 @@ from pathlib import Path
 DATASETS = {"MS1MV2": (5_822_653, 85_742), "Glint360K": (17_091_657, 360_232)}
 DIM, M_PAIRS, K = 512, 1_000_000, 16
 CORES, GPUS = (2, 16, 64), (1, 8)
-SAMPLE = 500_000  # build-pools --sample suggested at MS1M scale on CPU
+SAMPLE = 500_000  # build-pools --threshold-rows suggested at MS1M scale on CPU
 # GPU assumptions (A100-class, no GPU measured here):
 GPU = {
     "r100_forwards_per_s": 3200,   # fp16 autocast, channels-last, batch 512 (~24.2 GFLOP each: ~25% of 312 TFLOP/s)
@@ -117,7 +117,7 @@ def estimate(scale: dict, train_rate: float) -> dict:
 
 def markdown(result: dict) -> str:
     rows = ["| | images | identities | cache | pools (m=1e6) | extract (r100) | exact thresholds | "
-            f"thresholds --sample {SAMPLE:,} | train-student, 1 epoch (mbf) | online-teacher epoch |",
+            f"thresholds --threshold-rows {SAMPLE:,} | train-student, 1 epoch (mbf) | online-teacher epoch |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for name in DATASETS:
         d = result[name]

@@ -4,7 +4,7 @@ process never starts a torch or BLAS thread pool before it forks the stages:
 - `save_teacher`: the randomly initialised proxy teacher, as a pipeline model file;
 - `teacher_rates`: bare two-view (image + flip) forward rates of the proxy and of the real teacher
   architecture at the same input size, images per second on one thread;
-- `sample_error`: build-pools with `--sample S` (pools' row sampling) against the exact thresholds: the
+- `sample_error`: build-pools with `--threshold-rows S` (pools' row sampling) against the exact thresholds: the
   FPR each sampled threshold really has, counted over ALL negative pairs in one blockwise scan.
 """
 from __future__ import annotations
@@ -141,7 +141,7 @@ def _thresholds(pools: Path) -> dict[str, float]:
 
 def sample_error(cache: Path, pools: Path, samples: list[int], pools_argv: list[str], sample_option: str,
                  block_rows: int, log: Path, count: bool = True) -> dict:
-    """build-pools --sample S for each S (timed), then the true FPR of every threshold, exact ones included."""
+    """build-pools --threshold-rows S for each S (timed), then the true FPR of every threshold, exact ones included."""
     found = {"exact": _thresholds(pools)}
     seconds = {}
     for sample in samples:
