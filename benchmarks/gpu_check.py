@@ -191,7 +191,7 @@ def extraction_check(sizes: dict, device: torch.device, work: Path) -> dict:
 # ------------------------------------------------------------------------------------------------ build-pools
 def pools_pair(emb: np.ndarray, labels: np.ndarray, backend: str) -> tuple:
     """build_pools on the device path (`backend`) and on the CPU exact path (numpy)."""
-    settings = {"k": 8, "m": 2000, "block_rows": 4096}
+    settings = {"neighbours": 8, "hard_pairs": 2000, "block_rows": 4096}
     return (build_pools(emb, labels, backend=backend, **settings),
             build_pools(emb, labels, backend="numpy", **settings))
 

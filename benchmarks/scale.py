@@ -54,9 +54,9 @@ POOLS = {"--neighbours": 16, "--hard-pairs": 100_000, "--block-rows": 4096, "--c
 POOLS_SAMPLE = "--threshold-rows"
 STUDENT = {"--arch": "mbf", "--width": 0.125, "--embedding-size": 512, "--epochs": 1, "--stop-after-epochs": 1,
            "--batch-size": 64, "--balanced-batch-size": 64, "--per-identity": 4, "--lr": 0.1, "--margin-s": 32.0,
-           "--kd": "l2+ekd", "--kd-scale": "grad-ratio", "--kd-weight": 1.5, "--ekd-weight": 0.2,
+           "--kd": "l2+ekd", "--kd-scale": "grad-ratio", "--l2-weight": 1.5, "--ekd-weight": 0.2,
            "--ekd-mode": "global", "--ekd-temperature": 0.05, "--ekd-one-sided": None,
-           "--ekd-positive-weight": 0.0, "--sampler": "pairs", "--pair-share": 0.5, "--queue-size": 8192,
+           "--ekd-positive-weight": 0.0, "--sampler": "hard-pairs", "--pair-share": 0.5, "--ekd-queue-size": 8192,
            "--workers": 0, "--no-preload": None, "--device": "cpu", "--log-every": 50}
 CHECKPOINT_EVERY = "--checkpoint-every"
 EVALUATE = {"--batch-size": 256, "--device": "cpu"}

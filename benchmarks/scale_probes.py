@@ -104,7 +104,7 @@ def teacher_rates(teacher: Path, reference: str, size: int, log: Path) -> dict:
 
 def _true_fprs(cache: str, thresholds: dict[str, dict[str, float]], block_rows: int) -> dict:
     """For each named set of thresholds: the fraction of ALL negative pairs above each threshold."""
-    from pipeline.cache import TeacherCache
+    from pipeline.cache.format import TeacherCache
     from pipeline.search.backends import scan_engine
     from pipeline.search.layout import PairLayout, scan_negatives
     from pipeline.search.pools import read_normalised

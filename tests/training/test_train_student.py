@@ -312,7 +312,7 @@ def test_cli_refuses_pools_of_another_teacher(world, pipeline_run, monkeypatch, 
     (["--kd", "none", "--sampler", "neighbours"], "--sampler neighbours needs --pools"),
     (["--kd", "l2", "--sampler", "random", "--cache", "CACHE", "--embedding-size", "16"], "32-d but the student"),
     (["--kd", "ekd", "--sampler", "random", "--cache", "MISSING"], "teacher cache not found"),
-    (["--kd", "fitnet", "--sampler", "random"], "--kd 'fitnet': choose one of"),
+    (["--kd", "fitnet", "--sampler", "random"], "--kd 'fitnet': 'fitnet' is not a method"),
 ])
 def test_cli_bad_inputs_are_clear_errors(world, pipeline_run, no_teacher, extra, message, cli):
     paths = {"CACHE": pipeline_run["cache"], "MISSING": pipeline_run["root"] / "missing.h5"}
