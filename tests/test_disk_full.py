@@ -15,6 +15,8 @@ from pipeline.cache.shards import shard_dir
 from pipeline.errors import PipelineError
 from pipeline.models.loading import load_embedder
 
+pytestmark = pytest.mark.slow  # processes of their own: skip locally with -m "not slow"; CI runs them
+
 ROWS, SHARD, DIM = 150, 32, 256  # 32 KiB of float16 per shard, 150 KiB in all
 
 

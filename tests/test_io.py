@@ -122,6 +122,7 @@ def test_training_on_a_full_disk_fails_in_one_line_and_reruns_once_there_is_spac
     assert (tmp_path / "run" / "model.pt").exists() and not list((tmp_path / "run").glob("*.tmp-*"))
 
 
+@pytest.mark.slow
 def test_a_really_full_disk_then_a_rerun_with_room(random_faces, tmpfs):
     mount, remount = tmpfs
     out = mount / "run"

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # processes of their own: skip locally with -m "not slow"; CI runs them
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["synthesize", "extract-teacher", "build-pools", "train-student", "evaluate"]
 

@@ -210,6 +210,7 @@ def _kill_when(process, condition, timeout=60.0):
     process.wait()
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_point_then_rerun_is_bit_identical(setup, tmp_path):
     out = tmp_path / "cache.h5"
     shards = shard_dir(out)

@@ -11,6 +11,8 @@ from workers import ddp_kd_losses
 
 from pipeline.training import ddp
 
+pytestmark = pytest.mark.slow  # processes of their own: skip locally with -m "not slow"; CI runs them
+
 
 def _spawn(world: int, tmp_path, timeout_s: float = 120.0) -> list[dict]:
     """Run `world` gloo ranks (rendezvous through a file, so no port to pick) and load their results.

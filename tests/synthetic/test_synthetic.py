@@ -47,6 +47,7 @@ def _bytes(folder):
     return {name: (folder / name).read_bytes() for name in FILES}
 
 
+@pytest.mark.slow
 def test_same_arguments_give_identical_files_with_any_worker_count(tiny, tmp_path):
     folder, _ = tiny
     synthesize(tmp_path, **TINY, workers=2)

@@ -68,6 +68,7 @@ def test_layout_is_the_insightface_ijb_release(tiny):
     assert ((meta.faceness > 0) & (meta.faceness <= 1)).all() and meta.faceness.std() > 0
 
 
+@pytest.mark.slow
 def test_same_files_with_any_worker_count(tiny, tmp_path):
     folder, _ = tiny
     synthesize(tmp_path, **TINY, workers=2)

@@ -198,6 +198,7 @@ KILLS = {  # extra options, where the run is held and SIGKILLed, the resume poin
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill", KILLS)
 def test_a_sigkilled_run_resumes_to_the_uninterrupted_result(random_faces, straight_teacher, tmp_path, cli, kill):
     """A run SIGKILLed in the middle of epoch 2, or while writing a checkpoint, and rerun ends with the

@@ -24,6 +24,9 @@ from helpers.training import assert_same_run, train_linear_on_mirrored
 
 from pipeline.evaluation.curves import read_history
 from pipeline.models.model_file import load_model, safe_torch_load
+import pytest
+
+pytestmark = pytest.mark.slow  # processes of their own: skip locally with -m "not slow"; CI runs them
 
 
 def test_ddp_training_keeps_replicas_in_sync_and_matches_one_process(random_faces, tmp_path):
