@@ -114,7 +114,7 @@ def _with_parser(info):
 
 def _os_error_line(error: OSError) -> str | None:
     """One line for an OSError about a file (None for others: those are bugs and keep their traceback)."""
-    from pipeline.io import disk_full_error, is_disk_full
+    from pipeline.storage.io import disk_full_error, is_disk_full
 
     if is_disk_full(error):
         return str(disk_full_error(error.filename))

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from pipeline.cache.format import TeacherCache
-from pipeline.io import output_lock
+from pipeline.storage.io import output_lock
 from pipeline.search.checkpoint import ScanCheckpoint
 from pipeline.search.pools import PoolsConfig, build_pools, describe, write_pools
 from pipeline.settings import identity

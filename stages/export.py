@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_path
+from pipeline.storage.io import atomic_path
 from pipeline.models.loading import export_onnx, load_embedder
 from pipeline.models.model_file import load_model
 from pipeline.models.finite import check_finite_weights

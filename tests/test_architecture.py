@@ -7,12 +7,12 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LEAVES = {"errors", "io", "hdf5", "settings", "fpr", "devices", "formats", "models", "losses"}
+LEAVES = {"errors", "storage", "settings", "fpr", "devices", "formats", "models", "losses"}
 LAYERS = {"synthetic": 1, "cache": 1, "search": 1, "evaluation": 1, "training": 2}  # leaves are layer 0
 
 
 def unit(module: str) -> str:
-    """`pipeline.search.knn` -> `search`; `pipeline.io` -> `io`."""
+    """`pipeline.search.knn` -> `search`; `pipeline.storage.io` -> `io`."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else parts[0]
 

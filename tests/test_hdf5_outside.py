@@ -12,7 +12,7 @@ from helpers.processes import error_line
 from pipeline.cache.shards import Shard, shard_is_valid
 from pipeline.errors import DataError
 from pipeline.evaluation.ijb_features import cached_features
-from pipeline.hdf5 import open_hdf5
+from pipeline.storage.hdf5 import open_hdf5
 from pipeline.search.pool_files import load_pools
 
 ROWS, DIM = 50, 8

@@ -1,4 +1,4 @@
-"""Writing outputs on bad days (pipeline/io.py): temporaries of killed writers, a second writer, a full disk
+"""Writing outputs on bad days (pipeline/storage/io.py): temporaries of killed writers, a second writer, a full disk
 (a patched writer everywhere; a real 64 KiB tmpfs where this process may mount one)."""
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from helpers.processes import (
     wait_for_line,
 )
 
-import pipeline.io
+import pipeline.storage.io
 from pipeline.errors import PipelineError
-from pipeline.io import (
+from pipeline.storage.io import (
     atomic_path,
     lock_path,
     output_lock,
@@ -88,8 +88,8 @@ class FillingDisk(io.RawIOBase):
 
 @pytest.fixture
 def full_disk(monkeypatch):
-    """pipeline.io's writers open files on a disk with 3000 bytes of room."""
-    monkeypatch.setattr(pipeline.io, "open", lambda path, mode="r": FillingDisk(path, 3000), raising=False)
+    """pipeline.storage.io's writers open files on a disk with 3000 bytes of room."""
+    monkeypatch.setattr(pipeline.storage.io, "open", lambda path, mode="r": FillingDisk(path, 3000), raising=False)
 
 
 def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, full_disk):
@@ -112,7 +112,7 @@ def test_training_on_a_full_disk_fails_in_one_line_and_reruns_once_there_is_spac
     args = ["train-teacher", "--data", random_faces, "--out", tmp_path / "run", "--arch", "mbf", "--width", 0.125,
             "--embedding-size", 16, "--epochs", 2, "--batch-size", 8, "--workers", 0, "--device", "cpu"]
     with monkeypatch.context() as patch:
-        patch.setattr(pipeline.io, "open", lambda path, mode="r": FillingDisk(path, 3000), raising=False)
+        patch.setattr(pipeline.storage.io, "open", lambda path, mode="r": FillingDisk(path, 3000), raising=False)
         result = cli(*args)
     assert result.exit_code == 2
     assert error_line(result.output).startswith(f"error: {tmp_path / 'run' / 'checkpoint.pt'}: no space left")

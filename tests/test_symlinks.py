@@ -12,7 +12,7 @@ from helpers.teachers import make_teacher, quiet
 
 from pipeline.cache.build import ExtractionConfig, build_teacher_cache
 from pipeline.errors import PipelineError
-from pipeline.io import lock_path, output_lock, write_text_atomic
+from pipeline.storage.io import lock_path, output_lock, write_text_atomic
 from pipeline.synthetic.writer import synthesize
 from pipeline.training.live import RunLog
 

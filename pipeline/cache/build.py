@@ -45,7 +45,7 @@ from pipeline.cache.worker import (
 from pipeline.devices import device_setting, resolve_device
 from pipeline.errors import DataError, PipelineError
 from pipeline.formats.source import open_face_source
-from pipeline.io import output_lock, refuse_mismatch, refuse_symlink
+from pipeline.storage.io import output_lock, refuse_mismatch, refuse_symlink
 from pipeline.models import Arch
 from pipeline.models.loading import file_sha256, load_embedder
 from pipeline.models.preprocess import preprocessing_attrs

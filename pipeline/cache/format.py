@@ -30,8 +30,8 @@ from pipeline.cache.contract import (
 from pipeline.cache.mapped import Layout, convert_hint, inspect_layout, map_embeddings
 from pipeline.cache.verify import verify_embeddings
 from pipeline.errors import DataError, PipelineError
-from pipeline.hdf5 import open_artifact
-from pipeline.io import array_sha256, refuse_mismatch
+from pipeline.storage.hdf5 import open_artifact
+from pipeline.storage.io import array_sha256, refuse_mismatch
 
 
 def _plain(value):

@@ -24,8 +24,8 @@ from pipeline.cache.contract import (
     write_attrs,
 )
 from pipeline.errors import DataError
-from pipeline.hdf5 import open_hdf5, write_hdf5
-from pipeline.io import array_sha256, remove_tree, write_text_atomic
+from pipeline.storage.hdf5 import open_hdf5, write_hdf5
+from pipeline.storage.io import array_sha256, remove_tree, write_text_atomic
 
 MANIFEST = "manifest.json"
 SHARD_META = ("teacher_fingerprint", "dataset_fingerprint", "dim", "dtype")  # what every shard must agree on

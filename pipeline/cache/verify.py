@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from pipeline.cache.contract import READ_ROWS
 from pipeline.formats.labels_cache import cache_dir
-from pipeline.io import array_sha256, write_text_atomic
+from pipeline.storage.io import array_sha256, write_text_atomic
 
 PROGRESS_BYTES = 256 * 2**20  # a bar only for files that take seconds to read
 

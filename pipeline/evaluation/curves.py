@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.evaluation.readback import number, read_table
-from pipeline.io import atomic_path
+from pipeline.storage.io import atomic_path
 
 History = dict[str, tuple[list[int], list[float]]]
 CURVES = ("eval/monitor/tpr@fpr=1e-3", "eval/monitor/tpr@fpr=1e-4", "eval/val/accuracy", "epoch/margin_loss")

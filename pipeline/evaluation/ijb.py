@@ -36,7 +36,7 @@ from pipeline.evaluation.metrics import Roc, downsample_roc, l2_normalize
 from pipeline.evaluation.uncertainty import readout_uncertainty
 from pipeline.formats.ijb import IjbMeta, IjbPaths, IjbTarget, ijb_target, read_ijb
 from pipeline.fpr import FPR_LEVELS, fpr_key
-from pipeline.io import atomic_path, output_lock, write_text_atomic
+from pipeline.storage.io import atomic_path, output_lock, write_text_atomic
 from pipeline.settings import check, setting
 
 IJB_FPRS = tuple(sorted(FPR_LEVELS))  # 1e-6 .. 1e-1, the columns of the insightface IJB table

@@ -30,7 +30,7 @@ from pipeline.evaluation.alignment import (
 )
 from pipeline.formats.ijb import IjbMeta, IjbPaths
 from pipeline.formats.jpeg import JPEG_SOI
-from pipeline.hdf5 import open_hdf5, write_hdf5
+from pipeline.storage.hdf5 import open_hdf5, write_hdf5
 from pipeline.models.preprocess import forward_views, prepare_teacher
 
 FORMAT = "ekd-ijb-features"

@@ -25,7 +25,7 @@ from pipeline.evaluation.readouts import (
 )
 from pipeline.evaluation.uncertainty import MIN_IMPOSTORS
 from pipeline.fpr import LEVEL_KEYS, REPORT_KEYS
-from pipeline.io import atomic_path, write_text_atomic
+from pipeline.storage.io import atomic_path, write_text_atomic
 
 REPORT_FPRS = REPORT_KEYS
 IJB_TARGETS = ("ijbc", "ijbb")  # evaluate-ijb's <target>.json files in a run folder

@@ -34,7 +34,7 @@ from pipeline.formats.jpeg import decode_image
 from pipeline.formats.recordio import FaceRecordIO
 from pipeline.formats.verification_bin import load_verification_bin
 from pipeline.fpr import TEST_FPRS, fpr_key
-from pipeline.io import write_text_atomic
+from pipeline.storage.io import write_text_atomic
 from pipeline.models import Arch
 from pipeline.settings import check, setting
 

@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from pipeline.errors import DataError, PipelineError
-from pipeline.io import write_text_atomic
+from pipeline.storage.io import write_text_atomic
 from pipeline.settings import Choice
 
 LANDMARKS = 5

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_path
+from pipeline.storage.io import atomic_path
 
 FORMAT_VERSION = 1
 

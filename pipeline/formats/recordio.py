@@ -31,7 +31,7 @@ from pipeline.formats.dmlc_recordio import (
 )
 from pipeline.formats.jpeg import decode_jpeg
 from pipeline.formats.jpeg import image_size as encoded_image_size
-from pipeline.io import (
+from pipeline.storage.io import (
     disk_full_is_one_line,
     fsync_path,
     remove_stale_temporaries,

@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline.errors import DataError
 from pipeline.formats.jpeg import decode_image, encode_jpeg
-from pipeline.io import atomic_path
+from pipeline.storage.io import atomic_path
 
 
 def _numpy_attribute(modules: Sequence[str], name: str):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import DataError, PipelineError
-from pipeline.io import atomic_path
+from pipeline.storage.io import atomic_path
 from pipeline.models import MODEL_NAMES, count_parameters, get_model
 from pipeline.models.iresnet import IRESNET_LAYERS
 from pipeline.models.model_file import (

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import DataError
-from pipeline.io import write_with
+from pipeline.storage.io import write_with
 from pipeline.models import MODEL_NAMES, get_model
 
 FORMAT = "ekd-pipeline-model"

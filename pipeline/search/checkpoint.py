@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.io import atomic_path
+from pipeline.storage.io import atomic_path
 
 # seconds between saves (each writes the windows' histograms, up to ~200 MB); PIPELINE_SCAN_CHECKPOINT_S overrides
 DEFAULT_EVERY_S = float(os.environ.get("PIPELINE_SCAN_CHECKPOINT_S", 120))

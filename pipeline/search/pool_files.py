@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import DataError, PipelineError
-from pipeline.hdf5 import open_artifact
-from pipeline.io import array_sha256
+from pipeline.storage.hdf5 import open_artifact
+from pipeline.storage.io import array_sha256
 
 FORMAT_VERSION = 2  # 2: thresholds_json_sha256, cache_fingerprint
 DATASETS = ("centres", "class_sizes", "neighbours", "neighbour_sims", "neg_pairs", "neg_sims")

@@ -24,8 +24,8 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.errors import DataError, PipelineError
-from pipeline.hdf5 import write_hdf5
-from pipeline.io import write_text_atomic
+from pipeline.storage.hdf5 import write_hdf5
+from pipeline.storage.io import write_text_atomic
 from pipeline.search.backends import Backend
 from pipeline.search.knn import accumulate_centres, normalise_centres
 from pipeline.search.pool_files import DATASETS, FORMAT_VERSION, sha256_hex

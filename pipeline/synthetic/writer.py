@@ -45,7 +45,7 @@ from pipeline.errors import PipelineError
 from pipeline.formats.jpeg import encode_jpeg
 from pipeline.formats.recordio import write_face_recordio
 from pipeline.formats.verification_bin import write_verification_bin
-from pipeline.io import disk_full_is_one_line, output_lock, refuse_symlink, temporary_name
+from pipeline.storage.io import disk_full_is_one_line, output_lock, refuse_symlink, temporary_name
 from pipeline.settings import check, setting
 from pipeline.synthetic.identity import Identity, draw_nuisance
 from pipeline.synthetic.ijb import TARGET as IJB_TARGET

@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 
 from pipeline.errors import DataError
-from pipeline.io import disk_full_is_one_line, refuse_symlinks_under, write_text_atomic
+from pipeline.storage.io import disk_full_is_one_line, refuse_symlinks_under, write_text_atomic
 
 
 class RunLog:

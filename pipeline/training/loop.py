@@ -25,7 +25,7 @@ from tqdm import tqdm
 from pipeline.devices import resolve_device
 from pipeline.errors import DataError, PipelineError
 from pipeline.evaluation.verification import monitor_metrics
-from pipeline.io import output_lock
+from pipeline.storage.io import output_lock
 from pipeline.models.model_file import save_model
 from pipeline.training import ddp
 from pipeline.training.config import TrainConfig

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import DataError, PipelineError
-from pipeline.io import write_with
+from pipeline.storage.io import write_with
 from pipeline.models.model_file import load_failure, safe_torch_load
 from pipeline.settings import identity as settings_identity
 from pipeline.training import ddp

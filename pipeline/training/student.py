@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline.cache.format import TeacherCache
 from pipeline.errors import PipelineError
-from pipeline.io import refuse_mismatch
+from pipeline.storage.io import refuse_mismatch
 from pipeline.losses.base import Need
 from pipeline.losses.config import KDConfig
 from pipeline.search.pool_files import check_pair, load_pools, pools_fingerprint

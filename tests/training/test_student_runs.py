@@ -23,7 +23,7 @@ from helpers.data import write_gradient_faces
 from helpers.processes import dead_pid, error_line, start_worker, wait_for_line
 from helpers.teachers import make_teacher
 
-import pipeline.io
+import pipeline.storage.io
 from pipeline.cache.format import TeacherCache
 from pipeline.losses.config import KDConfig
 from pipeline.models import BackboneShape
@@ -191,7 +191,7 @@ def test_a_build_pools_killed_between_its_two_files_is_refused(world, cli, monke
     pools = world["root"] / "torn-pools"
     shutil.copytree(world["pools"], pools)
     (pools / f"pools.h5.tmp-{dead_pid()}-0badcafe").write_bytes(b"")  # left by a build killed earlier
-    replace = pipeline.io.os.replace
+    replace = pipeline.storage.io.os.replace
 
     class Killed(BaseException):
         pass
@@ -201,7 +201,7 @@ def test_a_build_pools_killed_between_its_two_files_is_refused(world, cli, monke
             raise Killed()
         return replace(src, dst)
 
-    monkeypatch.setattr(pipeline.io.os, "replace", killed_before_pools_h5)
+    monkeypatch.setattr(pipeline.storage.io.os, "replace", killed_before_pools_h5)
     with pytest.raises(Killed):  # thresholds of a row sample: another thresholds.json than the first build's
         build_pools_command(cache=world["cache"], out=pools, cfg=PoolsConfig(neighbours=3, hard_pairs=50, threshold_rows=40, seed=1))
     monkeypatch.undo()
@@ -243,7 +243,7 @@ def test_a_cache_whose_labels_disagree_with_the_data_is_refused(world, cli):
     with h5py.File(cache, "a") as f:  # labels shifted by one row, checksum updated: the file is consistent
         labels = np.roll(f["labels"][()], 1)
         f["labels"][...] = labels
-        f.attrs["labels_sha256"] = pipeline.io.array_sha256(labels)
+        f.attrs["labels_sha256"] = pipeline.storage.io.array_sha256(labels)
     out = world["root"] / "relabelled"
     result = cli(*student(world, out, "--kd", "l2", "--sampler", "random", cache=cache))
     assert result.exit_code == 2 and not out.joinpath("model.pt").exists()
@@ -258,7 +258,7 @@ def test_a_second_writer_of_a_run_folder_is_refused(world, cli):
         result = cli(*student(world, out))
         assert result.exit_code == 2
         assert error_line(result.output) == (f"error: {out}: another run (PID {holder.pid}) is writing it (lock "
-                                             f"{pipeline.io.lock_path(out)}); wait for it to finish or stop it")
+                                             f"{pipeline.storage.io.lock_path(out)}); wait for it to finish or stop it")
         assert not (out / "checkpoint.pt").exists()
         result = cli("build-pools", "--cache", world["cache"], "--out", out, "--neighbours", 2)
         assert result.exit_code == 2 and f"(PID {holder.pid})" in error_line(result.output)

@@ -6,7 +6,7 @@ to disk, and renamed into place; on any failure the temporary is removed. A read
 file under a final name. Temporaries left by killed writers (their PID no longer runs) are removed by the
 next write of the same output. A full disk is reported as one line naming the file and how much was written.
 Output locks and deletions never follow a symlink out of the output (`refuse_symlink`).
-HDF5 files are opened and written through `pipeline/hdf5.py`.
+HDF5 files are opened and written through `pipeline/storage/hdf5.py`.
 """
 from __future__ import annotations
 

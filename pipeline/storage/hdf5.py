@@ -22,7 +22,7 @@ from typing import Iterator
 import h5py
 
 from pipeline.errors import DataError, PipelineError
-from pipeline.io import atomic_path
+from pipeline.storage.io import atomic_path
 
 
 # ------------------------------------------------------------------------------------------------- reading
