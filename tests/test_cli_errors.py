@@ -14,11 +14,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers.data import write_gradient_faces
 from helpers.processes import error_line, run_pipeline
-from helpers.teachers import make_teacher, quiet
+from helpers.teachers import teacher_and_cache
 
-from pipeline.cache.build import ExtractionConfig, build_teacher_cache
 from pipeline.formats.jpeg import encode_jpeg
 from pipeline.formats.recordio import write_face_recordio
 
@@ -50,11 +48,8 @@ def write_faces(folder, sizes, property_size=(32, 32)):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bad-inputs")
-    data = write_gradient_faces(root / "data", n=ROWS, classes=CLASSES)
-    teacher = make_teacher(root / "teacher.pt")
-    cache = root / "cache.h5"
-    build_teacher_cache(ExtractionConfig(data=data, teacher=teacher, out=cache, device="cpu", threads=1), log=quiet)
+    world = teacher_and_cache(tmp_path_factory.mktemp("bad-inputs"), ROWS, CLASSES)
+    root, data, teacher, cache = world["root"], world["data"], world["teacher"], world["cache"]
     bigprop = shutil.copytree(data, root / "bigprop")
     (bigprop / "property").write_text("12345678901234567890123,32,32\n")
     with warnings.catch_warnings():  # torch flags jit and the TorchScript-based ONNX exporter as deprecated

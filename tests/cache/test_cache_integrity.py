@@ -10,12 +10,11 @@ import shutil
 import h5py
 import numpy as np
 import pytest
-from helpers.data import write_cache_by_hand, write_gradient_faces
+from helpers.data import write_cache_by_hand
 from helpers.processes import error_line
-from helpers.teachers import make_teacher, quiet
+from helpers.teachers import teacher_and_cache
 
 import pipeline.cache.verify as verify
-from pipeline.cache.build import ExtractionConfig, build_teacher_cache
 from pipeline.cache.format import TeacherCache
 from pipeline.errors import DataError
 
@@ -32,12 +31,7 @@ def flip_one_byte(path, row=7, view=1, column=3):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("integrity")
-    data = write_gradient_faces(root / "data", n=ROWS, classes=CLASSES)
-    teacher = make_teacher(root / "teacher.pt")
-    cache = root / "cache.h5"
-    build_teacher_cache(ExtractionConfig(data=data, teacher=teacher, out=cache, device="cpu", threads=1), log=quiet)
-    return {"root": root, "data": data, "teacher": teacher, "cache": cache}
+    return teacher_and_cache(tmp_path_factory.mktemp("integrity"), ROWS, CLASSES)
 
 
 @pytest.fixture

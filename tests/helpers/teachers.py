@@ -58,3 +58,18 @@ class FailingTeacher:
 
 def quiet(message: str) -> None:
     """A `log` for build_teacher_cache that drops every message."""
+
+
+def teacher_and_cache(root: Path, rows: int, classes: int) -> dict:
+    """A gradient-faces training folder, a tiny teacher and its teacher cache under `root` (CPU, one thread):
+    {"root", "data", "teacher", "cache"}."""
+    from helpers.data import write_gradient_faces
+
+    from pipeline.cache.build import ExtractionConfig, build_teacher_cache
+
+    data = write_gradient_faces(root / "data", n=rows, classes=classes)
+    teacher = make_teacher(root / "teacher.pt")
+    cache = root / "cache.h5"
+    build_teacher_cache(ExtractionConfig(data=data, teacher=teacher, out=cache, device="cpu", threads=1), log=quiet)
+    return {"root": root, "data": data, "teacher": teacher, "cache": cache}
+
