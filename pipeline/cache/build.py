@@ -18,7 +18,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
-from tqdm import tqdm
 
 from pipeline.cache.contract import FORMAT_VERSION, CacheDtype, contract_attrs
 from pipeline.cache.format import TeacherCache
@@ -45,6 +44,7 @@ from pipeline.cache.worker import (
 from pipeline.devices import device_setting, resolve_device
 from pipeline.errors import DataError, PipelineError
 from pipeline.formats.source import open_face_source
+from pipeline.progress import progress_bar
 from pipeline.storage.io import output_lock, refuse_mismatch, refuse_symlink
 from pipeline.models import Arch
 from pipeline.models.loading import file_sha256, load_embedder
@@ -291,7 +291,7 @@ def shard_progress(out: Path) -> dict | None:
 
 
 def _run_in_process(jobs: list[ShardJob], teacher, source, already: int, rows: int) -> None:
-    with tqdm(total=rows, initial=already, desc="extract-teacher", unit="img", unit_scale=True, disable=None) as bar:
+    with progress_bar(total=rows, initial=already, desc="extract-teacher", unit="img", unit_scale=True) as bar:
         for job in jobs:
             run_shard(job, teacher=teacher, source=source, on_batch=bar.update)
 

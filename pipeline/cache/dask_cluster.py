@@ -11,7 +11,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 from distributed import Client, WorkerPlugin, as_completed, get_worker
-from tqdm import tqdm
+
+from pipeline.progress import progress_bar
 
 
 class TorchThreads(WorkerPlugin):
@@ -104,7 +105,7 @@ def run_jobs(
     results: list = [None] * len(jobs)
     total = sum(weight(job) for job in jobs)
     try:
-        with tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=None) as bar:
+        with progress_bar(total=total, desc=desc, unit=unit, unit_scale=True) as bar:
             for future in as_completed(futures):
                 i = position[future.key]
                 results[i] = future.result()

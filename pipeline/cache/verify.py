@@ -19,10 +19,10 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from tqdm import tqdm
 
 from pipeline.cache.contract import READ_ROWS
 from pipeline.formats.labels_cache import cache_dir
+from pipeline.progress import progress_bar
 from pipeline.storage.io import array_sha256, write_text_atomic
 
 PROGRESS_BYTES = 256 * 2**20  # a bar only for files that take seconds to read
@@ -68,8 +68,8 @@ def embeddings_sha256(cache) -> str:
     """sha256 of the stored embeddings as the writer hashed them (C order, native byte order), streamed."""
     digest = hashlib.sha256()
     rows = len(cache)
-    with tqdm(total=rows, desc=f"verify {cache.path.name}", unit="row", unit_scale=True,
-              disable=None if cache.nbytes() >= PROGRESS_BYTES else True) as bar:
+    with progress_bar(total=rows, desc=f"verify {cache.path.name}", unit="row", unit_scale=True,
+                      show=cache.nbytes() >= PROGRESS_BYTES) as bar:
         for start in range(0, rows, READ_ROWS):
             block = cache.stored_rows(start, min(start + READ_ROWS, rows))
             array_sha256(block.astype(block.dtype.newbyteorder("="), copy=False), digest=digest)

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline.errors import PipelineError
 from pipeline.evaluation.ijb_features import (
@@ -36,6 +35,7 @@ from pipeline.evaluation.metrics import Roc, downsample_roc, l2_normalize
 from pipeline.evaluation.uncertainty import readout_uncertainty
 from pipeline.formats.ijb import IjbMeta, IjbPaths, IjbTarget, ijb_target, read_ijb
 from pipeline.fpr import FPR_LEVELS, fpr_key
+from pipeline.progress import progress_bar
 from pipeline.storage.io import atomic_path, output_lock, write_text_atomic
 from pipeline.settings import check, setting
 
@@ -119,7 +119,7 @@ def pair_scores(unique: np.ndarray, features: np.ndarray, pairs: np.ndarray,
     order = np.argsort(tile, kind="stable")
     bounds = np.r_[0, np.flatnonzero(np.diff(tile[order])) + 1, len(order)]
     scores = np.empty(len(pairs), np.float64)
-    for start, stop in tqdm(list(zip(bounds[:-1], bounds[1:])), desc="pair scores", unit="tile", disable=None):
+    for start, stop in progress_bar(list(zip(bounds[:-1], bounds[1:])), desc="pair scores", unit="tile"):
         rows = order[start:stop]
         r0, c0 = divmod(int(tile[rows[0]]), tiles_per_row)
         r0, c0 = r0 * side, c0 * side

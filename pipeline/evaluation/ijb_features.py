@@ -19,7 +19,6 @@ import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from pipeline.errors import DataError, PipelineError
 from pipeline.evaluation.alignment import (
@@ -30,6 +29,7 @@ from pipeline.evaluation.alignment import (
 )
 from pipeline.formats.ijb import IjbMeta, IjbPaths
 from pipeline.formats.jpeg import JPEG_SOI
+from pipeline.progress import progress_bar
 from pipeline.storage.hdf5 import open_hdf5, write_hdf5
 from pipeline.models.preprocess import forward_views, prepare_teacher
 
@@ -122,7 +122,7 @@ def extract_features(embedder, paths: IjbPaths, meta: IjbMeta, out: Path, key: d
                                     "NaN or infinite")
             features[int(rows[0]):int(rows[-1]) + 1] = values
 
-        with tqdm(total=n, desc=f"embed {paths.target}", unit="img", disable=None) as bar:
+        with progress_bar(total=n, desc=f"embed {paths.target}", unit="img") as bar:
             for rows, images, errors in loader:
                 problem = next((e for e in errors if e), None)
                 if problem:

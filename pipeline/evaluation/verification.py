@@ -18,7 +18,6 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline.devices import device_setting
 from pipeline.errors import DataError, PipelineError
@@ -34,6 +33,7 @@ from pipeline.formats.jpeg import decode_image
 from pipeline.formats.recordio import FaceRecordIO
 from pipeline.formats.verification_bin import load_verification_bin
 from pipeline.fpr import TEST_FPRS, fpr_key
+from pipeline.progress import progress_bar
 from pipeline.storage.io import write_text_atomic
 from pipeline.models import Arch
 from pipeline.settings import check, setting
@@ -81,7 +81,7 @@ def embed_images(
     if n == 0:
         raise DataError(f"{source}: no images to embed")
     outputs, flipped = [], []
-    for start in tqdm(range(0, n, batch_size), desc=f"embed {source}", unit="batch", disable=None):
+    for start in progress_bar(range(0, n, batch_size), desc=f"embed {source}", unit="batch"):
         stop = min(n, start + batch_size)
         batch = [_rgb(images[i], f"{source}: image {i}") for i in range(start, stop)]
         for i, image in enumerate(batch):
@@ -131,7 +131,7 @@ def all_pairs_scores(
     n_pos, n_neg = _pair_counts(labels)
     positive, negative = np.empty(n_pos, np.float32), np.empty(n_neg, np.float32)
     filled_pos = filled_neg = 0
-    for a in tqdm(range(0, max(n - 1, 0), block), desc="pair scores", unit="block", disable=None):
+    for a in progress_bar(range(0, max(n - 1, 0), block), desc="pair scores", unit="block"):
         b = min(n, a + block)
         sims = emb[a:b] @ emb[a:].T  # rows i in [a, b), columns j in [a, n)
         upper = np.arange(n - a)[None, :] > np.arange(b - a)[:, None]

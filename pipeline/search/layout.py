@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline.errors import PipelineError
+from pipeline.progress import progress_bar
 
 
 @dataclass
@@ -89,8 +89,8 @@ def scan_negatives(layout: PairLayout, engine, block_rows: int, progress: bool =
     """
     emb = engine.put(layout.emb)
     blocks = block_pairs(layout.n, block_rows)
-    bar = tqdm(blocks[start:], desc=desc, unit="block", initial=start, total=len(blocks),
-               disable=not progress or None, leave=False)
+    bar = progress_bar(blocks[start:], desc=desc, unit="block", initial=start, total=len(blocks),
+                       show=progress, leave=False)
     for r0, r1, c0, c1 in bar:
         s = engine.sims(emb[r0:r1], emb[c0:c1])
         for rows, cols in layout.positive_rects(r0, r1, c0, c1):

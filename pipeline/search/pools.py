@@ -21,9 +21,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline.errors import DataError, PipelineError
+from pipeline.progress import progress_bar
 from pipeline.storage.hdf5 import write_hdf5
 from pipeline.storage.io import write_text_atomic
 from pipeline.search.backends import Backend
@@ -113,8 +113,8 @@ def _views(name: str, option: str) -> tuple[int, ...]:
 def read_normalised(source, rows: np.ndarray, views: tuple[int, ...], progress: bool = False):
     """Yield (chunk start, float32 (n, V, D) unit rows) for `rows`; DataError naming the file, the row
     and its key on NaN/inf or an all-zero embedding."""
-    for start in tqdm(range(0, rows.size, READ_ROWS), desc="reading cache", unit="chunk",
-                      disable=not progress or None, leave=False):
+    for start in progress_bar(range(0, rows.size, READ_ROWS), desc="reading cache", unit="chunk",
+                              show=progress, leave=False):
         index = rows[start : start + READ_ROWS]
         chunk = np.asarray(source.embeddings(index, views=views), np.float32)
         flat = chunk.reshape(chunk.shape[0], -1)

@@ -27,11 +27,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline.formats.ijb import IjbMeta, IjbPaths, write_ijb_meta
 from pipeline.formats.jpeg import encode_jpeg
 from pipeline.models.preprocess import reference_points
+from pipeline.progress import progress_bar
 from pipeline.synthetic.identity import Identity, Nuisance, draw_nuisance
 from pipeline.synthetic.render import image_transform, render_face
 from pipeline.synthetic.streams import chunks, generator, ordered_map, split_identity
@@ -173,7 +173,7 @@ def write_ijb_set(root: str | Path, seed: int, size: int, difficulty: float, ide
     items = [(int(i), image_key, video_key) for i, (image_key, video_key) in zip(plan.identity, plan.keys)]
     tasks = [IjbTask(seed, size, difficulty, chunk) for chunk in chunks(items, TASK_IMAGES)]
     names, landmarks, scores = [], [], []
-    with tqdm(total=len(items), desc="ijb", unit="img", disable=None) as bar:
+    with progress_bar(total=len(items), desc="ijb", unit="img") as bar:
         for crops in ordered_map(render_task, tasks, workers):
             for jpeg, points, score in crops:
                 names.append(f"{len(names) + 1}.jpg")

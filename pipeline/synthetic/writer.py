@@ -39,12 +39,12 @@ from typing import Iterator
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from pipeline.errors import PipelineError
 from pipeline.formats.jpeg import encode_jpeg
 from pipeline.formats.recordio import write_face_recordio
 from pipeline.formats.verification_bin import write_verification_bin
+from pipeline.progress import progress_bar
 from pipeline.storage.io import disk_full_is_one_line, output_lock, refuse_symlink, temporary_name
 from pipeline.settings import check, setting
 from pipeline.synthetic.identity import Identity, draw_nuisance
@@ -237,7 +237,7 @@ def _remove_previous_ijb(out_dir: Path) -> None:
 
 def _labelled_images(tasks: list[RenderTask], workers: int, desc: str) -> Iterator[tuple[bytes, int]]:
     """Render tasks in order, yielding (jpeg, identity) with a progress bar."""
-    with tqdm(total=sum(len(t.items) for t in tasks), desc=desc, unit="img", disable=None) as bar:
+    with progress_bar(total=sum(len(t.items) for t in tasks), desc=desc, unit="img") as bar:
         for task, images in zip(tasks, ordered_map(render_task, tasks, workers)):
             for (index, _), image in zip(task.items, images):
                 yield image, index

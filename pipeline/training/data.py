@@ -16,10 +16,10 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from pipeline.errors import DataError, PipelineError
 from pipeline.models.preprocess import to_tensor
+from pipeline.progress import progress_bar
 from pipeline.training.sampling.shuffled import epoch_rng
 
 
@@ -50,7 +50,7 @@ class FaceDataset(Dataset):
         self.images: np.ndarray | None = None
         if preload:
             self.images = np.stack(
-                [self._decode(i) for i in tqdm(range(len(source)), desc="decode", unit="img", disable=None)]
+                [self._decode(i) for i in progress_bar(range(len(source)), desc="decode", unit="img")]
             )
 
     def __len__(self) -> int:

@@ -20,11 +20,11 @@ from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from pipeline.devices import resolve_device
 from pipeline.errors import DataError, PipelineError
 from pipeline.evaluation.verification import monitor_metrics
+from pipeline.progress import progress_bar
 from pipeline.storage.io import output_lock
 from pipeline.models.model_file import save_model
 from pipeline.training import ddp
@@ -177,8 +177,8 @@ def run_epoch(trainer: TrainStep, batches, epoch: int, epochs: int, show_progres
     updated in place; `after_step(progress)` runs after each step and its logs (the mid-epoch checkpoint)."""
     progress = progress if progress is not None else EpochProgress()
     first = progress.steps
-    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", initial=first, total=first + len(batches),
-               disable=None if show_progress else True)
+    bar = progress_bar(batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", initial=first,
+                       total=first + len(batches), show=show_progress)
     resumed = time.perf_counter()
     for batch in bar:
         if isinstance(batch, ItemFailure):  # a sample failed to load, maybe in a DataLoader worker
