@@ -13,6 +13,8 @@
 - ``test.rec/.idx``: other held-out identities (labels 0..T-1) for all-pairs 1:1 evaluation; the defaults
   (500 identities x 6 images) give 7,500 positive and 4,491,000 negative pairs, enough for TPR at FPR 1e-5;
 - ``synthetic.json`` last: the arguments, counts and sha256 of every file. A folder without it is incomplete.
+  A killed run resumes: the training images rendered so far are kept in ``train.segments/``
+  (`pipeline.synthetic.segments`) and a rerun with the same arguments renders only the rest.
 
 Every identity and every image has its own generator, seeded by ``np.random.SeedSequence(seed,
 spawn_key=(role, identity, image))``: the output is bit-identical for the same arguments whatever the
@@ -51,6 +53,7 @@ from pipeline.synthetic.identity import Identity, draw_nuisance
 from pipeline.synthetic.ijb import TARGET as IJB_TARGET
 from pipeline.synthetic.ijb import write_ijb_set
 from pipeline.synthetic.render import render_face
+from pipeline.synthetic.segments import Segments, segment_images
 from pipeline.synthetic.streams import chunks, generator, ordered_map, split_identity
 
 FORMAT = "ekd-synthetic"
@@ -288,8 +291,10 @@ def _synthesize(out_dir: Path, cfg: SyntheticConfig, args: dict) -> dict:
     try:
         counts = images_per_identity_counts(seed, identities, images_per_identity, long_tail)
         train_tasks = _split_tasks(seed, size, difficulty, ROLE_TRAIN, counts)
-        n_train = write_face_recordio(work, _labelled_images(train_tasks, workers, "train"), prefix="train",
-                                      num_classes=identities, image_size=(size, size))
+        segments = Segments(out_dir, {"format": FORMAT, "version": VERSION, **args})  # a killed run's are kept
+        segments.open()
+        n_train = write_face_recordio(work, segment_images(train_tasks, render_task, workers, segments),
+                                      prefix="train", num_classes=identities, image_size=(size, size))
 
         plan = plan_val_pairs(seed, val_identities, val_pairs)
         val_items = [(int(row[1 + side]), (_VAL_IMAGE_ROLE, k, side)) for k, row in enumerate(plan)
@@ -336,6 +341,7 @@ def _synthesize(out_dir: Path, cfg: SyntheticConfig, args: dict) -> dict:
         temporary = work / "synthetic.json"
         temporary.write_text(json.dumps(summary, indent=2) + "\n")
         os.replace(temporary, out_dir / "synthetic.json")
+        segments.remove()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     seconds = time.perf_counter() - started
