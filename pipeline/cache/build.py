@@ -112,9 +112,11 @@ class ClusterConfig:
 
 def _manifest(cfg: ExtractionConfig, teacher, dataset_fp: str, rows: int) -> dict:
     """What the shards of a run depend on: every identity setting of `cfg` (declared in ExtractionConfig, so
-    none can be forgotten here) plus the teacher's and the data's fingerprints."""
+    none can be forgotten here) plus the teacher's and the data's fingerprints. The device is recorded as the
+    kind it resolves to (`auto` on a CPU machine is `cpu`; cuda:0 and cuda:1 are both `cuda`)."""
     return {
         **identity(cfg),
+        "device": resolve_device(cfg.device).type,
         "format_version": FORMAT_VERSION,
         "teacher_fingerprint": teacher.fingerprint,
         "dataset_fingerprint": dataset_fp,

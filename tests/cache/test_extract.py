@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -128,15 +129,21 @@ def test_failure_mid_run_leaves_nothing_complete_then_resumes(setup, tmp_path):
 # ExtractionConfig's identity fields changed on a resume: refused by name, or (settings a user changes on purpose,
 # REDONE_ON_CHANGE) the earlier shards discarded. arch and input_size only apply to files that do not record
 # them (TorchScript/ONNX): their presence in the manifest is checked below instead.
-RESUME_CHANGES = {"batch_size": BATCH + 1, "device": "auto", "threads": 2, "dtype": "float32", "shard_size": SHARD * 2}
+# The device is compared as the kind it resolves to: a CPU-only machine has one kind, so "another device" is a
+# CUDA one as the manifest records it (checked on the manifest below), and `auto` here is the same as `cpu`.
+RESUME_CHANGES = {"batch_size": BATCH + 1, "threads": 2, "dtype": "float32", "shard_size": SHARD * 2}
+
+
+def killed_extraction(setup, out: Path) -> None:
+    failing = FailingTeacher(load_embedder(setup["teacher"]), raise_on=6)
+    with pytest.raises(OSError, match="simulated"):
+        build_teacher_cache(config(setup["data"], setup["teacher"], out), teacher=failing, log=quiet)
 
 
 @pytest.mark.parametrize("name", RESUME_CHANGES)
 def test_a_resume_with_a_changed_setting_is_refused_by_name_or_starts_over(setup, tmp_path, name):
     out = tmp_path / "cache.h5"
-    failing = FailingTeacher(load_embedder(setup["teacher"]), raise_on=6)
-    with pytest.raises(OSError, match="simulated"):
-        build_teacher_cache(config(setup["data"], setup["teacher"], out), teacher=failing, log=quiet)
+    killed_extraction(setup, out)
     changed = config(setup["data"], setup["teacher"], out, **{name: RESUME_CHANGES[name]})
     if name in REDONE_ON_CHANGE:
         summary = build_teacher_cache(changed, log=quiet)
@@ -150,7 +157,21 @@ def test_every_identity_setting_is_in_the_shard_manifest(setup):
     cfg = config(setup["data"], setup["teacher"], setup["root"] / "unused.h5")
     manifest = _manifest(cfg, load_embedder(setup["teacher"]), "fingerprint", ROWS)
     assert {f.name for f in identity_fields(ExtractionConfig)} <= set(manifest)
-    assert set(RESUME_CHANGES) | {"arch", "input_size"} == {f.name for f in identity_fields(ExtractionConfig)}
+    assert set(RESUME_CHANGES) | {"arch", "input_size", "device"} == {f.name for f in identity_fields(ExtractionConfig)}
+
+
+def test_the_device_counts_as_the_kind_it_resolves_to(setup, tmp_path, monkeypatch):
+    """`auto` on this CPU machine resumes a `cpu` run; a CUDA device is another manifest."""
+    out = tmp_path / "cache.h5"
+    killed_extraction(setup, out)
+    summary = build_teacher_cache(config(setup["data"], setup["teacher"], out, device="auto"), log=quiet)
+    assert (summary["shards_reused"], summary["shards_run"]) == (2, 3)
+    assert sha256(out) == sha256(setup["reference"])
+    cfg = config(setup["data"], setup["teacher"], out)
+    teacher = load_embedder(setup["teacher"])
+    assert _manifest(cfg, teacher, "fingerprint", ROWS)["device"] == "cpu"
+    monkeypatch.setattr("pipeline.cache.build.resolve_device", lambda device: torch.device("cuda", 1))
+    assert _manifest(replace(cfg, device="cuda:1"), teacher, "fingerprint", ROWS)["device"] == "cuda"
 
 
 def test_nan_teacher_output_names_the_keys(setup, tmp_path):
