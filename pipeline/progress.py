@@ -47,7 +47,7 @@ def progress_bar(iterable=None, *, show: bool = True, **options) -> tqdm:
     seconds = line_interval()
     if seconds == 0:
         return tqdm(iterable, disable=True, **options)
-    return ProgressLines(iterable, mininterval=seconds, delay=seconds, **options)
+    return ProgressLines(iterable, mininterval=seconds, maxinterval=seconds, delay=seconds, **options)
 
 
 class ProgressLines(tqdm):
