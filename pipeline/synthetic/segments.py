@@ -72,18 +72,24 @@ class Segments:
             path.unlink()
         self.folder.rmdir()
 
-    def read(self, index: int, labels: Sequence[int]) -> list[bytes] | None:
-        """Segment `index`'s images if it is finished and holds `labels`; None otherwise."""
+    def read(self, index: int, labels: Sequence[int], images: bool = True) -> list[bytes] | None:
+        """Segment `index`'s images if it is finished and holds `labels`, else None. `images=False` checks it
+        without reading the images (returns [] when it is usable)."""
         path = self.path(index)
         if path.is_symlink() or not path.is_file():
             return None
         try:
-            with np.load(path, allow_pickle=False) as stored:
-                data, offsets, stored_labels = stored["data"], stored["offsets"], stored["labels"]
+            with np.load(path, allow_pickle=False) as stored:  # members are read only when asked for
+                offsets, stored_labels = stored["offsets"], stored["labels"]
+                if (offsets.shape != (len(labels) + 1,) or not np.array_equal(stored_labels, labels)
+                        or offsets[0] != 0 or np.any(np.diff(offsets) <= 0)):
+                    return None
+                if not images:
+                    return []
+                data = stored["data"]
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
             return None
-        if (data.dtype != np.uint8 or offsets.shape != (len(labels) + 1,) or not np.array_equal(stored_labels, labels)
-                or offsets[0] != 0 or offsets[-1] != data.size or np.any(np.diff(offsets) <= 0)):
+        if data.dtype != np.uint8 or offsets[-1] != data.size:
             return None
         raw = data.tobytes()
         return [raw[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
@@ -101,18 +107,19 @@ def segment_images(tasks: Sequence, render: Callable, workers: int, segments: Se
     progress bar over all of them) and kept as segments. `tasks` have `.items` = ((identity, key), ...)."""
     groups = list(chunks(tasks, SEGMENT_TASKS))
     labels = [[index for task in group for index, _ in task.items] for group in groups]
-    stored = []
-    for k in range(len(groups)):  # the finished prefix
-        images = segments.read(k, labels[k])
-        if images is None:
-            break
-        stored.append(images)
-    with progress_bar(total=sum(map(len, labels)), initial=sum(map(len, stored)), desc=desc, unit="img") as bar:
-        for k, images in enumerate(stored):
+    finished = 0  # the finished prefix, checked without holding its images
+    while finished < len(groups) and segments.read(finished, labels[finished], images=False) is not None:
+        finished += 1
+    with progress_bar(total=sum(map(len, labels)), initial=sum(map(len, labels[:finished])), desc=desc,
+                      unit="img") as bar:
+        for k in range(finished):  # read back one segment at a time
+            images = segments.read(k, labels[k])
+            if images is None:
+                raise PipelineError(f"{segments.path(k)}: changed while synthesize was reading it; rerun")
             yield from zip(images, labels[k])
-        remaining = [task for group in groups[len(stored):] for task in group]
+        remaining = [task for group in groups[finished:] for task in group]
         rendered = ordered_map(render, remaining, workers)
-        for k in range(len(stored), len(groups)):
+        for k in range(finished, len(groups)):
             images: list[bytes] = []
             for _ in groups[k]:
                 task_images = next(rendered)
