@@ -18,7 +18,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
-
 from pipeline.cache.contract import FORMAT_VERSION, CacheDtype, contract_attrs
 from pipeline.cache.format import TeacherCache
 from pipeline.cache.mapped import convert_hint

@@ -19,7 +19,6 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-
 from pipeline.cache.contract import READ_ROWS
 from pipeline.formats.labels_cache import cache_dir
 from pipeline.progress import progress_bar

@@ -72,9 +72,15 @@ class Segments:
             path.unlink()
         self.folder.rmdir()
 
-    def read(self, index: int, labels: Sequence[int], images: bool = True) -> list[bytes] | None:
-        """Segment `index`'s images if it is finished and holds `labels`, else None. `images=False` checks it
-        without reading the images (returns [] when it is usable)."""
+    def finished(self, index: int, labels: Sequence[int]) -> bool:
+        """Whether segment `index` is finished and holds `labels` (its images are not read)."""
+        return self._load(index, labels, images=False) is not None
+
+    def read(self, index: int, labels: Sequence[int]) -> list[bytes] | None:
+        """Segment `index`'s images if it is finished and holds `labels`; None otherwise."""
+        return self._load(index, labels, images=True)
+
+    def _load(self, index: int, labels: Sequence[int], images: bool) -> list[bytes] | None:
         path = self.path(index)
         if path.is_symlink() or not path.is_file():
             return None
@@ -84,11 +90,11 @@ class Segments:
                 if (offsets.shape != (len(labels) + 1,) or not np.array_equal(stored_labels, labels)
                         or offsets[0] != 0 or np.any(np.diff(offsets) <= 0)):
                     return None
-                if not images:
-                    return []
-                data = stored["data"]
+                data = stored["data"] if images else None
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
             return None
+        if data is None:
+            return []
         if data.dtype != np.uint8 or offsets[-1] != data.size:
             return None
         raw = data.tobytes()
@@ -108,7 +114,7 @@ def segment_images(tasks: Sequence, render: Callable, workers: int, segments: Se
     groups = list(chunks(tasks, SEGMENT_TASKS))
     labels = [[index for task in group for index, _ in task.items] for group in groups]
     finished = 0  # the finished prefix, checked without holding its images
-    while finished < len(groups) and segments.read(finished, labels[finished], images=False) is not None:
+    while finished < len(groups) and segments.finished(finished, labels[finished]):
         finished += 1
     with progress_bar(total=sum(map(len, labels)), initial=sum(map(len, labels[:finished])), desc=desc,
                       unit="img") as bar:
