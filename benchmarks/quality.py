@@ -7,6 +7,11 @@ trained with each seed of `--seeds` (params.yaml `quality.seeds` by default) exa
 (`--params params.yaml:student --params params.yaml:<section>.<name>`, with `--seed`), then evaluated on the
 data's test.rec. Finished runs are reused, so an interrupted benchmark resumes.
 
+`--scale K` makes each data seed's training set K times larger (K times the identities, the same images per
+identity and the same held-out sets) and trains teacher and students for the same number of *steps* as at scale
+1 (epochs and warmup divided by K; the teacher's epochs rounded up): a larger set at the same compute, so that
+conclusions can be checked as data grows. Its runs go to `--work`/data-seedD-xK.
+
 Prints ONE JSON line: the teacher's TPR@FPR; per method and FPR the mean and standard error over seeds, the
 paired difference to the baseline (mean, SE, z = mean / SE), the gap closed (student - baseline) /
 (teacher - baseline), and the paired difference of the best EKD student to the best feature-L2 student.
@@ -14,11 +19,13 @@ Writes `quality.png` (TPR at each FPR per method with SE error bars) and `runs.j
 
     python benchmarks/quality.py                                  # params.yaml's seeds on the pipeline's data
     python benchmarks/quality.py --data-seeds 0,1 --parallel 2    # a second synthetic dataset too
+    python benchmarks/quality.py --scale 4 --seeds 1,2,3 --students baseline,ekd,l2,adadistill --parallel 2
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -46,24 +53,39 @@ def pipeline(*args) -> list[str]:
     return [sys.executable, "-m", "pipeline", *map(str, args)]
 
 
-def prepare_data(params: dict, data_seed: int, work: Path, threads: int | None) -> dict[str, Path]:
-    """Data folder, teacher evaluation, cache and pools for a data seed (the pipeline's own for its seed)."""
+def dataset_name(data_seed: int, scale: int) -> str:
+    return f"data-seed{data_seed}" + (f"-x{scale}" if scale != 1 else "")
+
+
+def schedule(section: dict, scale: int) -> list[str]:
+    """Options that keep a training section's number of steps at `scale` times the data (epochs are whole)."""
+    if scale == 1:
+        return []
+    return ["--epochs", str(max(1, math.ceil(section["epochs"] / scale))),
+            "--warmup-epochs", str(section.get("warmup_epochs", 0.0) / scale)]
+
+
+def prepare_data(params: dict, data_seed: int, scale: int, work: Path, threads: int | None) -> dict[str, Path]:
+    """Data folder, teacher evaluation, cache and pools for a data seed and scale (the pipeline's own for its
+    seed at scale 1)."""
     demo = next(iter(params["synthetic"].values()))
-    if data_seed == demo["seed"]:
+    if data_seed == demo["seed"] and scale == 1:
         return {"data": Path(params["data"]["dir"]), "cache": Path(params["extract"]["out"]),
                 "pools": Path(params["pools"]["out"]), "teacher_eval": Path(params["teacher"]["eval_dir"])}
-    root = work / f"data-seed{data_seed}"
+    root = work / dataset_name(data_seed, scale)
     paths = {"data": root / "synthetic", "cache": root / "cache" / "teacher.h5", "pools": root / "pools",
              "teacher_eval": root / "teacher-eval"}
     log = root / "prepare.log"
     key = next(iter(params["synthetic"]))
     if not (paths["data"] / "synthetic.json").is_file():
         run(pipeline("synthesize", "--params", f"params.yaml:synthetic.{key}", "--out", paths["data"],
-                     "--seed", data_seed), log, None)
+                     "--seed", data_seed, "--identities", demo["identities"] * scale), log, None)
     teacher = root / "teacher"
     if not (teacher / "model.pt").is_file():
-        run(pipeline("train-teacher", "--params", f"params.yaml:teacher_training.{next(iter(params['teacher_training']))}",
-                     "--data", paths["data"], "--out", teacher, "--monitor", paths["data"], "--no-resume"), log, threads)
+        training = next(iter(params["teacher_training"]))
+        run(pipeline("train-teacher", "--params", f"params.yaml:teacher_training.{training}",
+                     *schedule(params["teacher_training"][training], scale), "--data", paths["data"], "--out",
+                     teacher, "--monitor", paths["data"], "--no-resume"), log, threads)
     if not paths["cache"].is_file():
         run(pipeline("extract-teacher", "--params", "params.yaml:extract", "--data", paths["data"], "--teacher",
                      teacher / "model.pt", "--out", paths["cache"]), log, threads)
@@ -76,12 +98,14 @@ def prepare_data(params: dict, data_seed: int, work: Path, threads: int | None) 
     return paths
 
 
-def train_and_evaluate(section: str, name: str, seed: int, paths: dict, out: Path, threads: int | None) -> Path:
-    """One student as dvc.yaml trains it, with `--seed`; returns its metrics.json (reused when present)."""
+def train_and_evaluate(section: str, name: str, seed: int, paths: dict, out: Path, threads: int | None,
+                       steps: list[str]) -> Path:
+    """One student as dvc.yaml trains it, with `--seed` (and the scale's `steps` options); returns its
+    metrics.json (reused when present)."""
     metrics = out / "eval" / "metrics.json"
     if not metrics.is_file():
         run(pipeline("train-student", "--params", "params.yaml:student", "--params", f"params.yaml:{section}.{name}",
-                     "--data", paths["data"], "--name", name, "--out", out, "--cache", paths["cache"],
+                     *steps, "--data", paths["data"], "--name", name, "--out", out, "--cache", paths["cache"],
                      "--pools", paths["pools"], "--monitor", paths["data"], "--seed", seed, "--no-resume"),
             out / "log.txt", threads)
         run(pipeline("evaluate", "--params", "params.yaml:evaluate", "--model", out / "model.pt", "--data",
@@ -140,6 +164,8 @@ def main() -> None:
     parser.add_argument("--data-seeds", default="", help="comma-separated synthetic data seeds (default: params.yaml's)")
     parser.add_argument("--students", default="", help="comma-separated subset of the students to run")
     parser.add_argument("--work", default="benchmarks/out/quality")
+    parser.add_argument("--scale", type=int, default=1,
+                        help="training set K times larger, trained for the same number of steps (see above)")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time (each then uses one torch thread)")
     args = parser.parse_args()
     params = yaml.safe_load(Path("params.yaml").read_text())
@@ -157,18 +183,19 @@ def main() -> None:
     tpr: dict[str, dict[str, dict]] = {name: {} for name in students}
     teachers, teacher_of_run, runs = {}, {}, []
     for data_seed in data_seeds:
-        paths = prepare_data(params, data_seed, work, threads)
+        paths = prepare_data(params, data_seed, args.scale, work, threads)
+        name_of_data, steps = dataset_name(data_seed, args.scale), schedule(params["student"], args.scale)
         teacher_test = json.loads((paths["teacher_eval"] / "metrics.json").read_text())["test"]
         teachers[data_seed] = {f: teacher_test[f"tpr@fpr={f}"] for f in FPRS}
-        jobs = [(section, name, seed, work / f"data-seed{data_seed}" / f"seed{seed}" / name)
+        jobs = [(section, name, seed, work / name_of_data / f"seed{seed}" / name)
                 for seed in seeds for name, section in students.items()]
         with ThreadPoolExecutor(max(1, args.parallel)) as pool:
-            done = pool.map(lambda j: (j, train_and_evaluate(j[0], j[1], j[2], paths, j[3], threads)), jobs)
+            done = pool.map(lambda j: (j, train_and_evaluate(*j[:3], paths, j[3], threads, steps)), jobs)
             for (section, name, seed, out), metrics in done:
                 test = json.loads(metrics.read_text())["test"]
-                key = f"{data_seed}:{seed}"
+                key = f"{name_of_data}:{seed}"
                 tpr[name][key], teacher_of_run[key] = {f: test[f"tpr@fpr={f}"] for f in FPRS}, teachers[data_seed]
-                runs.append({"name": name, "data_seed": data_seed, "seed": seed, "run": str(out),
+                runs.append({"name": name, "data_seed": data_seed, "scale": args.scale, "seed": seed, "run": str(out),
                              **{f"tpr@{f}": test[f"tpr@fpr={f}"] for f in FPRS}})
     methods = summarise(tpr, teacher_of_run, baseline)
     kd_of = {name: (params["students"].get(name) or quality.get("students", {}).get(name) or {}).get("kd", "")
@@ -184,7 +211,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     plot(methods, teacher, work / "quality.png")
     (work / "runs.json").write_text(json.dumps(runs, indent=1) + "\n")
-    print(json.dumps({"benchmark": "quality", "data_seeds": data_seeds, "seeds": seeds, "teacher": teachers,
+    print(json.dumps({"benchmark": "quality", "data_seeds": data_seeds, "scale": args.scale, "seeds": seeds, "teacher": teachers,
                       "methods": methods, "best_ekd_vs_best_l2": comparison, "plot": str(work / "quality.png")}))
 
 
