@@ -1,0 +1,37 @@
+"""benchmarks/quality.py's larger-set schedule: K times the data for the same number of optimiser steps."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def options(argv: list[str]) -> dict[str, float]:
+    return {argv[i]: float(argv[i + 1]) for i in range(0, len(argv), 2)}
+
+
+def test_scale_one_keeps_the_params_schedule(quality):
+    assert quality.schedule({"epochs": 16, "warmup_epochs": 0.5}, 1) == []
+    assert quality.dataset_name(0, 1) == "data-seed0"
+
+
+@pytest.mark.parametrize("epochs, warmup, scale, images", [(16, 0.5, 4, 5000), (14, 0.5, 4, 5000), (9, 0.0, 2, 300)])
+def test_larger_set_keeps_the_number_of_steps(quality, epochs, warmup, scale, images):
+    got = options(quality.schedule({"epochs": epochs, "warmup_epochs": warmup}, scale))
+    # images seen over the run: never fewer than at scale 1, at most one (larger) epoch more
+    seen, seen_before = got["--epochs"] * images * scale, epochs * images
+    assert seen_before <= seen < seen_before + images * scale
+    assert got["--epochs"] == int(got["--epochs"])
+    assert got["--warmup-epochs"] * images * scale == pytest.approx(warmup * images)  # the same warmup steps
+    assert quality.dataset_name(3, scale) == f"data-seed3-x{scale}"
