@@ -1,0 +1,98 @@
+"""How closely trained students reproduce their teacher, on the training images and on the held-out test set.
+
+Why the best students stop short of the teacher: if a student reproduces the teacher as well on the test
+identities as on the training images it learnt from, it is not over-fitting its targets but cannot follow the
+teacher any closer (its capacity or its optimisation is the limit); if it follows the teacher much better on
+the training images, the limit is how far the fit generalises (more data would help).
+
+For each model (flip-fused embeddings, as `pipeline evaluate`) and each set (`train` = train.rec, `test` =
+test.rec):
+- `tpr@1e-4` / `tpr@1e-5`: all-pairs verification on that set (the teacher's too: how far it memorised its
+  training positives);
+- `cos_to_teacher`: mean cosine between the student's and the teacher's embedding of the same image (feature
+  fidelity; meaningful only where the method aligns the two spaces, not for a no-KD student);
+- `pair_corr`: Pearson correlation between the student's and the teacher's similarities over the negative
+  pairs of a fixed random subset of `--pairs-of` images (rotation-invariant: it compares the two similarity
+  structures, which is what verification reads), and `pair_mae` the mean absolute difference on those pairs.
+
+Runs are `--runs ROOT` folders ROOT/seedS/METHOD/model.pt (benchmarks/quality.py's layout); every figure is
+the mean ± SE over seeds, and `train - test` is paired per seed. Prints ONE JSON line.
+
+    python benchmarks/fidelity.py --data data/synthetic --teacher data/teacher/model.pt \\
+        --runs benchmarks/out/quality/data-seed0 --methods baseline,ekd,l2 --seeds 1,2,3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.evaluation.compare import mean_and_se, paired
+from pipeline.evaluation.metrics import Roc
+from pipeline.evaluation.verification import _DecodedRecords, all_pairs_scores, embed_images, fuse_flips
+from pipeline.formats.recordio import FaceRecordIO
+from pipeline.models.loading import load_embedder
+
+SETS = ("train", "test")
+
+
+def embeddings(model: Path, records: dict[str, FaceRecordIO], batch_size: int) -> dict[str, np.ndarray]:
+    embed = load_embedder(model, device="cpu")
+    return {name: fuse_flips(*embed_images(embed, _DecodedRecords(rec), batch_size, True, source=str(model)))
+            for name, rec in records.items()}
+
+
+def figures(student: np.ndarray, teacher: np.ndarray, labels: np.ndarray, subset: np.ndarray) -> dict:
+    positive, negative = all_pairs_scores(student, labels)
+    tpr = Roc.from_pos_neg(positive, negative).tpr_at([1e-4, 1e-5], "nearest")
+    out = {"tpr@1e-4": float(tpr[1e-4]), "tpr@1e-5": float(tpr[1e-5]),
+           "cos_to_teacher": float(np.mean(np.sum(student * teacher, axis=1)))}
+    s, t = student[subset], teacher[subset]
+    upper = np.triu_indices(len(subset), 1)
+    negatives = labels[subset][upper[0]] != labels[subset][upper[1]]
+    s_pairs, t_pairs = (s @ s.T)[upper][negatives], (t @ t.T)[upper][negatives]
+    out["pair_corr"] = float(np.corrcoef(s_pairs, t_pairs)[0, 1])
+    out["pair_mae"] = float(np.mean(np.abs(s_pairs - t_pairs)))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="folder with train.rec and test.rec")
+    parser.add_argument("--teacher", required=True)
+    parser.add_argument("--runs", required=True, help="ROOT of ROOT/seedS/METHOD/model.pt")
+    parser.add_argument("--methods", required=True)
+    parser.add_argument("--seeds", required=True)
+    parser.add_argument("--pairs-of", type=int, default=2000, help="images whose negative pairs are correlated")
+    parser.add_argument("--batch-size", type=int, default=256)
+    args = parser.parse_args()
+    records = {name: FaceRecordIO(Path(args.data) / f"{name}.rec", require_property=False) for name in SETS}
+    labels = {name: np.asarray(rec.labels).reshape(-1) for name, rec in records.items()}
+    rng = np.random.default_rng(0)
+    subset = {name: np.sort(rng.choice(len(labels[name]), min(args.pairs_of, len(labels[name])), replace=False))
+              for name in SETS}
+    teacher = embeddings(Path(args.teacher), records, args.batch_size)
+    result = {"benchmark": "fidelity", "data": args.data, "teacher": {
+        name: figures(teacher[name], teacher[name], labels[name], subset[name]) for name in SETS}}
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for method in args.methods.split(","):
+        per_seed = {}
+        for seed in seeds:
+            student = embeddings(Path(args.runs) / f"seed{seed}" / method / "model.pt", records, args.batch_size)
+            per_seed[seed] = {name: figures(student[name], teacher[name], labels[name], subset[name])
+                              for name in SETS}
+        summary = {}
+        for key in per_seed[seeds[0]]["train"]:
+            by_set = {name: {s: per_seed[s][name][key] for s in seeds} for name in SETS}
+            summary[key] = {name: dict(zip(("mean", "se"), mean_and_se(list(by_set[name].values()))))
+                            for name in SETS}
+            difference = paired(by_set["train"], by_set["test"])
+            summary[key]["train - test"] = {"mean": difference["mean"], "se": difference["se"]}
+        result[method] = summary
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
