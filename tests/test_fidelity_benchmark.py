@@ -1,22 +1,17 @@
 """benchmarks/fidelity.py's figures against direct computations on small embeddings."""
 from __future__ import annotations
 
-import importlib.util
 from itertools import combinations
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers.benchmarks import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def fidelity():
-    spec = importlib.util.spec_from_file_location("fidelity_benchmark", ROOT / "benchmarks" / "fidelity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("fidelity")
 
 
 def unit(rows: np.ndarray) -> np.ndarray:

@@ -1,20 +1,15 @@
 """benchmarks/quality.py's larger-set schedule: K times the data for the same number of optimiser steps."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers.benchmarks import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("quality")
 
 
 def options(argv: list[str]) -> dict[str, float]:
