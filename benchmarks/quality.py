@@ -12,7 +12,9 @@ identity and the same held-out sets). Its teacher is trained with params.yaml's 
 steps: the teacher is trained once, to its plateau; at the students' step count it was far from it,
 docs/quality.md round 6); the students get the same number of *steps* as at scale 1 (epochs and warmup divided
 by K, epochs rounded up): a larger set at the students' compute, so that conclusions can be checked as data
-grows. Its runs go to `--work`/data-seedD-xK.
+grows. Its runs go to `--work`/data-seedD-xK. `--steps F` trains the students F times that many steps (the
+warmup unchanged; runs in data-seedD-xK/stepsF/), e.g. when the larger set's no-KD student is still far from
+its plateau at the default's step count.
 
 Prints ONE JSON line: the teacher's TPR@FPR; per method and FPR the mean and standard error over seeds, the
 paired difference to the baseline (mean, SE, z = mean / SE), the gap closed (student - baseline) /
@@ -59,11 +61,12 @@ def dataset_name(data_seed: int, scale: int) -> str:
     return f"data-seed{data_seed}" + (f"-x{scale}" if scale != 1 else "")
 
 
-def schedule(section: dict, scale: int) -> list[str]:
-    """Options that keep a training section's number of steps at `scale` times the data (epochs are whole)."""
-    if scale == 1:
+def schedule(section: dict, scale: int, steps: float = 1.0) -> list[str]:
+    """Options that train a section `steps` times its number of optimiser steps on `scale` times the data (epochs
+    are whole, rounded up; the warmup keeps its number of steps)."""
+    if scale == 1 and steps == 1:
         return []
-    return ["--epochs", str(max(1, math.ceil(section["epochs"] / scale))),
+    return ["--epochs", str(max(1, math.ceil(section["epochs"] * steps / scale))),
             "--warmup-epochs", str(section.get("warmup_epochs", 0.0) / scale)]
 
 
@@ -166,6 +169,8 @@ def main() -> None:
     parser.add_argument("--work", default="benchmarks/out/quality")
     parser.add_argument("--scale", type=int, default=1,
                         help="training set K times larger, trained for the same number of steps (see above)")
+    parser.add_argument("--steps", type=float, default=1.0,
+                        help="students train F times the default's number of steps (see above)")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time (each then uses one torch thread)")
     args = parser.parse_args()
     params = yaml.safe_load(Path("params.yaml").read_text())
@@ -184,10 +189,12 @@ def main() -> None:
     teachers, teacher_of_run, runs = {}, {}, []
     for data_seed in data_seeds:
         paths = prepare_data(params, data_seed, args.scale, work, threads)
-        name_of_data, steps = dataset_name(data_seed, args.scale), schedule(params["student"], args.scale)
+        name_of_data = dataset_name(data_seed, args.scale)
+        steps = schedule(params["student"], args.scale, args.steps)
+        runs_of_data = work / name_of_data / (f"steps{args.steps:g}" if args.steps != 1 else "")
         teacher_test = json.loads((paths["teacher_eval"] / "metrics.json").read_text())["test"]
         teachers[data_seed] = {f: teacher_test[f"tpr@fpr={f}"] for f in FPRS}
-        jobs = [(section, name, seed, work / name_of_data / f"seed{seed}" / name)
+        jobs = [(section, name, seed, runs_of_data / f"seed{seed}" / name)
                 for seed in seeds for name, section in students.items()]
         with ThreadPoolExecutor(max(1, args.parallel)) as pool:
             done = pool.map(lambda j: (j, train_and_evaluate(*j[:3], paths, j[3], threads, steps)), jobs)
@@ -195,7 +202,8 @@ def main() -> None:
                 test = json.loads(metrics.read_text())["test"]
                 key = f"{name_of_data}:{seed}"
                 tpr[name][key], teacher_of_run[key] = {f: test[f"tpr@fpr={f}"] for f in FPRS}, teachers[data_seed]
-                runs.append({"name": name, "data_seed": data_seed, "scale": args.scale, "seed": seed, "run": str(out),
+                runs.append({"name": name, "data_seed": data_seed, "scale": args.scale, "steps": args.steps,
+                             "seed": seed, "run": str(out),
                              **{f"tpr@{f}": test[f"tpr@fpr={f}"] for f in FPRS}})
     methods = summarise(tpr, teacher_of_run, baseline)
     kd_of = {name: (params["students"].get(name) or quality.get("students", {}).get(name) or {}).get("kd", "")
@@ -211,7 +219,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     plot(methods, teacher, work / "quality.png")
     (work / "runs.json").write_text(json.dumps(runs, indent=1) + "\n")
-    print(json.dumps({"benchmark": "quality", "data_seeds": data_seeds, "scale": args.scale, "seeds": seeds, "teacher": teachers,
+    print(json.dumps({"benchmark": "quality", "data_seeds": data_seeds, "scale": args.scale, "steps": args.steps,
+                      "seeds": seeds, "teacher": teachers,
                       "methods": methods, "best_ekd_vs_best_l2": comparison, "plot": str(work / "quality.png")}))
 
 

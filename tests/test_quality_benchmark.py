@@ -30,3 +30,12 @@ def test_larger_set_keeps_the_number_of_steps(quality, epochs, warmup, scale, im
     assert got["--epochs"] == int(got["--epochs"])
     assert got["--warmup-epochs"] * images * scale == pytest.approx(warmup * images)  # the same warmup steps
     assert quality.dataset_name(3, scale) == f"data-seed3-x{scale}"
+
+
+@pytest.mark.parametrize("steps", [2.0, 0.5])
+def test_more_steps_multiply_the_steps_and_keep_the_warmup(quality, steps):
+    images, scale, section = 5000, 4, {"epochs": 16, "warmup_epochs": 0.5}
+    got = options(quality.schedule(section, scale, steps))
+    assert got["--epochs"] * images * scale == steps * section["epochs"] * images
+    assert got["--warmup-epochs"] * images * scale == pytest.approx(section["warmup_epochs"] * images)
+    assert options(quality.schedule(section, 1, steps))["--epochs"] == steps * section["epochs"]
