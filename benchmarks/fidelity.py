@@ -5,8 +5,8 @@ identities as on the training images it learnt from, it is not over-fitting its 
 teacher any closer (its capacity or its optimisation is the limit); if it follows the teacher much better on
 the training images, the limit is how far the fit generalises (more data would help).
 
-For each model (flip-fused embeddings, as `pipeline evaluate`) and each set (`train` = train.rec, `test` =
-test.rec):
+For each model (flip-fused embeddings, as `pipeline evaluate`) and each set (`train` = train.rec or a fixed
+random `--train-images` subset of it, `test` = test.rec):
 - `tpr@1e-4` / `tpr@1e-5`: all-pairs verification on that set (the teacher's too: how far it memorised its
   training positives);
 - `cos_to_teacher`: mean cosine between the student's and the teacher's embedding of the same image (feature
@@ -31,17 +31,34 @@ import numpy as np
 
 from pipeline.evaluation.compare import mean_and_se, paired
 from pipeline.evaluation.metrics import Roc
-from pipeline.evaluation.verification import _DecodedRecords, all_pairs_scores, embed_images, fuse_flips
+from pipeline.evaluation.verification import all_pairs_scores, embed_images, fuse_flips
 from pipeline.formats.recordio import FaceRecordIO
 from pipeline.models.loading import load_embedder
 
 SETS = ("train", "test")
 
 
-def embeddings(model: Path, records: dict[str, FaceRecordIO], batch_size: int) -> dict[str, np.ndarray]:
+class Images:
+    """The decoded images of a RecordIO set, or of the given rows of it (in that order)."""
+
+    def __init__(self, path: Path, rows: int | None, rng: np.random.Generator):
+        self.records = FaceRecordIO(path, require_property=False)
+        labels = np.asarray(self.records.labels).reshape(-1)
+        everything = rows is None or rows >= len(labels)
+        self.rows = np.arange(len(labels)) if everything else np.sort(rng.choice(len(labels), rows, replace=False))
+        self.labels = labels[self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.records.decode(int(self.rows[i]))
+
+
+def embeddings(model: Path, images: dict[str, Images], batch_size: int) -> dict[str, np.ndarray]:
     embed = load_embedder(model, device="cpu")
-    return {name: fuse_flips(*embed_images(embed, _DecodedRecords(rec), batch_size, True, source=str(model)))
-            for name, rec in records.items()}
+    return {name: fuse_flips(*embed_images(embed, rows, batch_size, True, source=str(model)))
+            for name, rows in images.items()}
 
 
 def figures(student: np.ndarray, teacher: np.ndarray, labels: np.ndarray, subset: np.ndarray) -> dict:
@@ -66,11 +83,14 @@ def main() -> None:
     parser.add_argument("--methods", required=True)
     parser.add_argument("--seeds", required=True)
     parser.add_argument("--pairs-of", type=int, default=2000, help="images whose negative pairs are correlated")
+    parser.add_argument("--train-images", type=int, default=None,
+                        help="a fixed random subset of this many training images (default: all of train.rec)")
     parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args()
-    records = {name: FaceRecordIO(Path(args.data) / f"{name}.rec", require_property=False) for name in SETS}
-    labels = {name: np.asarray(rec.labels).reshape(-1) for name, rec in records.items()}
     rng = np.random.default_rng(0)
+    records = {name: Images(Path(args.data) / f"{name}.rec", args.train_images if name == "train" else None, rng)
+               for name in SETS}
+    labels = {name: rows.labels for name, rows in records.items()}
     subset = {name: np.sort(rng.choice(len(labels[name]), min(args.pairs_of, len(labels[name])), replace=False))
               for name in SETS}
     teacher = embeddings(Path(args.teacher), records, args.batch_size)

@@ -6,7 +6,10 @@ from itertools import combinations
 import numpy as np
 import pytest
 
+from pipeline.formats.recordio import FaceRecordIO
+
 from helpers.benchmarks import benchmark_module
+from helpers.data import write_random_faces
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +54,15 @@ def test_a_rotated_teacher_has_its_similarity_structure_but_not_its_features(fid
     assert turned["pair_corr"] == pytest.approx(1.0, abs=1e-5) and turned["pair_mae"] == pytest.approx(0, abs=1e-5)
     assert turned["cos_to_teacher"] < 0.5
     assert turned["tpr@1e-4"] == pytest.approx(same["tpr@1e-4"])
+
+
+def test_a_training_subset_keeps_each_image_with_its_label(fidelity, tmp_path):
+    write_random_faces(tmp_path, classes=6, per_class=4)
+    records = FaceRecordIO(tmp_path / "train.rec", require_property=False)
+    everything = fidelity.Images(tmp_path / "train.rec", None, np.random.default_rng(0))
+    assert len(everything) == 24 and np.array_equal(everything.labels, np.asarray(records.labels).reshape(-1))
+    subset = fidelity.Images(tmp_path / "train.rec", 7, np.random.default_rng(0))
+    assert len(subset) == 7 and len(set(subset.rows.tolist())) == 7
+    for i, row in enumerate(subset.rows):
+        assert subset.labels[i] == records.labels[row]
+        assert np.array_equal(subset[i], records.decode(int(row)))
