@@ -88,19 +88,19 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    records = {name: Images(Path(args.data) / f"{name}.rec", args.train_images if name == "train" else None, rng)
-               for name in SETS}
-    labels = {name: rows.labels for name, rows in records.items()}
+    images = {name: Images(Path(args.data) / f"{name}.rec", args.train_images if name == "train" else None, rng)
+              for name in SETS}
+    labels = {name: rows.labels for name, rows in images.items()}
     subset = {name: np.sort(rng.choice(len(labels[name]), min(args.pairs_of, len(labels[name])), replace=False))
               for name in SETS}
-    teacher = embeddings(Path(args.teacher), records, args.batch_size)
+    teacher = embeddings(Path(args.teacher), images, args.batch_size)
     result = {"benchmark": "fidelity", "data": args.data, "teacher": {
         name: figures(teacher[name], teacher[name], labels[name], subset[name]) for name in SETS}}
     seeds = [int(s) for s in args.seeds.split(",")]
     for method in args.methods.split(","):
         per_seed = {}
         for seed in seeds:
-            student = embeddings(Path(args.runs) / f"seed{seed}" / method / "model.pt", records, args.batch_size)
+            student = embeddings(Path(args.runs) / f"seed{seed}" / method / "model.pt", images, args.batch_size)
             per_seed[seed] = {name: figures(student[name], teacher[name], labels[name], subset[name])
                               for name in SETS}
         summary = {}

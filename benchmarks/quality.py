@@ -102,13 +102,13 @@ def prepare_data(params: dict, data_seed: int, scale: int, work: Path, threads: 
 
 
 def train_and_evaluate(section: str, name: str, seed: int, paths: dict, out: Path, threads: int | None,
-                       steps: list[str]) -> Path:
-    """One student as dvc.yaml trains it, with `--seed` (and the scale's `steps` options); returns its
-    metrics.json (reused when present)."""
+                       schedule_options: list[str]) -> Path:
+    """One student as dvc.yaml trains it, with `--seed` (and `schedule`'s options); returns its metrics.json
+    (reused when present)."""
     metrics = out / "eval" / "metrics.json"
     if not metrics.is_file():
         run(pipeline("train-student", "--params", "params.yaml:student", "--params", f"params.yaml:{section}.{name}",
-                     *steps, "--data", paths["data"], "--name", name, "--out", out, "--cache", paths["cache"],
+                     *schedule_options, "--data", paths["data"], "--name", name, "--out", out, "--cache", paths["cache"],
                      "--pools", paths["pools"], "--monitor", paths["data"], "--seed", seed, "--no-resume"),
             out / "log.txt", threads)
         run(pipeline("evaluate", "--params", "params.yaml:evaluate", "--model", out / "model.pt", "--data",
@@ -190,14 +190,14 @@ def main() -> None:
     for data_seed in data_seeds:
         paths = prepare_data(params, data_seed, args.scale, work, threads)
         name_of_data = dataset_name(data_seed, args.scale)
-        steps = schedule(params["student"], args.scale, args.steps)
+        schedule_options = schedule(params["student"], args.scale, args.steps)
         runs_of_data = work / name_of_data / (f"steps{args.steps:g}" if args.steps != 1 else "")
         teacher_test = json.loads((paths["teacher_eval"] / "metrics.json").read_text())["test"]
         teachers[data_seed] = {f: teacher_test[f"tpr@fpr={f}"] for f in FPRS}
         jobs = [(section, name, seed, runs_of_data / f"seed{seed}" / name)
                 for seed in seeds for name, section in students.items()]
         with ThreadPoolExecutor(max(1, args.parallel)) as pool:
-            done = pool.map(lambda j: (j, train_and_evaluate(*j[:3], paths, j[3], threads, steps)), jobs)
+            done = pool.map(lambda j: (j, train_and_evaluate(*j[:3], paths, j[3], threads, schedule_options)), jobs)
             for (section, name, seed, out), metrics in done:
                 test = json.loads(metrics.read_text())["test"]
                 key = f"{name_of_data}:{seed}"
