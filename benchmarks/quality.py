@@ -108,8 +108,9 @@ def train_and_evaluate(section: str, name: str, seed: int, paths: dict, out: Pat
     metrics = out / "eval" / "metrics.json"
     if not metrics.is_file():
         run(pipeline("train-student", "--params", "params.yaml:student", "--params", f"params.yaml:{section}.{name}",
-                     *schedule_options, "--data", paths["data"], "--name", name, "--out", out, "--cache", paths["cache"],
-                     "--pools", paths["pools"], "--monitor", paths["data"], "--seed", seed, "--no-resume"),
+                     *schedule_options, "--data", paths["data"], "--name", name, "--out", out, "--cache",
+                     paths["cache"], "--pools", paths["pools"], "--monitor", paths["data"], "--seed", seed,
+                     "--no-resume"),
             out / "log.txt", threads)
         run(pipeline("evaluate", "--params", "params.yaml:evaluate", "--model", out / "model.pt", "--data",
                      paths["data"], "--out", out / "eval"), out / "log.txt", threads)
