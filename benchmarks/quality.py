@@ -188,10 +188,10 @@ def main() -> None:
 
     tpr: dict[str, dict[str, dict]] = {name: {} for name in students}
     teachers, teacher_of_run, runs = {}, {}, []
+    schedule_options = schedule(params["student"], args.scale, args.steps)
     for data_seed in data_seeds:
         paths = prepare_data(params, data_seed, args.scale, work, threads)
         name_of_data = dataset_name(data_seed, args.scale)
-        schedule_options = schedule(params["student"], args.scale, args.steps)
         runs_of_data = work / name_of_data / (f"steps{args.steps:g}" if args.steps != 1 else "")
         teacher_test = json.loads((paths["teacher_eval"] / "metrics.json").read_text())["test"]
         teachers[data_seed] = {f: teacher_test[f"tpr@fpr={f}"] for f in FPRS}
