@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -112,6 +113,34 @@ def cache_identity(cache: Path) -> str:
 
     with h5py.File(cache, "r") as handle:
         return f"{handle.attrs['teacher_fingerprint']}/{handle.attrs['dataset_fingerprint']}"
+
+
+PINNED = {"teacher": "model.pt", "cache": "teacher.h5", "pools": "pools", "metrics": "metrics.json"}
+
+
+def teacher_paths(params: dict, pinned: Path | None) -> dict[str, Path]:
+    """The data, and the teacher's model, cache, pools and test metrics: params.yaml's (what `dvc repro` wrote),
+    or those of a pinned folder. A teacher retrained on another CPU differs (float kernels), so a sweep spread
+    over machines pins one."""
+    data = Path(params["data"]["dir"])
+    if pinned is not None:
+        return {"data": data, **{key: pinned / name for key, name in PINNED.items()}}
+    return {"data": data, "teacher": Path(params["teacher"]["checkpoint"]), "cache": Path(params["extract"]["out"]),
+            "pools": Path(params["pools"]["out"]), "metrics": Path(params["teacher"]["eval_dir"]) / "metrics.json"}
+
+
+def pin_teacher(paths: dict[str, Path], folder: Path) -> None:
+    """Copy the teacher's files into `folder` (each through a temporary name, so a half copy never looks whole)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, name in PINNED.items():
+        sources = [paths[key]] if paths[key].is_file() else sorted(p for p in paths[key].iterdir() if p.is_file())
+        for source in sources:
+            target = folder / name / source.name if paths[key].is_dir() else folder / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(target.name + ".partial")
+            shutil.copyfile(source, partial)
+            partial.replace(target)
+            print(f"wrote {target}", file=sys.stderr)
 
 
 def final_monitor(run_dir: Path) -> dict:
@@ -248,6 +277,10 @@ def main() -> None:
     parser.add_argument("--plot", default="docs/frontier.png")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time (each then uses one torch thread)")
     parser.add_argument("--report", action="store_true", help="train nothing: summary and plot from the ledger")
+    parser.add_argument("--teacher", default="", help="a folder written by --pin-teacher (default: the dvc repro "
+                        "teacher, cache, pools and teacher evaluation that params.yaml names)")
+    parser.add_argument("--pin-teacher", default="", help="copy the teacher's files into this folder and exit, so "
+                        "that later sweeps on another machine distil from the very same teacher")
     args = parser.parse_args()
     if args.parallel < 1:
         parser.error(f"--parallel {args.parallel}: must be at least 1")
@@ -255,13 +288,23 @@ def main() -> None:
     frontier = params["frontier"]
     sizes = subset(args.sizes, list(frontier["sizes"]), "sizes", parser)
     methods = subset(args.methods, list(frontier["methods"]), "methods", parser)
-    paths = {"data": Path(params["data"]["dir"]), "cache": Path(params["extract"]["out"]),
-             "pools": Path(params["pools"]["out"]), "teacher": Path(params["teacher"]["checkpoint"])}
-    teacher_metrics = json.loads((Path(params["teacher"]["eval_dir"]) / "metrics.json").read_text())
+    paths = teacher_paths(params, Path(args.teacher) if args.teacher else None)
+    missing = [str(p) for p in paths.values() if not p.exists()]
+    if missing:
+        parser.error(f"{', '.join(missing)}: missing (run `dvc repro` first, or give --teacher a pinned folder)")
+    if args.pin_teacher:
+        pin_teacher(paths, Path(args.pin_teacher))
+        return
+    teacher_metrics = json.loads(paths["metrics"].read_text())
     teacher = cache_identity(paths["cache"])
     ledger = Path(args.ledger)
     ledger.parent.mkdir(parents=True, exist_ok=True)
     sweep = Sweep(params, paths, Path(args.work), ledger, args.parallel, teacher)
+    others = sorted({e.get("teacher") for e in sweep.entries.values()} - {teacher})
+    if others:
+        print(f"{ledger}: {sum(e.get('teacher') in others for e in sweep.entries.values())} run(s) distilled from "
+              f"another teacher ({', '.join(o[:12] for o in others)}...) are not used; if that teacher was pinned, "
+              "give its folder to --teacher", file=sys.stderr)
     try:
         for size in [] if args.report else sizes:  # size by size: a size's results are complete before the next
             for phase in PHASES:

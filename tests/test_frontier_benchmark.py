@@ -199,3 +199,23 @@ def test_the_summary_against_a_direct_computation(report, tmp_path):
     assert small["methods"]["ekd"]["fidelity"]["cos_to_teacher"]["test"]["mean"] == pytest.approx(0.8)
     report.plot(summary, tmp_path / "frontier.png")
     assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_pinned_teacher_is_a_byte_copy_that_the_sweep_reads_back(frontier, tmp_path):
+    made = {"teacher": tmp_path / "t" / "model.pt", "cache": tmp_path / "c" / "teacher.h5",
+            "pools": tmp_path / "p", "metrics": tmp_path / "e" / "metrics.json"}
+    for key, path in made.items():
+        target = path / "pools.h5" if key == "pools" else path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(key.encode() * 3)
+    (made["pools"] / "thresholds.json").write_text("{}")
+    params = {"data": {"dir": "d"}, "teacher": {"checkpoint": str(made["teacher"]), "eval_dir": str(tmp_path / "e")},
+              "extract": {"out": str(made["cache"])}, "pools": {"out": str(made["pools"])}}
+    paths = frontier.teacher_paths(params, None)
+    assert {k: paths[k] for k in made} == made
+    frontier.pin_teacher(paths, tmp_path / "pinned")
+    pinned = frontier.teacher_paths(params, tmp_path / "pinned")
+    for key in ("teacher", "cache", "metrics"):
+        assert pinned[key].read_bytes() == made[key].read_bytes() and pinned[key] != made[key]
+    assert sorted(p.name for p in pinned["pools"].iterdir()) == ["pools.h5", "thresholds.json"]
+    assert not list((tmp_path / "pinned").rglob("*.partial"))
