@@ -48,6 +48,7 @@ from pipeline.storage.io import output_lock, refuse_mismatch, refuse_symlink
 from pipeline.models import Arch
 from pipeline.models.loading import file_sha256, load_embedder
 from pipeline.models.preprocess import preprocessing_attrs
+from pipeline.machine import processes_bound, threads_bound
 from pipeline.settings import check, identity, setting
 
 FLIP = "horizontal"
@@ -71,10 +72,10 @@ class ExtractionConfig:
     dtype: str = setting("float16", "Stored embedding type: float16 or float32.", choices=CacheDtype)
     device: str = device_setting()
     decode_threads: int = setting(0, "JPEG decode threads per process (0 = sized to the machine).", min=0,
-                                  cli=False, identity=False)
+                                  validate=threads_bound, cli=False, identity=False)
     threads: int = setting(0, "Torch threads of each teacher forward on CPU, in this process and in every Dask "
                               "worker: the cache's bytes depend on it, not on --workers (0 = min(4, CPU cores)).",
-                           min=0)
+                           min=0, validate=threads_bound)
     input_size: Optional[int] = setting(None, "Input size of a TorchScript/ONNX teacher that does not declare it "
                                               "(default: the data's image size).", min=16)
     overwrite: bool = setting(False, "Rebuild even if a cache from another teacher/dataset exists.",
@@ -90,7 +91,7 @@ class ClusterConfig:
     """Where extraction runs: in this process, on a local Dask cluster, or on an existing scheduler."""
 
     workers: int = setting(0, "Dask workers: 0 = in this process, -1 = one per GPU (CPU-sized without GPUs).",
-                           min=-1, identity=False)
+                           min=-1, validate=processes_bound, identity=False)
     scheduler: Optional[str] = setting(None, "Use an existing Dask cluster, e.g. tcp://host:8786.", identity=False)
 
     def __post_init__(self):

@@ -30,6 +30,7 @@ from pipeline.cache.contract import (
 from pipeline.cache.mapped import Layout, convert_hint, inspect_layout, map_embeddings
 from pipeline.cache.verify import verify_embeddings
 from pipeline.errors import DataError, PipelineError
+from pipeline.machine import available_memory
 from pipeline.storage.hdf5 import open_artifact
 from pipeline.storage.io import array_sha256, refuse_mismatch
 
@@ -240,7 +241,7 @@ class TeacherCache:
         if self._memory is not None:
             return True
         if max_bytes is None:
-            max_bytes = _available_memory() // 2
+            max_bytes = available_memory() // 2
         if self.nbytes() > max_bytes:
             return False
         dataset = self._embeddings_dataset()
@@ -344,12 +345,3 @@ class TeacherCache:
 
 def _to_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _available_memory() -> int:
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:  # psutil ships with dask.distributed; this is only a fallback
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))

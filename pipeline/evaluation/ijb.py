@@ -37,6 +37,7 @@ from pipeline.formats.ijb import IjbMeta, IjbPaths, IjbTarget, ijb_target, read_
 from pipeline.fpr import FPR_LEVELS, fpr_key
 from pipeline.progress import progress_bar
 from pipeline.storage.io import atomic_path, output_lock, write_text_atomic
+from pipeline.machine import processes_bound
 from pipeline.settings import check, setting
 
 IJB_FPRS = tuple(sorted(FPR_LEVELS))  # 1e-6 .. 1e-1, the columns of the insightface IJB table
@@ -51,7 +52,8 @@ class IjbConfig:
     target: str = setting("IJBC", "IJBC or IJBB (any case): the meta files' prefix (<target>_*.txt) and the "
                                   "output names (RUN/<target>.json, ...).", choices=IjbTarget)
     workers: int = setting(2, "DataLoader worker processes that decode and align the crops (0: in this "
-                              "process).", min=0)
+                              "process).", min=0,
+                           validate=processes_bound)
     norm_score: bool = setting(True, "N1: keep each image feature's norm as its quality weight (--no-norm-score, "
                                      "N0: L2-normalise image features before pooling).")
     detector_score: bool = setting(True, "D1: multiply each image feature by its faceness score "

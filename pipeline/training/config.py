@@ -10,6 +10,7 @@ from pipeline.devices import device_setting
 from pipeline.errors import PipelineError
 from pipeline.losses.margin import MarginKind
 from pipeline.models import Arch
+from pipeline.machine import processes_bound
 from pipeline.settings import check, setting
 from pipeline.training.optim import LRSchedule
 
@@ -65,8 +66,15 @@ class TrainConfig:
     margin_s: float = setting(64.0, "Logit scale s.", above=0.0)
     margin_m: Optional[float] = setting(None, "Margin m (default 0.5 ArcFace, 0.4 CosFace).", min=0.0)
     sample_rate: float = setting(1.0, "Partial-FC class sampling rate (1.0 = full softmax).", above=0.0, max=1.0)
+    # not part of the identity, like the number of processes: at sample rate 1 both heads give the same run
+    head_parallel: bool = setting(True, "Under torchrun, split the margin head's class rows across the processes "
+                                        "(Partial FC v2 style; memory and traffic 1/processes); "
+                                        "--no-head-parallel replicates it on every process.", identity=False)
+    save_head: bool = setting(False, "When training finishes also write OUT/head.pt: the whole margin head "
+                                     "(every class row and its momentum) as one file.", identity=False)
     seed: int = setting(0, "Random seed (runs are deterministic on CPU).", min=0)
-    workers: int = setting(2, "DataLoader worker processes decoding images.", min=0, identity=False)
+    workers: int = setting(2, "DataLoader worker processes decoding images.", min=0,
+                           validate=processes_bound, identity=False)
     preload: bool = setting(False, "Decode the whole training set into RAM first (small sets).", identity=False)
     device: str = device_setting(identity=False)
     amp: bool = setting(True, "fp16 autocast on CUDA (ignored on CPU).")
