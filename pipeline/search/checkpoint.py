@@ -11,18 +11,25 @@ The blocks are visited in a fixed order and every consumer's state after block b
 
 Only the running scan is kept: when the exact path needs more than one scan (the pilot missed a window),
 a rerun redoes the scans before the saved one. Consumers implement `key() -> list`, `state() -> dict of
-arrays` and `restore(dict of arrays)`. No pickle: the file holds plain arrays and the identity as text.
+arrays` and `restore(dict of arrays)`. No pickle: the file holds plain arrays and the identity as text, plus
+a sha256 of them all: a damaged or edited file (truncated, a flipped byte, a forged position) is discarded
+with a one-line note and the scan starts over.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.machine import note
 from pipeline.storage.io import atomic_path
+
+DIGEST = "digest"  # sha256 of every other array: a damaged or edited file is never resumed from
 
 # seconds between saves (each writes the windows' histograms, up to ~200 MB); PIPELINE_SCAN_CHECKPOINT_S overrides
 DEFAULT_EVERY_S = float(os.environ.get("PIPELINE_SCAN_CHECKPOINT_S", 120))
@@ -42,12 +49,12 @@ class ScanCheckpoint:
         self._key = json.dumps({**self.identity, "scan": desc, "blocks": blocks,
                                 "consumers": [c.key() for c in consumers]}, sort_keys=True, default=float)
         self._last = time.monotonic()
-        saved = self._load()
+        saved = self._load(blocks)
         if saved is None or str(saved["identity"]) != self._key:
             return 0
         for index, consumer in enumerate(consumers):
             prefix = f"{index}."
-            consumer.restore({k[len(prefix):]: saved[k] for k in saved.files if k.startswith(prefix)})
+            consumer.restore({k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)})
         start = int(saved["block"])
         self.resumed_at[desc] = start
         return start
@@ -60,6 +67,7 @@ class ScanCheckpoint:
         arrays = {"identity": np.array(self._key), "block": np.array(blocks_done, np.int64)}
         for index, consumer in enumerate(consumers):
             arrays.update({f"{index}.{k}": np.asarray(v) for k, v in consumer.state().items()})
+        arrays[DIGEST] = np.array(_digest(arrays))
         with atomic_path(self.path) as tmp, open(tmp, "wb") as handle:  # np.savez needs a seekable file
             np.savez(handle, **arrays)
         self._last = time.monotonic()
@@ -67,10 +75,40 @@ class ScanCheckpoint:
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
 
-    def _load(self):
+    def _load(self, blocks: int) -> dict | None:
+        """The saved arrays, if the file is whole and consistent; a damaged one is removed with a note (the
+        scan starts over: the uninterrupted result either way)."""
         if not self.path.exists():
             return None
         try:
-            return np.load(self.path, allow_pickle=False)
-        except (OSError, ValueError):  # damaged: start over (the file is only ever replaced whole)
-            return None
+            with np.load(self.path, allow_pickle=False) as stored:  # every member read: zip checks its CRC
+                saved = {name: stored[name] for name in stored.files}
+            problem = _problem(saved, blocks)
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
+            problem = f"unreadable ({type(error).__name__})"
+        if problem is None:
+            return saved
+        note(f"{self.path}: damaged scan checkpoint ({problem}), discarded; the scan starts over")
+        self.clear()
+        return None
+
+
+def _digest(arrays: dict) -> str:
+    """sha256 over every array's name, dtype, shape and bytes (the digest itself excluded)."""
+    digest = hashlib.sha256()
+    for name in sorted(set(arrays) - {DIGEST}):
+        value = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name} {value.dtype.str} {value.shape}\n".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def _problem(saved: dict, blocks: int) -> str | None:
+    """What is wrong with a loaded checkpoint (None: nothing)."""
+    if DIGEST not in saved or "identity" not in saved or "block" not in saved:
+        return "entries missing"
+    if str(saved[DIGEST]) != _digest(saved):
+        return "its digest does not match its contents"
+    if saved["block"].shape != () or not 0 <= int(saved["block"]) <= blocks:
+        return f"block {saved['block']!r} outside 0..{blocks}"
+    return None

@@ -10,7 +10,8 @@ it over. It is removed once synthetic.json is written.
 
 A segment is ``segment-NNNNN.npz`` (numpy, no pickle): ``data`` (the JPEG bytes, concatenated), ``offsets``
 (n + 1 positions in ``data``) and ``labels`` (n identities). A segment is used only if its labels are the ones
-its images must have; any other (damaged) segment, and every one after it, is rendered again.
+its images must have and its bytes pass zip's CRC check when read back; any other (damaged) segment, and every
+one after it, is rendered again (with a one-line note).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.machine import note
 from pipeline.progress import progress_bar
 from pipeline.storage.io import TEMPORARY_MARK, atomic_path, refuse_symlink, write_text_atomic
 from pipeline.synthetic.streams import chunks, ordered_map
@@ -116,12 +118,16 @@ def segment_images(tasks: Sequence, render: Callable, workers: int, segments: Se
     finished = 0  # the finished prefix, checked without holding its images
     while finished < len(groups) and segments.finished(finished, labels[finished]):
         finished += 1
+    if finished < len(groups) and segments.path(finished).is_file():
+        note(f"{segments.path(finished)}: damaged or unfinished, discarded; its images are rendered again")
     with progress_bar(total=sum(map(len, labels)), initial=sum(map(len, labels[:finished])), desc=desc,
                       unit="img") as bar:
-        for k in range(finished):  # read back one segment at a time
+        for k in range(finished):  # read back one segment at a time (its bytes checked: zip's CRC)
             images = segments.read(k, labels[k])
-            if images is None:
-                raise PipelineError(f"{segments.path(k)}: changed while synthesize was reading it; rerun")
+            if images is None:  # damaged: rendered again, with every one after it
+                note(f"{segments.path(k)}: damaged or unfinished, discarded; its images are rendered again")
+                finished = k
+                break
             yield from zip(images, labels[k])
         remaining = [task for group in groups[finished:] for task in group]
         rendered = ordered_map(render, remaining, workers)

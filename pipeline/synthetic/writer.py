@@ -44,16 +44,17 @@ from PIL import Image
 
 from pipeline.errors import PipelineError
 from pipeline.formats.jpeg import encode_jpeg
-from pipeline.formats.recordio import write_face_recordio
+from pipeline.formats.recordio import MAX_SIDE, write_face_recordio
 from pipeline.formats.verification_bin import write_verification_bin
 from pipeline.progress import progress_bar
 from pipeline.storage.io import disk_full_is_one_line, output_lock, refuse_symlink, temporary_name
+from pipeline.machine import processes_bound, require_memory
 from pipeline.settings import check, setting
 from pipeline.synthetic.identity import Identity, draw_nuisance
 from pipeline.synthetic.ijb import TARGET as IJB_TARGET
 from pipeline.synthetic.ijb import write_ijb_set
 from pipeline.synthetic.render import render_face
-from pipeline.synthetic.segments import Segments, segment_images
+from pipeline.synthetic.segments import SEGMENT_TASKS, Segments, segment_images
 from pipeline.synthetic.streams import chunks, generator, ordered_map, split_identity
 
 FORMAT = "ekd-synthetic"
@@ -65,6 +66,8 @@ VAL_FOLDS = 10
 LONG_TAIL_SIGMA = 1.0  # log-normal sigma of the per-identity image count
 TASK_IMAGES = 64  # images per pool task
 CONTACT_SHEET = (8, 10)  # training identities (rows) x images each in contact_sheet.png
+# memory per pixel of --size (measured at 112-512 px: ~50-60 B while an image is drawn, JPEGs 0.12-0.23 B)
+RENDER_BYTES_PER_PIXEL, JPEG_BYTES_PER_PIXEL = 64, 0.25
 FILES = ("train.rec", "train.idx", "property", "val.bin", "val_pairs.csv", "test.rec", "test.idx",
          "contact_sheet.png")
 
@@ -151,7 +154,8 @@ class SyntheticConfig:
     identities: int = setting(2000, "Training identities (labels 0..identities-1).", min=2, max=10**7)
     images_per_identity: int = setting(40, "Images per training identity (the mean when --long-tail is on).", min=1,
                                        max=10**4)
-    size: int = setting(112, "Image side in pixels (112 as insightface; 32-48 for a quick CPU demo).", min=16)
+    size: int = setting(112, "Image side in pixels (112 as insightface; 32-48 for a quick CPU demo).", min=16,
+                        max=MAX_SIDE)
     seed: int = setting(0, "Master seed: the same arguments give bit-identical files.", min=0)
     difficulty: float = setting(0.5, "0..1: nuisance strength (pose, light, blur, noise, occluders, JPEG) and "
                                      "identity similarity.", min=0.0, max=1.0)
@@ -173,7 +177,8 @@ class SyntheticConfig:
                                  min=2)
     long_tail: bool = setting(False, "Log-normal images per identity, MS1M-like, clipped to [max(2, mean/5), "
                                      "10*mean].")
-    workers: int = setting(1, "Rendering processes; the output does not depend on it.", min=1)
+    workers: int = setting(1, "Rendering processes; the output does not depend on it.", min=1,
+                           validate=processes_bound)
 
     def __post_init__(self):
         check(self)
@@ -272,10 +277,21 @@ def synthesize(out_dir: str | os.PathLike, config: SyntheticConfig | None = None
     cfg = replace(config, **settings) if config is not None else SyntheticConfig(**settings)
     args = {key: value for key, value in asdict(cfg).items() if key != "workers"}  # the output's identity
     args["difficulty"] = float(cfg.difficulty)
+    require_memory(f"--size {cfg.size} (with --workers {cfg.workers}, --val-pairs {cfg.val_pairs})",
+                   memory_needed(cfg))  # before anything is written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with output_lock(out_dir), disk_full_is_one_line(out_dir):
         return _synthesize(out_dir, cfg, args)
+
+
+def memory_needed(cfg: SyntheticConfig) -> int:
+    """Peak bytes `synthesize` holds, sized by --size: an image being drawn in each worker and here, a
+    segment's JPEGs, val.bin's JPEGs (written at once), and the contact sheet with PNG's copy of it."""
+    pixels = cfg.size ** 2
+    jpegs = SEGMENT_TASKS * TASK_IMAGES + 2 * cfg.val_pairs
+    sheet = 2 * CONTACT_SHEET[0] * CONTACT_SHEET[1] * 3 * pixels
+    return int(pixels * (RENDER_BYTES_PER_PIXEL * (cfg.workers + 1) + JPEG_BYTES_PER_PIXEL * jpegs) + sheet)
 
 
 def _synthesize(out_dir: Path, cfg: SyntheticConfig, args: dict) -> dict:

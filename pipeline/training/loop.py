@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.devices import resolve_device
 from pipeline.errors import DataError, PipelineError
+from pipeline.machine import require_memory
 from pipeline.evaluation.verification import monitor_metrics
 from pipeline.progress import progress_bar
 from pipeline.storage.io import output_lock
@@ -30,10 +31,12 @@ from pipeline.models.model_file import save_model
 from pipeline.training import ddp
 from pipeline.training.config import TrainConfig
 from pipeline.training.data import FaceDataset, FlipAugment, ItemFailure, collate
+from pipeline.training.head_rows import save_head_rows, write_whole_head
 from pipeline.training.live import RunLog
 from pipeline.training.resume import (
     EpochProgress,
     ResumePoint,
+    differences,
     finished_identity,
     jsonable,
     load_train_state,
@@ -79,9 +82,14 @@ def train(
 def _train(cfg, out, device, source, num_classes, distill, batch_sampler_factory, margin_samples, identity):
     world, rank = ddp.world_size(), ddp.rank()
     state_path, model_path = out / "checkpoint.pt", out / "model.pt"
-    if cfg.resume and finished_identity(model_path) == identity:  # written only once all epochs are done
+    finished = finished_identity(model_path) if cfg.resume else None  # written only once all epochs are done
+    if finished == identity:
         return {"epochs_done": cfg.epochs, "finished": True, "already_finished": True, "history": [],
                 "world_size": world}
+    if finished is not None:  # with or without checkpoint.pt: a finished result is replaced only when asked
+        raise PipelineError(f"{model_path}: the finished model was written with different settings: "
+                            f"{', '.join(differences(finished, identity))}; rerun with its settings, use another "
+                            "--out, or --no-resume to replace it")
     input_size = cfg.arch_kwargs.get("input_size")
     dataset = FaceDataset(source, preload=cfg.preload, image_size=(input_size, input_size) if input_size else None)
     # checked here: the shuffled sampler's own error is a ValueError, a traceback at the CLI
@@ -95,6 +103,10 @@ def _train(cfg, out, device, source, num_classes, distill, batch_sampler_factory
     )
     sampler = FlipAugment(index_batches, seed=cfg.seed, rank=rank)
     steps_per_epoch = len(index_batches)
+    # sized by the data's class count (a `property` may claim far more than its labels use): weights, their
+    # gradients and SGD's momentum, checked before any of it is allocated
+    dim = cfg.arch_kwargs.get("num_features", 512)
+    require_memory(f"{source!r}: the margin head of {num_classes} classes x {dim}", 3 * 4 * num_classes * dim)
     torch.manual_seed(cfg.seed)
     trainer = TrainStep(cfg, num_classes, steps_per_epoch, device, distill, margin_samples)
 
@@ -123,9 +135,12 @@ def _train(cfg, out, device, source, num_classes, distill, batch_sampler_factory
 
     def checkpoint(epochs_done: int, progress: EpochProgress) -> None:
         ranks = rank_states(progress, device)  # every rank takes part: a collective under DDP
+        rows = (save_head_rows(state_path, trainer.trainee.head, trainer.optimizer, f"{epochs_done}-{progress.steps}")
+                if trainer.split_head else None)  # every rank writes its own head rows
         if rank == 0:
             save_train_state(state_path, trainer.trainee, trainer.optimizer, trainer.scheduler, trainer.scaler,
-                             trainer.extra_modules, identity, ranks, epochs_done, progress.steps, steps_per_epoch)
+                             trainer.extra_modules, identity, ranks, epochs_done, progress.steps, steps_per_epoch,
+                             head_rows=rows)
 
     def checkpoint_inside_epoch(epoch: int, progress: EpochProgress) -> None:
         """After each step and its logs: the checkpoint of every `checkpoint_every`-th step, except at the
@@ -161,6 +176,8 @@ def _train(cfg, out, device, source, num_classes, distill, batch_sampler_factory
     if rank == 0 and finished:
         save_model(model_path, trainer.trainee.backbone, cfg.arch, cfg.arch_kwargs,
                    extra={"train": jsonable(cfg), "run": identity})
+        if cfg.save_head:
+            print(f"wrote {write_whole_head(state_path, out / 'head.pt', trainer.trainee.head, trainer.optimizer)}")
     if log is not None:
         log.close()
     ddp.barrier()

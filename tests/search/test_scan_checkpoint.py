@@ -95,3 +95,45 @@ def test_build_pools_resumes_and_removes_its_state(tmp_path, monkeypatch):
     assert not (tmp_path / "pools" / stage.SCAN_STATE).exists()
     assert json.loads((tmp_path / "pools" / "thresholds.json").read_text()) == json.loads(
         (tmp_path / "reference" / "thresholds.json").read_text())
+
+
+def _forged_block(path):
+    """The same arrays with another position (what the issue's forged file did)."""
+    with np.load(path) as stored:
+        arrays = {name: stored[name] for name in stored.files}
+    arrays["block"] = np.array(int(arrays["block"]) + 3, np.int64)
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+DAMAGE = {
+    "half": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+    "100 bytes": lambda p: p.write_bytes(p.read_bytes()[:100]),
+    "empty": lambda p: p.write_bytes(b""),
+    "flipped byte": lambda p: p.write_bytes(_flipped(p.read_bytes(), p.stat().st_size // 2)),
+    "forged block": _forged_block,
+}
+
+
+def _flipped(raw: bytes, at: int) -> bytes:
+    return raw[:at] + bytes([raw[at] ^ 0x40]) + raw[at + 1:]
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_checkpoint_is_discarded_with_a_note_and_the_scan_gives_the_uninterrupted_result(
+        tmp_path, capsys, damage):
+    x, labels = data()
+    reference, ref_pairs, ref_sims = stats(x, labels, 32)
+    path = tmp_path / "scan.npz"
+    with pytest.raises(Killed):
+        stats(x, labels, 32, KilledAfter(path, {"run": 1}, blocks=17))
+    DAMAGE[damage](path)
+    capsys.readouterr()
+    again = ScanCheckpoint(path, {"run": 1}, every_s=1e9)
+    result, pairs, sims = stats(x, labels, 32, again)
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and f"{path}: damaged scan checkpoint" in notes[0] and "starts over" in notes[0]
+    assert again.resumed_at == {} and not path.exists()
+    assert result["thresholds"] == reference["thresholds"]
+    np.testing.assert_array_equal(pairs, ref_pairs)
+    np.testing.assert_array_equal(sims, ref_sims)
