@@ -4,6 +4,7 @@ memory-mappable."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -28,6 +29,33 @@ def extract_teacher(cfg: ExtractionConfig, cluster: ClusterConfig) -> None:
         client.close()
 
 
+def strict_json(value) -> str:
+    """`value` as valid JSON: a non-finite number (a cache of NaN/inf values) is null, not NaN/Infinity."""
+
+    def finite(item):
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {key: finite(v) for key, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [finite(v) for v in item]
+        return item
+
+    return json.dumps(finite(value), indent=2, allow_nan=False, default=_plain)
+
+
+def _plain(item):
+    """numpy scalars and arrays as Python values (then checked like the others)."""
+    import numpy as np
+
+    if isinstance(item, np.generic):
+        value = item.item()
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+    if isinstance(item, np.ndarray):
+        return [_plain(v) for v in item]
+    raise TypeError(f"{type(item).__name__} is not JSON")
+
+
 def cache_info_command(
     path: Path = typer.Argument(..., help="A teacher cache written by extract-teacher."),
     recheck: Annotated[bool, typer.Option("--recheck", help="Read the whole file against its checksums even if "
@@ -41,11 +69,11 @@ def cache_info_command(
         progress = shard_progress(path)
         if progress is None:
             raise
-        print(json.dumps({"path": str(path), "complete": False, **progress}, indent=2))
+        print(strict_json({"path": str(path), "complete": False, **progress}))
         raise PipelineError(f"{path}: extraction interrupted after {progress['shards_finished']}/"
                             f"{progress['shards_planned']} shards; rerun `pipeline extract-teacher` to finish it")
     try:
-        print(json.dumps(cache.summary(), indent=2))
+        print(strict_json(cache.summary()))
     finally:
         cache.close()
 

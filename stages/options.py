@@ -71,7 +71,9 @@ def _read_section(spec: str) -> dict:
     try:
         document = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as error:
-        raise typer.BadParameter(f"{path}: cannot read ({error})") from None
+        raise typer.BadParameter(f"{path}: cannot read ({' '.join(str(error).split())[:200]})") from None
+    except UnicodeDecodeError:  # a model, an HDF5 file, random bytes
+        raise typer.BadParameter(f"{path}: not a YAML text file (binary content)") from None
     node = document
     for key in [k for k in section.split(".") if k]:
         if not isinstance(node, dict) or key not in node:

@@ -6,9 +6,15 @@ process by the task code itself, so a restarted worker simply loads it again.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import dask
+import psutil  # ships with dask.distributed
 import torch
 from distributed import Client, WorkerPlugin, as_completed, get_worker
 
@@ -53,6 +59,9 @@ def make_client(
             raise PipelineError(f"cannot reach Dask scheduler {scheduler}: {error}") from None
     n_workers = n_workers or default_workers()
     cluster_kwargs.setdefault("dashboard_address", None)  # no fixed port to collide with
+    scratch = str(scratch_directory())
+    cluster_kwargs.setdefault("local_directory", scratch)
+    dask.config.set({"temporary-directory": scratch})  # the scheduler's and the locks' folder too
     client = Client(
         n_workers=n_workers, threads_per_worker=threads_per_worker, processes=processes, **cluster_kwargs
     )
@@ -60,6 +69,23 @@ def make_client(
         threads = torch_threads or max(1, (os.cpu_count() or 1) // n_workers)
         client.register_plugin(TorchThreads(threads), name="ekd-torch-threads")
     return client
+
+
+SCRATCH_PREFIX = "ekd-dask-"
+
+
+def scratch_directory() -> Path:
+    """A folder of this process's own for the cluster's scratch (Dask's locks, spilled data, the scheduler's
+    files), instead of `dask-scratch-space/` left in the system temporary folder: removed when this process
+    exits, and those of killed runs (their process gone) removed here, at the next run."""
+    root = Path(tempfile.gettempdir())
+    for old in root.glob(f"{SCRATCH_PREFIX}*"):
+        pid = old.name[len(SCRATCH_PREFIX):].split("-")[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
+    atexit.register(shutil.rmtree, folder, True)  # after success and after a failure
+    return folder
 
 
 def worker_index() -> int | None:

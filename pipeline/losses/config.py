@@ -43,6 +43,8 @@ class KDConfig(*reversed(settings_classes())):  # reversed: the options then lis
 
     def __post_init__(self):
         check(self)
+        # stored as spelled canonically (' l2 + ekd ' -> 'l2+ekd'): the run identity compares this text
+        self.kd = "+".join(m.name for m in parse_methods(self.kd)) or NONE
 
     @property
     def methods(self) -> list[type[DistillMethod]]:

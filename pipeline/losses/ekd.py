@@ -133,7 +133,8 @@ class EKDSettings:
                                       "thresholds (cannot be gamed by a global shift); reference: the official "
                                       "TFace behaviour (per-batch EMA thresholds).", choices=EKDMode)
     ekd_temperature: float = setting(0.05, "Sigmoid temperature of EKD's soft rank (official: 0.01, tuned for "
-                                           "512-d MS1M embeddings).", above=0.0)
+                                           "512-d MS1M embeddings); below 1e-4 the sigmoid saturates (a non-finite "
+                                           "loss).", min=1e-4, max=100.0)
     ekd_one_sided: bool = setting(True, "Penalise a pair only where the student ranks it worse than the teacher "
                                         "(official: both ways).")
     ekd_positive_weight: float = setting(0.0, "Weight of EKD's positive-pair term (official: 0.02; off by default: "

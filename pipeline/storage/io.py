@@ -172,6 +172,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     On an exception the temporary is deleted and nothing at `path` changes.
     """
     path = Path(path)
+    if path.is_dir():  # checked first: the rename's error would name the temporary, not what the user gave
+        raise PipelineError(f"{path}: is a directory; give the file to write")
     with disk_full_is_one_line(path):
         path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)

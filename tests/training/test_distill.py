@@ -134,7 +134,7 @@ def test_kd_config_terms():
     assert KDConfig(kd="ekd", ekd_mode="reference").terms()[0][1].mode == "reference"  # needs no pools
     with pytest.raises(PipelineError, match="--kd 'fitnet': 'fitnet' is not a method"):
         KDConfig(kd="fitnet")
-    with pytest.raises(PipelineError, match="--ekd-temperature 0: must be > 0"):
+    with pytest.raises(PipelineError, match="--ekd-temperature 0: must be >= 0.0001"):
         KDConfig(ekd_temperature=0)
 
 
