@@ -69,8 +69,10 @@ class CentreMethod(DistillMethod):
 
     in_head = True
 
-    def init_centres(self, centres: torch.Tensor) -> None:
-        """Set the initial centres in place (default: keep the head's random initialisation)."""
+    def init_centres(self, centres: torch.Tensor, first_row: int = 0, num_classes: int | None = None) -> None:
+        """Set the initial centres in place (default: keep the head's random initialisation); `centres` are the
+        head's rows from class `first_row` on, of `num_classes` (default: all of them; a head split across
+        ranks holds a slice)."""
 
     @torch.no_grad()
     def update_centres(self, centres: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,

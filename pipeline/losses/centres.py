@@ -85,14 +85,16 @@ class _MovingCentres(CentreMethod):
         teacher = cls.stage2_output(stage2, Need.centres.value) if config.centre_init == CentreInit.teacher else None
         return {"teacher_centres": None if teacher is None else torch.as_tensor(teacher, dtype=torch.float32)}
 
-    def init_centres(self, centres: torch.Tensor) -> None:
+    def init_centres(self, centres: torch.Tensor, first_row: int = 0, num_classes: int | None = None) -> None:
         if self.teacher_centres is None:
             return
-        if self.teacher_centres.shape != centres.shape:
+        whole = (centres.shape[0] if num_classes is None else num_classes, centres.shape[1])
+        if self.teacher_centres.shape != whole:
             raise PipelineError(f"{self.name}: the teacher's identity centres are {tuple(self.teacher_centres.shape)} "
-                                f"but the student's margin head is {tuple(centres.shape)} (classes x embedding size)")
+                                f"but the student's margin head is {whole} (classes x embedding size)")
+        rows = self.teacher_centres[first_row:first_row + centres.shape[0]]
         with torch.no_grad():
-            centres.copy_(self.teacher_centres)
+            centres.copy_(rows)
 
     @torch.no_grad()
     def update_centres(self, centres, student, teacher, labels) -> None:

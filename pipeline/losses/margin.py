@@ -5,9 +5,9 @@ ArcFace `cos(theta + m)`, CosFace `cos(theta) - m`. Unlike arcface_torch, which 
 `no_grad` (a straight-through gradient), the margin here is differentiated exactly, so the gradient is
 the true gradient of the loss.
 
-In this version the head is one dense `(num_classes, dim)` matrix: under DDP it is replicated on every
-rank (gradients all-reduced like any parameter), not sharded across ranks as in arcface_torch's PartialFC;
-with Partial FC each rank draws its own negative classes from its own RNG stream.
+`MarginHead` is one dense `(num_classes, dim)` matrix: under DDP replicated on every rank (gradients
+all-reduced like any parameter; with Partial FC each rank draws its own negative classes from its own RNG
+stream). The head split across ranks (pipeline/training/split_head.py) reuses the pieces below.
 """
 from __future__ import annotations
 
@@ -49,6 +49,74 @@ def cosface_target(cos: torch.Tensor, m: float) -> torch.Tensor:
     return cos - m
 
 
+def initial_rows(num_classes: int, dim: int, rows: slice) -> torch.Tensor:
+    """`MarginHead`'s normal(0, 0.01) start, only its `rows`: drawn in blocks from the global RNG so that any
+    slice equals those rows of the whole draw and the RNG ends where the whole draw leaves it (a split head
+    never holds all rows). Exact because CPU `normal_` turns uniforms into normals in groups of 16 and redraws
+    only the last 16 values of a tensor whose size is no multiple of 16: blocks of a multiple of 16 rows, the
+    remainder joined to the last block, reproduce the whole draw."""
+    block = 4096
+    if num_classes < 2 * block:  # small: the one draw (the replicated head's own call)
+        return torch.normal(0.0, 0.01, (num_classes, dim))[rows].clone()
+    kept, start = [], 0
+    while start < num_classes:
+        stop = num_classes if num_classes - start < 2 * block else start + block
+        drawn = torch.normal(0.0, 0.01, (stop - start, dim))
+        low, high = max(start, rows.start), min(stop, rows.stop)
+        if low < high:
+            kept.append(drawn[low - start:high - start].clone())
+        start = stop
+    return torch.cat(kept) if kept else torch.empty(0, dim)
+
+
+def margin_logits(embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, kind: str, s: float,
+                  m: float, owned: torch.Tensor | None = None) -> torch.Tensor:
+    """`s *` cosines of `embeddings` against the rows of `weight`, the margin on each sample's `labels` column
+    (fp32 even under AMP). `owned` (a split head): the samples whose target row is in `weight`; the others
+    get no margin here (their target lives on another rank) and their label is any valid column."""
+    cos = F.linear(F.normalize(embeddings), F.normalize(weight))
+    cos = cos.to(torch.promote_types(cos.dtype, torch.float32)).clamp(-1.0, 1.0)  # fp16 (AMP) -> fp32
+    target = cos.gather(1, labels[:, None])
+    adjust = arcface_target if kind == "arcface" else cosface_target
+    adjusted = adjust(target, m)
+    if owned is not None:
+        adjusted = torch.where(owned[:, None], adjusted, target)
+    cos = cos.scatter(1, labels[:, None], adjusted)
+    return cos * s
+
+
+def check_head_shape(sample_rate: float, num_classes: int, dim: int, kind: str) -> None:
+    """One-line errors for a head that cannot work."""
+    if kind not in DEFAULT_MARGINS:
+        raise PipelineError(f"margin head: unknown kind {kind!r} (use 'arcface' or 'cosface')")
+    if not 0.0 < sample_rate <= 1.0:
+        raise PipelineError(f"margin head: sample_rate must lie in (0, 1], got {sample_rate}")
+    if num_classes < 1 or dim < 1:
+        raise PipelineError(f"margin head: need num_classes >= 1 and dim >= 1, got {num_classes}, {dim}")
+
+
+def check_labels(labels: torch.Tensor, batch: int, num_classes: int) -> torch.Tensor:
+    """`labels` flat and int64, one per embedding, each in [0, num_classes)."""
+    labels = labels.reshape(-1).long()
+    if labels.numel() != batch:
+        raise PipelineError(f"margin head: {labels.numel()} labels for {batch} embeddings")
+    if batch and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise PipelineError(
+            f"margin head: labels must lie in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}]"
+        )
+    return labels
+
+
+def sample_rows(positive: torch.Tensor, num_rows: int, num_sample: int) -> torch.Tensor:
+    """Partial FC: sorted rows in [0, num_rows), the `positive` ones (sorted, unique) and random others,
+    `num_sample` in all (only the positives when those are more); draws from the global RNG only then."""
+    if num_sample <= positive.numel():
+        return positive
+    priority = torch.rand(num_rows, device=positive.device)
+    priority[positive] = 2.0  # above any random draw: positives are always among the top-k
+    return torch.topk(priority, k=num_sample).indices.sort().values
+
+
 class MarginHead(nn.Module):
     """Normalised class centres + margin softmax cross-entropy: `forward(embeddings, labels) -> loss`.
 
@@ -69,12 +137,7 @@ class MarginHead(nn.Module):
         learn_centres: bool = True,
     ):
         super().__init__()
-        if kind not in DEFAULT_MARGINS:
-            raise PipelineError(f"margin head: unknown kind {kind!r} (use 'arcface' or 'cosface')")
-        if not 0.0 < sample_rate <= 1.0:
-            raise PipelineError(f"margin head: sample_rate must lie in (0, 1], got {sample_rate}")
-        if num_classes < 1 or dim < 1:
-            raise PipelineError(f"margin head: need num_classes >= 1 and dim >= 1, got {num_classes}, {dim}")
+        check_head_shape(sample_rate, num_classes, dim, kind)
         self.num_classes, self.dim, self.kind = num_classes, dim, kind
         self.s = float(s)
         self.m = float(DEFAULT_MARGINS[kind] if m is None else m)
@@ -90,44 +153,23 @@ class MarginHead(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.num_classes}, {self.dim}, kind={self.kind}, s={self.s}, m={self.m}, sample_rate={self.sample_rate}"
 
-    def _check_labels(self, labels: torch.Tensor, batch: int) -> torch.Tensor:
-        labels = labels.reshape(-1).long()
-        if labels.numel() != batch:
-            raise PipelineError(f"margin head: {labels.numel()} labels for {batch} embeddings")
-        if batch and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise PipelineError(
-                f"margin head: labels must lie in [0, {self.num_classes}), got [{int(labels.min())}, {int(labels.max())}]"
-            )
-        return labels
-
     @torch.no_grad()
     def sample_classes(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sorted class indices for this step (all of the batch's classes + random others) and the labels
         remapped to positions in it."""
-        positive = torch.unique(labels, sorted=True)
-        if self.num_sample <= positive.numel():
-            index = positive
-        else:
-            priority = torch.rand(self.num_classes, device=labels.device)
-            priority[positive] = 2.0  # above any random draw: positives are always among the top-k
-            index = torch.topk(priority, k=self.num_sample).indices.sort().values
+        index = sample_rows(torch.unique(labels, sorted=True), self.num_classes, self.num_sample)
         return index, torch.searchsorted(index, labels)
 
     def logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(s * margin-adjusted cosines, labels)` over all classes, or over the sampled ones with the
         labels remapped to them."""
-        labels = self._check_labels(labels, embeddings.shape[0])
+        labels = check_labels(labels, embeddings.shape[0], self.num_classes)
         weight = self.weight
         if self.sample_rate < 1.0:
             index, labels = self.sample_classes(labels)
             self.last_sampled_classes = index
             weight = self.weight[index]
-        cos = F.linear(F.normalize(embeddings), F.normalize(weight))
-        cos = cos.to(torch.promote_types(cos.dtype, torch.float32)).clamp(-1.0, 1.0)  # fp16 (AMP) -> fp32
-        target = cos.gather(1, labels[:, None])
-        adjust = arcface_target if self.kind == "arcface" else cosface_target
-        cos = cos.scatter(1, labels[:, None], adjust(target, self.m))
-        return cos * self.s, labels
+        return margin_logits(embeddings, weight, labels, self.kind, self.s, self.m), labels
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the margin logits."""

@@ -13,7 +13,8 @@ An optional linear warm-up ramps every term from 0 over the first steps. `diagno
 last step that measured them, the gradient norms and ratios at the embedding and each term's own statistics.
 
 A class-centre method (`head`, pipeline/losses/centres.py) adds no term: `update_centres` moves the margin
-head's centres toward the teacher's embeddings of the gathered batch before the margin loss uses them.
+head's centres (on a split head, each rank its own rows) toward the teacher's embeddings of the gathered batch
+before the margin loss uses them.
 """
 from __future__ import annotations
 
@@ -113,10 +114,17 @@ class Distillation:
 
     @torch.no_grad()
     def update_centres(self, centres: torch.Tensor, embeddings: torch.Tensor, targets: torch.Tensor,
-                       labels: torch.Tensor) -> None:
+                       labels: torch.Tensor, first_row: int | None = None) -> None:
         """The class-centre method's step on the batch gathered over all ranks (every rank moves its copy of
-        the centres identically)."""
+        the centres identically). A split head's `centres` are classes `first_row ...` only: each rank moves
+        its own rows from the gathered samples of those classes (a class's update reads only its samples).
+        `first_row` None: the whole head."""
         student, teacher, labels = (ddp.all_gather_no_grad(x) for x in (embeddings, targets, labels))
+        if first_row is not None:
+            own = (labels >= first_row) & (labels < first_row + centres.shape[0])
+            if not bool(own.any()):
+                return
+            student, teacher, labels = student[own], teacher[own], labels[own] - first_row
         self.head.update_centres(centres, student, teacher, labels)
 
     def term_losses(self, embeddings: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor) -> list:

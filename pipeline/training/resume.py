@@ -11,6 +11,8 @@ buffers (EKD queue and EMAs, gradient-balance norms), a checkpoint holds what ea
 the same streams: its torch RNG states (partial FC draws from them, and under DDP the ranks' draws differ)
 and its running sums of the epoch (the epoch's logged means). Batches and flips need no saved state: they
 are pure functions of (seed, epoch, rank), and a resumed epoch skips the batches already done (data.py).
+A head split across ranks keeps its rows in files of their own, by class index (head_rows.py): the rows
+resume on any number of processes.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from pipeline.storage.io import write_with
 from pipeline.models.model_file import load_failure, safe_torch_load
 from pipeline.settings import identity as settings_identity
 from pipeline.training import ddp
+from pipeline.training.head_rows import localise_head, remove_other_rows, strip_head
 
 FORMAT = "ekd-pipeline-train-state"
 _NOT_RECORDED = object()
@@ -79,10 +82,12 @@ def rank_states(progress: EpochProgress, device: torch.device) -> dict:
 
 
 def save_train_state(path: Path, trainee, optimizer, scheduler, scaler, extra_modules, config: dict,
-                     ranks: dict, epochs_done: int, epoch_steps: int = 0, steps_per_epoch: int = 0):
+                     ranks: dict, epochs_done: int, epoch_steps: int = 0, steps_per_epoch: int = 0,
+                     head_rows: dict | None = None):
     """Write model, head, optimiser, scheduler, AMP scaler, KD-loss buffers and every rank's RNG states and
     epoch sums (`ranks`, from `rank_states`) atomically. `config` is the run's identity; `epoch_steps`
-    batches of epoch `epochs_done` are done (0: an epoch boundary), of `steps_per_epoch`."""
+    batches of epoch `epochs_done` are done (0: an epoch boundary), of `steps_per_epoch`. `head_rows`: a
+    split head's manifest (head_rows.save_head_rows), whose files hold the head instead."""
     state = {
         "format": FORMAT,
         "epochs_done": epochs_done,
@@ -97,7 +102,10 @@ def save_train_state(path: Path, trainee, optimizer, scheduler, scaler, extra_mo
         "extra_modules": [m.state_dict() for m in extra_modules],
         **ranks,
     }
+    if head_rows is not None:
+        strip_head(state, trainee.head, optimizer, head_rows)
     write_with(path, lambda handle: torch.save(state, handle))
+    remove_other_rows(path, head_rows)
 
 
 def _shown(value) -> str:
@@ -140,6 +148,7 @@ def load_train_state(path: Path, trainee, optimizer, scheduler, scaler, extra_mo
             f"{path}: the checkpoint was written with different settings: {', '.join(changed)}; rerun with its "
             "settings, use another run folder, or --no-resume to start over"
         )
+    localise_head(path, state, trainee.head, optimizer)  # the rows this run's head holds, from any world size
     check_tensors(path, state, trainee, optimizer)
     try:  # what check_tensors cannot see (e.g. a KD buffer's size) torch's loaders refuse: one line of it
         trainee.load_state_dict(state["trainee"])

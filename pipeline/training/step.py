@@ -17,12 +17,13 @@ from pipeline.models import get_model
 from pipeline.training import ddp
 from pipeline.training.config import TrainConfig
 from pipeline.training.optim import lr_factor, sgd_without_bn_decay
+from pipeline.training.split_head import SplitMarginHead
 # `Distillation` (training/distill.py) appears in annotations only, unimported: the teacher's training never
 # loads the distillation code, so editing it does not rerun the teacher.
 
 
 class FaceTrainee(nn.Module):
-    """Backbone + margin head as one module, so that DDP synchronises both."""
+    """Backbone + margin head as one module, so that DDP synchronises both (a split head: the backbone only)."""
 
     def __init__(self, backbone: nn.Module, head: MarginHead):
         super().__init__()
@@ -57,10 +58,12 @@ class TrainStep:
         backbone = get_model(cfg.arch, **cfg.arch_kwargs)
         dim = cfg.arch_kwargs.get("num_features", 512)
         centre_kd = distill.head if distill is not None else None
-        head = MarginHead(num_classes, dim, kind=cfg.margin, s=cfg.margin_s, m=cfg.margin_m,
-                          sample_rate=cfg.sample_rate, learn_centres=centre_kd is None)
+        self.split_head = cfg.head_parallel and ddp.world_size() > 1
+        head_kind = SplitMarginHead if self.split_head else MarginHead
+        head = head_kind(num_classes, dim, kind=cfg.margin, s=cfg.margin_s, m=cfg.margin_m,
+                         sample_rate=cfg.sample_rate, learn_centres=centre_kd is None)
         if centre_kd is not None:
-            centre_kd.init_centres(head.weight)
+            centre_kd.init_centres(head.weight, getattr(head, "first_row", 0), num_classes)
         self.trainee = FaceTrainee(backbone, head).to(device)
         if device.type == "cuda":
             self.trainee = self.trainee.to(memory_format=torch.channels_last)
@@ -81,8 +84,12 @@ class TrainStep:
         """DistributedDataParallel under torchrun (after any resume has loaded the weights)."""
         if ddp.world_size() > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(self.trainee, device_ids=device_ids,
-                                                             find_unused_parameters=False)
+            wrap = functools.partial(nn.parallel.DistributedDataParallel, device_ids=device_ids,
+                                     find_unused_parameters=False)
+            if self.split_head:  # each rank's head rows are its own: DDP synchronises the backbone only
+                self.model = FaceTrainee(wrap(self.trainee.backbone), self.trainee.head)
+            else:
+                self.model = wrap(self.trainee)
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
@@ -101,7 +108,8 @@ class TrainStep:
         before_head = None
         if self.distill is not None and self.distill.head is not None:
             before_head = functools.partial(self.distill.update_centres, self.trainee.head.weight, targets=targets,
-                                            labels=labels)
+                                            labels=labels,
+                                            first_row=self.trainee.head.first_row if self.split_head else None)
         with autocast:
             embeddings, margin_loss = self.model(images, labels, self.margin_samples, before_head)
         loss = margin_loss.float()

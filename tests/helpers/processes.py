@@ -99,3 +99,24 @@ def error_line(output: str) -> str:
     errors = [line for line in output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, output[-3000:]
     return errors[0]
+
+
+def spawn_gloo(target, world: int, folder: Path, *args, preload: str, timeout_s: float = 120.0) -> None:
+    """Run `target(rank, world, rendezvous file, *args)` on `world` gloo ranks to the end (a rendezvous file,
+    so no port to pick); fails the test if they do not finish in time or one fails.
+
+    A fork server (a fresh, single-threaded process) imports torch, DDP's dependencies and the module
+    `preload` once and forks the ranks from there: safe like spawn, without paying the imports once per rank.
+    """
+    import pytest
+    import torch.multiprocessing as mp
+
+    mp.get_context("forkserver").set_forkserver_preload(["torch._dynamo", preload])
+    context = mp.start_processes(target, args=(world, str(folder / "rendezvous"), *args), nprocs=world, join=False,
+                                 start_method="forkserver")
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("DDP workers did not finish in time")

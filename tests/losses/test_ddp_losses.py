@@ -1,11 +1,9 @@
 """Under 2-process gloo DDP, gathered KD losses (and AdaDistill's centre update) give the single-process loss,
 gradients and state exactly."""
 
-import time
-
 import pytest
 import torch
-import torch.multiprocessing as mp
+from helpers.processes import spawn_gloo
 from helpers.training import KD_LOSS_CASES, run_centre_case, run_kd_loss_case
 from workers import ddp_kd_losses
 
@@ -14,21 +12,9 @@ from pipeline.training import ddp
 pytestmark = pytest.mark.slow  # processes of their own: skip locally with -m "not slow"; CI runs them
 
 
-def _spawn(world: int, tmp_path, timeout_s: float = 120.0) -> list[dict]:
-    """Run `world` gloo ranks (rendezvous through a file, so no port to pick) and load their results.
-
-    A fork server (a fresh, single-threaded process) imports torch and DDP's dependencies once and forks
-    the ranks from there: safe like spawn, without paying the imports once per rank.
-    """
-    mp.get_context("forkserver").set_forkserver_preload(["torch._dynamo", "workers.ddp_kd_losses"])
-    context = mp.start_processes(ddp_kd_losses.worker, args=(world, str(tmp_path / "rendezvous"), str(tmp_path)),
-                                 nprocs=world, join=False, start_method="forkserver")
-    deadline = time.monotonic() + timeout_s
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("DDP workers did not finish in time")
+def _spawn(world: int, tmp_path) -> list[dict]:
+    """Run `world` gloo ranks and load their results."""
+    spawn_gloo(ddp_kd_losses.worker, world, tmp_path, str(tmp_path), preload="workers.ddp_kd_losses")
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
