@@ -165,8 +165,9 @@ class Sweep:
         return [j for j in jobs if not current(self.entries.get(j.key), resolved_options(self.params, j), self.teacher)]
 
     def run_all(self, jobs: list[Job]) -> None:
-        # the longest first, so that parallel runs end together
-        todo = sorted(self.pending(jobs), key=lambda j: -resolved_options(self.params, j).get("epochs", 0))
+        # the longest first, so that parallel runs end together; then seed by seed, so that every method of a
+        # seed (a paired comparison) is finished before the next seed starts
+        todo = sorted(self.pending(jobs), key=lambda j: (-resolved_options(self.params, j).get("epochs", 0), j.seed))
         self.total += len(todo)
         with ThreadPoolExecutor(self.parallel) as pool:
             futures = [pool.submit(self.run_one, job) for job in todo]
@@ -176,7 +177,7 @@ class Sweep:
 
     def run_one(self, job: Job) -> dict:
         out = self.work / job.size / job.method / job.schedule / f"seed{job.seed}"
-        began = time.time()
+        began, reused = time.time(), (out / "model.pt").is_file()  # a finished run only gets its ledger line
         command = pipeline("train-student", *[a for s in job.sections() for a in ("--params", f"params.yaml:{s}")],
                            "--data", self.paths["data"], "--name", job.method, "--out", out, "--cache",
                            self.paths["cache"], "--pools", self.paths["pools"], "--monitor", self.paths["data"],
@@ -198,8 +199,9 @@ class Sweep:
                 handle.write(json.dumps(entry) + "\n")
             self.entries[job.key] = entry
             self.done += 1
-            self.seconds.append(entry["wall_s"])
-            left = (self.total - self.done) * sum(self.seconds) / len(self.seconds)
+            if not reused:
+                self.seconds.append(entry["wall_s"])
+            left = (self.total - self.done) * sum(self.seconds) / max(1, len(self.seconds))
             print(f"[frontier {self.done}/{self.total}] {job.key}: monitor TPR@1e-4 "
                   f"{entry['monitor']['tpr@fpr=1e-4']:.4f}" + (f", test {entry['test']['tpr@fpr=1e-4']:.4f}"
                                                                if "test" in entry else "")
