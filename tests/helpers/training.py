@@ -109,7 +109,8 @@ def train_linear_on_mirrored(out_dir: Path, global_batch: int = 8, kd: bool = Tr
     """Margin (+ EKD) training of the linear backbone on MirroredFaces with `global_batch` images per step
     over all ranks; returns the trained parameters."""
     source = MirroredFaces()
-    cfg = tiny_config(out_dir, batch_size=global_batch // ddp.world_size(), epochs=1, warmup_epochs=0.0)
+    cfg = tiny_config(out_dir, batch_size=global_batch // ddp.world_size(), epochs=1, warmup_epochs=0.0,
+                      head_parallel=False)  # the replicated head, whose replicas the DDP test compares
     distill = ekd_distillation(len(source), views_differ=False) if kd else None
     with capture_trainees(linear_backbone) as built:
         train(cfg, source, source.num_classes, distill)

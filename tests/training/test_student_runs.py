@@ -132,7 +132,7 @@ def test_every_identity_setting_is_checked_and_the_rest_are_declared():
     other_methods = {f.name for f in fields(KDConfig)} - used
     volatile = {f.name for cls in (TrainConfig,) for f in fields(cls) if not f.metadata.get("identity", True)}
     assert volatile == {"out_dir", "workers", "preload", "device", "resume", "stop_after_epochs", "checkpoint_every",
-                        "monitor", "log_every"}
+                        "monitor", "log_every", "head_parallel", "save_head"}
     assert declared == set(CHANGES) | other_methods | volatile | set(NOT_A_RESUME_CHECK) | {"arch_kwargs"}
     assert {"pair_share", "ekd_queue_size", "l2_weight", "margin_on", "amp"} <= set(CHANGES)
 

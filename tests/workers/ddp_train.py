@@ -31,7 +31,8 @@ def main(data: Path, out: Path) -> None:
     rank = int(os.environ["RANK"])
     source = FaceRecordIO(data)
     with capture_trainees() as built:
-        train(tiny_config(out / "mbf", epochs=1, batch_size=4), source, source.num_classes,
+        # the replicated head, whose replicas this test compares (the split head: tests/training/test_split_head.py)
+        train(tiny_config(out / "mbf", epochs=1, batch_size=4, head_parallel=False), source, source.num_classes,
               ekd_distillation(len(source)))
     trainee = built[0]
     torch.save({"parameters": {k: v.detach() for k, v in trainee.named_parameters()},
