@@ -36,6 +36,7 @@ from pipeline.formats.recordio import FaceRecordIO
 from pipeline.models.loading import load_embedder
 
 SETS = ("train", "test")
+PAIRS_OF = 2000  # images whose negative pairs are correlated, by default
 
 
 class Images:
@@ -53,6 +54,16 @@ class Images:
 
     def __getitem__(self, i: int) -> np.ndarray:
         return self.records.decode(int(self.rows[i]))
+
+
+def image_sets(data: Path, train_images: int | None, pairs_of: int) -> tuple[dict[str, Images], dict[str, np.ndarray]]:
+    """Each set's images (train: all, or a fixed random `train_images` of them) and the fixed random rows whose
+    negative pairs are correlated (`pairs_of` of them), both drawn from one seeded generator."""
+    rng = np.random.default_rng(0)
+    images = {name: Images(data / f"{name}.rec", train_images if name == "train" else None, rng) for name in SETS}
+    subset = {name: np.sort(rng.choice(len(rows), min(pairs_of, len(rows)), replace=False))
+              for name, rows in images.items()}
+    return images, subset
 
 
 def embeddings(model: Path, images: dict[str, Images], batch_size: int) -> dict[str, np.ndarray]:
@@ -82,17 +93,13 @@ def main() -> None:
     parser.add_argument("--runs", required=True, help="ROOT of ROOT/seedS/METHOD/model.pt")
     parser.add_argument("--methods", required=True)
     parser.add_argument("--seeds", required=True)
-    parser.add_argument("--pairs-of", type=int, default=2000, help="images whose negative pairs are correlated")
+    parser.add_argument("--pairs-of", type=int, default=PAIRS_OF, help="images whose negative pairs are correlated")
     parser.add_argument("--train-images", type=int, default=None,
                         help="a fixed random subset of this many training images (default: all of train.rec)")
     parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args()
-    rng = np.random.default_rng(0)
-    images = {name: Images(Path(args.data) / f"{name}.rec", args.train_images if name == "train" else None, rng)
-              for name in SETS}
+    images, subset = image_sets(Path(args.data), args.train_images, args.pairs_of)
     labels = {name: rows.labels for name, rows in images.items()}
-    subset = {name: np.sort(rng.choice(len(labels[name]), min(args.pairs_of, len(labels[name])), replace=False))
-              for name in SETS}
     teacher = embeddings(Path(args.teacher), images, args.batch_size)
     result = {"benchmark": "fidelity", "data": args.data, "teacher": {
         name: figures(teacher[name], teacher[name], labels[name], subset[name]) for name in SETS}}

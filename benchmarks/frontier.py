@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import yaml
@@ -40,6 +40,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
 from frontier_report import plot, summarise  # noqa: E402
 from quality import pipeline, run  # noqa: E402
+
+from pipeline.models import BackboneShape  # noqa: E402
+from pipeline.training.config import TrainConfig  # noqa: E402
 
 PHASES = ("search", "test")
 
@@ -55,6 +58,11 @@ class Job:
     method: str
     schedule: str
     seed: int
+
+    @classmethod
+    def of(cls, entry: dict) -> "Job":
+        """The job a ledger entry records."""
+        return cls(*(entry[f.name] for f in fields(cls)))
 
     @property
     def key(self) -> str:
@@ -216,29 +224,24 @@ class Sweep:
                          self.paths["data"], "--out", out / "eval"), out / "log.txt", self.threads)
 
     def complexity(self, job: Job) -> dict:
+        from pipeline.formats.recordio import read_property
         from pipeline.models import get_model
         from pipeline.models.complexity import complexity
 
         options = resolved_options(self.params, job)
-        # the data's image side ("classes,height,width"), which the student is built for
-        size = options.get("input_size") or int((Path(self.paths["data"]) / "property").read_text().split(",")[1])
-        model = get_model(options.get("arch", "mbf"), width=options.get("width", 1.0),
-                          num_features=options.get("embedding_size", 512), input_size=size)
+        default = {f.name: f.default for cls in (TrainConfig, BackboneShape) for f in fields(cls)}  # train-student's
+        arch, shape = options.get("arch", default["arch"]), {**default, **options}
+        size = shape["input_size"] or read_property(Path(self.paths["data"]) / "property")[1][0]
+        model = get_model(arch, width=shape["width"], num_features=shape["embedding_size"], input_size=size)
         return complexity(model, size)
 
     def fidelity(self, model: Path) -> dict:
-        """Cosine to the teacher on the training and test images (fidelity.py's figures, pair subset of 2000)."""
-        import numpy as np
-
+        """Cosine to the teacher on the training and test images (fidelity.py's figures and image sets)."""
         import fidelity
 
-        with self.lock:
+        with self.lock:  # the images and the teacher's embeddings once per sweep
             if self._fidelity is None:
-                rng = np.random.default_rng(0)
-                images = {name: fidelity.Images(Path(self.paths["data"]) / f"{name}.rec", None, rng)
-                          for name in fidelity.SETS}
-                subset = {name: np.sort(rng.choice(len(rows), min(2000, len(rows)), replace=False))
-                          for name, rows in images.items()}
+                images, subset = fidelity.image_sets(Path(self.paths["data"]), None, fidelity.PAIRS_OF)
                 self._fidelity = images, subset, fidelity.embeddings(self.paths["teacher"], images, 256)
         images, subset, teacher = self._fidelity
         student = fidelity.embeddings(model, images, 256)
@@ -316,8 +319,7 @@ def main() -> None:
         sys.exit(f"frontier: {error} (a rerun redoes only the unfinished runs)")
     entries = [e for e in sweep.entries.values() if e["size"] in frontier["sizes"]
                and e["method"] in frontier["methods"] and e["schedule"] in frontier["schedules"]
-               and current(e, resolved_options(params, Job(*(e[k] for k in ("phase", "size", "method", "schedule",
-                                                                            "seed")))), teacher)]
+               and current(e, resolved_options(params, Job.of(e)), teacher)]
     summary = summarise(entries, frontier, teacher_metrics["test"])
     plot(summary, Path(args.plot))
     print(json.dumps({"benchmark": "frontier", **summary, "plot": args.plot}))

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.devices import resolve_device
+from pipeline.machine.devices import resolve_device
 from pipeline.evaluation.alignment import reference_points, similarity_transforms
 from pipeline.evaluation.ijb import pair_scores, template_features
 from pipeline.evaluation.ijb_features import AlignedCrops

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.devices import resolve_device
+from pipeline.machine.devices import resolve_device
 from pipeline.losses.ekd import DEFAULT_ANCHORS, EKDLoss
 from pipeline.losses.rank import order_statistic_thresholds
 from pipeline.models import get_model

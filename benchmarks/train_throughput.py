@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.devices import resolve_device
+from pipeline.machine.devices import resolve_device
 from pipeline.formats.recordio import FaceRecordIO
 from pipeline.synthetic.writer import synthesize
 from pipeline.training.config import TrainConfig

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.devices import resolve_device
+from pipeline.machine.devices import resolve_device
 from pipeline.evaluation.verification import (
     DEFAULT_FPRS,
     EvalConfig,

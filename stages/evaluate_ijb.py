@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.devices import resolve_device
+from pipeline.machine.devices import resolve_device
 from pipeline.evaluation.ijb import IjbConfig, evaluate_ijb
 from pipeline.evaluation.verification import EvalConfig
 from pipeline.models.finite import check_finite_embedder

@@ -40,7 +40,7 @@ from pipeline.cache.worker import (
     prepare_teacher,
     run_shard,
 )
-from pipeline.devices import device_setting, resolve_device
+from pipeline.machine.devices import device_setting, resolve_device
 from pipeline.errors import DataError, PipelineError
 from pipeline.formats.source import open_face_source
 from pipeline.progress import progress_bar
@@ -48,7 +48,7 @@ from pipeline.storage.io import output_lock, refuse_mismatch, refuse_symlink
 from pipeline.models import Arch
 from pipeline.models.loading import file_sha256, load_embedder
 from pipeline.models.preprocess import preprocessing_attrs
-from pipeline.machine import processes_bound, threads_bound
+from pipeline.machine.resources import processes_bound, threads_bound
 from pipeline.settings import check, identity, setting
 
 FLIP = "horizontal"

@@ -30,7 +30,7 @@ from pipeline.cache.contract import (
 from pipeline.cache.mapped import Layout, convert_hint, inspect_layout, map_embeddings
 from pipeline.cache.verify import verify_embeddings
 from pipeline.errors import DataError, PipelineError
-from pipeline.machine import available_memory
+from pipeline.machine.resources import available_memory
 from pipeline.storage.hdf5 import open_artifact
 from pipeline.storage.io import array_sha256, refuse_mismatch
 

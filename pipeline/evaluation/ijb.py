@@ -37,7 +37,7 @@ from pipeline.formats.ijb import IjbMeta, IjbPaths, IjbTarget, ijb_target, read_
 from pipeline.fpr import FPR_LEVELS, fpr_key
 from pipeline.progress import progress_bar
 from pipeline.storage.io import atomic_path, output_lock, write_text_atomic
-from pipeline.machine import processes_bound
+from pipeline.machine.resources import processes_bound
 from pipeline.settings import check, setting
 
 IJB_FPRS = tuple(sorted(FPR_LEVELS))  # 1e-6 .. 1e-1, the columns of the insightface IJB table

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from pipeline.devices import device_setting
+from pipeline.machine.devices import device_setting
 from pipeline.errors import DataError, PipelineError
 from pipeline.evaluation.metrics import (
     Roc,

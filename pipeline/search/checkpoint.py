@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.machine import note
+from pipeline.errors import note
 from pipeline.storage.io import atomic_path
 
 DIGEST = "digest"  # sha256 of every other array: a damaged or edited file is never resumed from

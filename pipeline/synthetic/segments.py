@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.machine import note
+from pipeline.errors import note
 from pipeline.progress import progress_bar
 from pipeline.storage.io import TEMPORARY_MARK, atomic_path, refuse_symlink, write_text_atomic
 from pipeline.synthetic.streams import chunks, ordered_map

@@ -48,7 +48,7 @@ from pipeline.formats.recordio import MAX_SIDE, write_face_recordio
 from pipeline.formats.verification_bin import write_verification_bin
 from pipeline.progress import progress_bar
 from pipeline.storage.io import disk_full_is_one_line, output_lock, refuse_symlink, temporary_name
-from pipeline.machine import processes_bound, require_memory
+from pipeline.machine.resources import processes_bound, require_memory
 from pipeline.settings import check, setting
 from pipeline.synthetic.identity import Identity, draw_nuisance
 from pipeline.synthetic.ijb import TARGET as IJB_TARGET

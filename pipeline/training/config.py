@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from pipeline.devices import device_setting
+from pipeline.machine.devices import device_setting
 from pipeline.errors import PipelineError
 from pipeline.losses.margin import MarginKind
 from pipeline.models import Arch
-from pipeline.machine import processes_bound
+from pipeline.machine.resources import processes_bound
 from pipeline.settings import check, setting
 from pipeline.training.optim import LRSchedule
 

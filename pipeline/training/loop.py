@@ -21,9 +21,9 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.devices import resolve_device
+from pipeline.machine.devices import resolve_device
 from pipeline.errors import DataError, PipelineError
-from pipeline.machine import require_memory
+from pipeline.machine.resources import require_memory
 from pipeline.evaluation.verification import monitor_metrics
 from pipeline.progress import progress_bar
 from pipeline.storage.io import output_lock

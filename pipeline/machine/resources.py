@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import resource
-import sys
 from typing import Any, Callable
 
 from pipeline.errors import PipelineError
@@ -90,8 +89,3 @@ def within_cores(per_core: int, floor: int, kind: str) -> Callable[[str, Any], N
 # The `validate` of every option that starts processes or threads.
 processes_bound = within_cores(PROCESSES_PER_CORE, PROCESSES_FLOOR, "processes")
 threads_bound = within_cores(THREADS_PER_CORE, THREADS_FLOOR, "threads")
-
-
-def note(message: str) -> None:
-    """A one-line note on stderr (a damaged resume file discarded, a value capped): not an error."""
-    print(f"note: {' '.join(message.split())}", file=sys.stderr, flush=True)
