@@ -38,7 +38,10 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.evaluation.compare import gap_closed, mean_and_se, paired
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # arguments.py, also when imported from elsewhere
+from arguments import int_list, names, parse_later, positive_float, positive_int, processes, run_main  # noqa: E402
+
+from pipeline.evaluation.compare import gap_closed, mean_and_se, paired  # noqa: E402
 
 FPRS = ("1e-3", "1e-4", "1e-5")
 
@@ -164,25 +167,30 @@ def plot(methods: dict, teacher: dict[str, float], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", default="", help="comma-separated student seeds (default: params.yaml quality.seeds)")
-    parser.add_argument("--data-seeds", default="", help="comma-separated synthetic data seeds (default: params.yaml's)")
+    parser.add_argument("--seeds", type=int_list(), help="comma-separated student seeds (default: params.yaml "
+                        "quality.seeds)")
+    parser.add_argument("--data-seeds", type=int_list(), help="comma-separated synthetic data seeds (default: "
+                        "params.yaml's)")
     parser.add_argument("--students", default="", help="comma-separated subset of the students to run")
     parser.add_argument("--work", default="benchmarks/out/quality")
-    parser.add_argument("--scale", type=int, default=1,
+    parser.add_argument("--scale", type=positive_int, default=1,
                         help="training set K times larger, trained for the same number of steps (see above)")
-    parser.add_argument("--steps", type=float, default=1.0,
+    parser.add_argument("--steps", type=positive_float, default=1.0,
                         help="students train F times the default's number of steps (see above)")
-    parser.add_argument("--parallel", type=int, default=1, help="runs at a time (each then uses one torch thread)")
+    parser.add_argument("--parallel", type=processes(), default=1,
+                        help="runs at a time (each then uses one torch thread)")
     args = parser.parse_args()
     params = yaml.safe_load(Path("params.yaml").read_text())
     quality = params.get("quality", {})
-    seeds = [int(s) for s in (args.seeds or ",".join(map(str, quality.get("seeds", [0])))).split(",")]
+    seeds = args.seeds or list(quality.get("seeds", [0]))
     demo_seed = next(iter(params["synthetic"].values()))["seed"]
-    data_seeds = [int(s) for s in (args.data_seeds or str(demo_seed)).split(",")]
+    data_seeds = args.data_seeds or [demo_seed]
     students = {name: "students" for name in params["students"]}
     students.update({name: "quality.students" for name in quality.get("students", {})})
     if args.students:
-        students = {n: s for n, s in students.items() if n in args.students.split(",")}
+        chosen = parse_later(parser, "--students", names(students, what="params.yaml's students and quality.students"),
+                             args.students)
+        students = {n: s for n, s in students.items() if n in chosen}
     baseline, work = params["report"]["baseline"], Path(args.work)
     threads = 1 if args.parallel > 1 else None
 
@@ -226,4 +234,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
