@@ -116,7 +116,7 @@ def names(known: Iterable[str], empty: bool = False, what: str = "") -> Callable
     """A comma-separated list of distinct names out of `known` ('a,b'; `what` says where they come from in the
     error); `empty`: '' is []."""
     known = tuple(known)
-    choices = f"{what} ({', '.join(known)})" if what else ", ".join(known)
+    choices = f"{what} ({', '.join(known) or 'none'})" if what else ", ".join(known)
 
     def parse(text: str) -> list[str]:
         values = [part.strip() for part in text.split(",") if part.strip()]

@@ -25,15 +25,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.evaluation.compare import mean_and_se, paired
-from pipeline.evaluation.metrics import Roc
-from pipeline.evaluation.verification import all_pairs_scores, embed_images, fuse_flips
-from pipeline.formats.recordio import FaceRecordIO
-from pipeline.models.loading import load_embedder
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # arguments.py, also when imported from elsewhere
+from arguments import (existing_file, folder_with, int_list, integer, names, parse_later,  # noqa: E402
+                       positive_int, run_main)
+
+from pipeline.evaluation.compare import mean_and_se, paired  # noqa: E402
+from pipeline.evaluation.metrics import Roc  # noqa: E402
+from pipeline.formats.recordio import FaceRecordIO  # noqa: E402
 
 SETS = ("train", "test")
 PAIRS_OF = 2000  # images whose negative pairs are correlated, by default
@@ -67,12 +70,17 @@ def image_sets(data: Path, train_images: int | None, pairs_of: int) -> tuple[dic
 
 
 def embeddings(model: Path, images: dict[str, Images], batch_size: int) -> dict[str, np.ndarray]:
+    from pipeline.evaluation.verification import embed_images, fuse_flips  # torch: after the arguments
+    from pipeline.models.loading import load_embedder
+
     embed = load_embedder(model, device="cpu")
     return {name: fuse_flips(*embed_images(embed, rows, batch_size, True, source=str(model)))
             for name, rows in images.items()}
 
 
 def figures(student: np.ndarray, teacher: np.ndarray, labels: np.ndarray, subset: np.ndarray) -> dict:
+    from pipeline.evaluation.verification import all_pairs_scores
+
     positive, negative = all_pairs_scores(student, labels)
     tpr = Roc.from_pos_neg(positive, negative).tpr_at([1e-4, 1e-5], "nearest")
     out = {"tpr@1e-4": float(tpr[1e-4]), "tpr@1e-5": float(tpr[1e-5]),
@@ -86,28 +94,50 @@ def figures(student: np.ndarray, teacher: np.ndarray, labels: np.ndarray, subset
     return out
 
 
+def pair_counts(labels: np.ndarray) -> tuple[int, int]:
+    """(positive, negative) pairs among `labels`."""
+    n = labels.size
+    positive = int(sum(c * (c - 1) // 2 for c in np.unique(labels, return_counts=True)[1]))
+    return positive, n * (n - 1) // 2 - positive
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="folder with train.rec and test.rec")
-    parser.add_argument("--teacher", required=True)
-    parser.add_argument("--runs", required=True, help="ROOT of ROOT/seedS/METHOD/model.pt")
-    parser.add_argument("--methods", required=True)
-    parser.add_argument("--seeds", required=True)
-    parser.add_argument("--pairs-of", type=int, default=PAIRS_OF, help="images whose negative pairs are correlated")
-    parser.add_argument("--train-images", type=int, default=None,
+    parser.add_argument("--data", required=True, type=folder_with(*(f"{name}.rec" for name in SETS)),
+                        help="folder with train.rec and test.rec")
+    parser.add_argument("--teacher", required=True, type=existing_file)
+    parser.add_argument("--runs", required=True, type=folder_with(), help="ROOT of ROOT/seedS/METHOD/model.pt")
+    parser.add_argument("--methods", required=True, help="comma-separated METHOD folders of every ROOT/seedS")
+    parser.add_argument("--seeds", required=True, type=int_list())
+    parser.add_argument("--pairs-of", type=integer(3), default=PAIRS_OF,
+                        help="images whose negative pairs are correlated (at least 3: two pairs)")
+    parser.add_argument("--train-images", type=integer(2), default=None,
                         help="a fixed random subset of this many training images (default: all of train.rec)")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=positive_int, default=256)
     args = parser.parse_args()
-    images, subset = image_sets(Path(args.data), args.train_images, args.pairs_of)
+    seeds = args.seeds
+    trained = set.intersection(*({model.parent.name for model in (args.runs / f"seed{seed}").glob("*/model.pt")}
+                                 for seed in seeds))
+    methods = parse_later(parser, "--methods", names(sorted(trained), what=f"the models of every {args.runs}/seedS"),
+                          args.methods)
+    images, subset = image_sets(args.data, args.train_images, args.pairs_of)
+    for name, rows in images.items():  # what the figures need, checked before any model runs
+        positive, negative = pair_counts(rows.labels)
+        if not positive or not negative:
+            where = (f"--train-images {args.train_images}: the {len(rows)} images drawn from train.rec"
+                     if name == "train" and args.train_images else f"{args.data / name}.rec: its {len(rows)} images")
+            parser.error(f"{where} hold no {'negative' if positive else 'positive'} pair")
+        if pair_counts(rows.labels[subset[name]])[1] < 2:
+            parser.error(f"--pairs-of {args.pairs_of}: fewer than 2 negative pairs among the {len(subset[name])} "
+                         f"images drawn from {name}.rec")
     labels = {name: rows.labels for name, rows in images.items()}
-    teacher = embeddings(Path(args.teacher), images, args.batch_size)
-    result = {"benchmark": "fidelity", "data": args.data, "teacher": {
+    teacher = embeddings(args.teacher, images, args.batch_size)
+    result = {"benchmark": "fidelity", "data": str(args.data), "teacher": {
         name: figures(teacher[name], teacher[name], labels[name], subset[name]) for name in SETS}}
-    seeds = [int(s) for s in args.seeds.split(",")]
-    for method in args.methods.split(","):
+    for method in methods:
         per_seed = {}
         for seed in seeds:
-            student = embeddings(Path(args.runs) / f"seed{seed}" / method / "model.pt", images, args.batch_size)
+            student = embeddings(args.runs / f"seed{seed}" / method / "model.pt", images, args.batch_size)
             per_seed[seed] = {name: figures(student[name], teacher[name], labels[name], subset[name])
                               for name in SETS}
         summary = {}
@@ -122,4 +152,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
