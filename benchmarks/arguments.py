@@ -6,7 +6,7 @@ later on nor a NaN in the result.
   naming the option): `integer(...)` (`positive_int`, `non_negative_int`, `image_side`), `number(...)`
   (`positive_float`), `int_list(...)`, `names(...)` (a comma-separated subset of known names), `existing_file`,
   `folder_with(...)` (`existing_folder`), `processes(...)` / `threads(...)` (bounded by this machine, as the
-  pipeline's worker and thread options are), `device`;
+  pipeline's worker and thread options are), `device`, `architecture(...)`;
 - `parse_later`: one of those for an option whose allowed values are known only after parsing (read from a file);
 - `load_json` / `load_json_lines`: a file an option names, read after parsing, whose faults are `parser.error`s;
 - `run_main(main)`: a script's entry point, with the pipeline's own one-line errors (a `PipelineError`, an OSError
@@ -14,7 +14,7 @@ later on nor a NaN in the result.
   `interrupted` with exit code 130, as `pipeline` does.
 
 Free of torch and of the pipeline's heavy modules, so that a script can check its arguments before it imports
-them (`device` imports torch when it is called).
+them (`device` and `architecture` import torch when they are called).
 """
 from __future__ import annotations
 
@@ -207,6 +207,21 @@ def device(text: str):
         return resolve_device(text)
     except PipelineError as error:  # "--device X: why": the option is argparse's to name
         raise _bad(text, str(error).split(": ", 1)[-1]) from None
+
+
+def architecture(*extra: str) -> Callable[[str], str]:
+    """A backbone of pipeline.models (r18 .. r200, mbf) or one of `extra` (importing the models, so torch, when
+    called)."""
+
+    def parse(text: str) -> str:
+        from pipeline.models import MODEL_NAMES
+
+        known = (*extra, *MODEL_NAMES)
+        if text not in known:
+            raise _bad(repr(text), f"not one of {', '.join(name or repr(name) for name in known)}")
+        return text
+
+    return parse
 
 
 def load_json(parser: argparse.ArgumentParser, option: str, path: Path) -> Any:

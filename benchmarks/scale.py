@@ -42,6 +42,8 @@ from pathlib import Path
 import numpy as np
 
 import pipeline.cli  # noqa: F401  (imported before forking: every stage starts without import time)
+from arguments import (architecture, existing_file, image_side, int_list, load_json, load_json_lines, names,
+                       non_negative_int, parse_later, positive_float, positive_int, run_main)
 from scale_probes import sample_error, save_teacher, teacher_rates
 from scale_runner import Run, disk_bytes, pipeline_command, run_child
 
@@ -61,6 +63,8 @@ STUDENT = {"--arch": "mbf", "--width": 0.125, "--embedding-size": 512, "--epochs
 CHECKPOINT_EVERY = "--checkpoint-every"
 EVALUATE = {"--batch-size": 256, "--device": "cpu"}
 STAGES = ("synthesize", "extract-teacher", "build-pools", "train-student", "evaluate")
+EXTRAS = ("resume", "sample", "count")
+RECORD_FIGURES = ("n", "identities", "wall_s", "cpu_s", "images_per_s", "peak_rss_mb", "disk_bytes")  # of a stage
 MB = 1 << 20
 
 
@@ -254,35 +258,39 @@ def cpu_name() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[6250, 25000, 100000])
-    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--sizes", type=int_list(1), default=[6250, 25000, 100000])
+    parser.add_argument("--image-size", type=image_side, default=112)
     parser.add_argument("--teacher-arch", default="pooled", help="pooled (near-free TorchScript) or a backbone")
-    parser.add_argument("--teacher-width", type=float, default=0.125)
-    parser.add_argument("--reference-arch", default="r100", help="the real teacher whose forward rate is measured")
-    parser.add_argument("--train-full-max", type=int, default=6250, help="largest N trained for a whole epoch")
-    parser.add_argument("--train-steps", type=int, default=150, help="steps measured above --train-full-max")
-    parser.add_argument("--samples", type=lambda s: [int(x) for x in s.split(",") if x], default=[10000, 30000])
+    parser.add_argument("--teacher-width", type=positive_float, default=0.125)
+    parser.add_argument("--reference-arch", default="r100",
+                        help="the real teacher whose forward rate is measured ('': none)")
+    parser.add_argument("--train-full-max", type=non_negative_int, default=6250,
+                        help="largest N trained for a whole epoch")
+    parser.add_argument("--train-steps", type=positive_int, default=150, help="steps measured above --train-full-max")
+    parser.add_argument("--samples", type=int_list(1, empty=True), default=[10000, 30000])
     parser.add_argument("--work", type=Path, help="work folder (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep each size's files")
     parser.add_argument("--json", type=Path, help="write every record here")
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--markdown", type=Path, help="write the measured table (markdown) here")
-    parser.add_argument("--stages", type=lambda s: s.split(","), default=list(STAGES),
+    parser.add_argument("--stages", type=names(STAGES), default=list(STAGES),
                         help="stages to measure (comma-separated); the others' files come from --work")
-    parser.add_argument("--extras", type=lambda s: [x for x in s.split(",") if x],
-                        default=["resume", "sample", "count"],
+    parser.add_argument("--extras", type=names(EXTRAS, empty=True), default=list(EXTRAS),
                         help="at the largest size: resume (build-pools killed and resumed), sample (--threshold-rows error), "
                              "count (count every negative above the sampled thresholds instead of interpolating)")
     parser.add_argument("--tag", default="", help="suffix of the records file (records<TAG>.jsonl)")
-    parser.add_argument("--from-records", type=Path, help="only summarise a run's records.jsonl (no stage runs)")
+    parser.add_argument("--from-records", type=existing_file,
+                        help="only summarise a run's records.jsonl (no stage runs)")
     parser.add_argument("--tiny", action="store_true", help="a few seconds: 32 px, N = 600 and 1200, no r100")
     args = parser.parse_args()
     if args.tiny:
         args.sizes, args.image_size, args.teacher_width, args.reference_arch = [600, 1200], 32, 0.125, ""
         args.train_full_max, args.train_steps, args.samples = 600, 4, [300]
     if args.from_records:
-        return report([json.loads(line) for line in args.from_records.read_text().splitlines()],
-                      json.loads((args.from_records.parent / "rates.json").read_text()), args)
+        return report(*read_records(parser, args.from_records), args)
+    # checked here, not by `type=`: the backbone names come with torch, which --from-records does without
+    parse_later(parser, "--teacher-arch", architecture("pooled"), args.teacher_arch)
+    parse_later(parser, "--reference-arch", architecture(""), args.reference_arch)
     root = args.work or Path(tempfile.mkdtemp(prefix="scale-"))
     root.mkdir(parents=True, exist_ok=True)
     args.teacher_file = root / ("teacher.ts" if args.teacher_arch == "pooled" else "teacher.pt")
@@ -297,6 +305,24 @@ def main() -> None:
     report(records, rates, args)
     if not args.work:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def read_records(parser: argparse.ArgumentParser, path: Path) -> tuple[list[dict], dict]:
+    """The records of a run (`--from-records`, records<TAG>.jsonl) and its rates.json beside them; `parser.error`
+    naming the file and line that is not what scale.py wrote."""
+    records = load_json_lines(parser, "--from-records", path)
+    for row, record in enumerate(records, 1):
+        needed = ("stage", *RECORD_FIGURES) if record.get("stage") in STAGES else ("stage",)
+        missing = [key for key in needed if not isinstance(record.get(key), str if key == "stage" else (int, float))]
+        if missing:
+            parser.error(f"--from-records {path}: record {row} is not one scale.py writes (no {', '.join(missing)})")
+    beside = path.parent / "rates.json"
+    if not beside.is_file():
+        parser.error(f"--from-records {path}: no {beside} beside it (scale.py writes both into --work)")
+    rates = load_json(parser, "--from-records", beside)
+    if not isinstance(rates, dict):
+        parser.error(f"--from-records {path}: {beside} is not the rates scale.py writes")
+    return records, rates
 
 
 def report(records: list[dict], rates: dict, args) -> None:
@@ -319,4 +345,4 @@ def report(records: list[dict], rates: dict, args) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
