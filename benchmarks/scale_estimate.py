@@ -17,6 +17,8 @@ import json
 import time
 from pathlib import Path
 
+from arguments import existing_file, load_json, run_main
+
 DATASETS = {"MS1MV2": (5_822_653, 85_742), "Glint360K": (17_091_657, 360_232)}
 DIM, M_PAIRS, K = 512, 1_000_000, 16
 CORES, GPUS = (2, 16, 64), (1, 8)
@@ -132,12 +134,30 @@ def markdown(result: dict) -> str:
     return "\n".join(rows)
 
 
+def read_scale(parser: argparse.ArgumentParser, path: Path) -> dict:
+    """scale.py's `--json` file, with what `estimate` reads from it; `parser.error` naming what it lacks."""
+    scale = load_json(parser, "scale_json", path)
+    lines = scale.get("lines") if isinstance(scale, dict) else None
+    if not isinstance(lines, list) or not all(isinstance(line, dict) for line in lines):
+        parser.error(f"scale_json {path}: not the --json file of benchmarks/scale.py (no 'lines')")
+    pools = next((line for line in lines if line.get("stage") == "build-pools"), {})
+    cpu_s, pairs = pools.get("cpu_s") or [None], pools.get("negative_pairs") or [None]
+    if not all(isinstance(v, (int, float)) and v > 0 for v in (cpu_s[-1], pairs[-1])):
+        parser.error(f"scale_json {path}: no build-pools stage with its CPU seconds and negative pairs")
+    rates = scale.get("rates")
+    rates = rates.get("images_per_s") if isinstance(rates, dict) else None
+    rate = rates.get("r100") if isinstance(rates, dict) else None
+    if not isinstance(rate, (int, float)) or rate <= 0:
+        parser.error(f"scale_json {path}: no r100 forward rate (scale.py ran with --reference-arch r100, not --tiny)")
+    return scale
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("scale_json", type=Path)
+    parser.add_argument("scale_json", type=existing_file)
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
-    result = estimate(json.loads(args.scale_json.read_text()), student_train_rate())
+    result = estimate(read_scale(parser, args.scale_json), student_train_rate())
     result["sampler_ms_per_step"] = {
         f"{c}": {"before_setdiff": round(sampler_step_ms(c, True), 3), "after": round(sampler_step_ms(c, False), 3)}
         for c in (208, 833, 3333, 85_742, 360_232)}
@@ -147,4 +167,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
