@@ -34,10 +34,15 @@ from pathlib import Path
 
 import numpy as np
 
+from arguments import existing_folder, names, positive_float, positive_int, processes, run_main
+
+from pipeline.machine.resources import require_memory, size_text
+
 DIM = 512
 CLASSES = 1000
 IMAGE = 32
 GIB = 2**30
+MODES = ("shared", "ram")
 
 
 def smaps_rollup() -> dict[str, int]:
@@ -52,12 +57,17 @@ def smaps_rollup() -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------------------ launcher
+def cache_rows(gib: float) -> int:
+    """Rows of a float16 (rows, 2, DIM) cache of about `gib` GiB."""
+    return int(gib * GIB) // (2 * DIM * 2)
+
+
 def write_synthetic_cache(path: Path, gib: float, seed: int = 0) -> int:
     """A complete, contiguous float16 cache of about `gib` GiB written with the pipeline's writer; its rows."""
     from pipeline.cache.contract import READ_ROWS, contract_attrs
     from pipeline.cache.shards import write_cache
 
-    rows = int(gib * GIB) // (2 * DIM * 2)
+    rows = cache_rows(gib)
     attrs = contract_attrs(teacher_fingerprint="synthetic", teacher_name="synthetic",
                            dataset_fingerprint="synthetic", preprocessing={}, rows=rows, dim=DIM, dtype="float16")
     rng = np.random.default_rng(seed)
@@ -102,7 +112,7 @@ def summarise(ranks: list[dict], cache_bytes: int) -> dict:
 
 
 def launch(args) -> None:
-    modes = [m for m in args.modes.split(",") if m]
+    modes = args.modes
     work = Path(tempfile.mkdtemp(prefix="ekd-bench-shared-", dir=args.dir))
     try:
         cache = work / "teacher.h5"
@@ -206,21 +216,30 @@ def worker(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gib", type=float, default=2.0, help="size of the synthetic cache")
-    parser.add_argument("--ranks", type=int, default=4, help="torchrun --nproc_per_node")
-    parser.add_argument("--steps", type=int, default=5, help="training steps per rank")
-    parser.add_argument("--modes", default="shared,ram", help="comma-separated: shared, ram")
-    parser.add_argument("--dir", default=None, help="where the cache is written (default: the temp folder)")
+    parser.add_argument("--gib", type=positive_float, default=2.0, help="size of the synthetic cache")
+    parser.add_argument("--ranks", type=processes(), default=4, help="torchrun --nproc_per_node")
+    parser.add_argument("--steps", type=positive_int, default=5, help="training steps per rank")
+    parser.add_argument("--modes", type=names(MODES), default=list(MODES), help="comma-separated: shared, ram")
+    parser.add_argument("--dir", type=existing_folder, default=None,
+                        help="where the cache is written (default: the temp folder)")
     parser.add_argument("--worker", choices=("shared", "ram"), help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args)
-    else:
-        launch(args)
+        return worker(args)
+    cache_bytes = cache_rows(args.gib) * 2 * DIM * 2
+    if cache_bytes == 0:
+        parser.error(f"argument --gib: {args.gib}: less than one cache row ({2 * DIM * 2} bytes)")
+    folder = args.dir or Path(tempfile.gettempdir())
+    free = shutil.disk_usage(folder).free
+    if cache_bytes > free:
+        parser.error(f"--gib {args.gib}: the cache takes {size_text(cache_bytes)}, {folder} has {size_text(free)} free")
+    if "ram" in args.modes:  # every rank reads the whole cache into its own memory
+        require_memory(f"--gib {args.gib} with --ranks {args.ranks} (mode ram)", args.ranks * cache_bytes)
+    launch(args)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
