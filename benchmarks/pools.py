@@ -25,8 +25,11 @@ import time
 
 import numpy as np
 
+from arguments import integer, non_negative_int, positive_int, run_main
+
 from pipeline.fpr import fpr_key
-from pipeline.search.backends import scan_engine
+from pipeline.machine.resources import require_memory
+from pipeline.search.backends import BACKENDS, scan_engine
 from pipeline.search.layout import block_pairs
 from pipeline.search.select import fpr_rank
 from pipeline.search.statistics import (
@@ -34,6 +37,9 @@ from pipeline.search.statistics import (
     knn_ip,
     negative_thresholds,
 )
+
+
+K = 32  # neighbours of the kNN comparison
 
 
 def clustered_embeddings(n: int, dim: int, per_identity: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -79,15 +85,17 @@ def exact_reference(x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=200_000)
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--per-identity", type=int, default=100)
-    parser.add_argument("--block-rows", type=int, default=4096)
-    parser.add_argument("--backend", default="auto")
-    parser.add_argument("--knn", type=int, default=20_000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--n", type=integer(K), default=200_000, help=f"embeddings (at least {K}, the kNN's k)")
+    parser.add_argument("--dim", type=positive_int, default=512)
+    parser.add_argument("--per-identity", type=positive_int, default=100)
+    parser.add_argument("--block-rows", type=positive_int, default=4096)
+    parser.add_argument("--backend", choices=BACKENDS, default="auto")
+    parser.add_argument("--knn", type=integer(K), default=20_000, help=f"kNN queries (at least {K}, its k)")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--repeats", type=positive_int, default=1)
     args = parser.parse_args()
+    # the embeddings, the noise drawn for them and the search engine's copy
+    require_memory(f"--n {args.n} with --dim {args.dim}", 3 * args.n * args.dim * 4)
 
     x, labels = clustered_embeddings(args.n, args.dim, args.per_identity, args.seed)
     one_pass, thresholds_s = [], []
@@ -100,12 +108,12 @@ def main() -> None:
 
     q = x[: args.knn]
     started = time.perf_counter()
-    faiss_idx = knn_ip(q, q, 32, backend="faiss", block_rows=args.block_rows)[1]
+    faiss_idx = knn_ip(q, q, K, backend="faiss", block_rows=args.block_rows)[1]
     faiss_s = time.perf_counter() - started
     started = time.perf_counter()
-    numpy_idx = numpy_knn(q, q, 32, args.block_rows)
+    numpy_idx = numpy_knn(q, q, K, args.block_rows)
     numpy_s = time.perf_counter() - started
-    same_sets = float(np.mean([len(set(a) & set(b)) / 32 for a, b in zip(faiss_idx[:1000], numpy_idx[:1000])]))
+    same_sets = float(np.mean([len(set(a) & set(b)) / K for a, b in zip(faiss_idx[:1000], numpy_idx[:1000])]))
 
     line = {
         "n": args.n, "dim": args.dim, "block_rows": args.block_rows, "engine": result["method"]["engine"],
@@ -123,4 +131,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
