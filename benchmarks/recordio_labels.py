@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from arguments import positive_int, run_main
+
 from pipeline.formats.dmlc_recordio import read_record, unpack_image_record
 from pipeline.formats.jpeg import encode_jpeg
 from pipeline.formats.recordio import FaceRecordIO, write_face_recordio
@@ -45,8 +47,8 @@ def per_record_labels(folder: Path) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=200_000)
-    parser.add_argument("--per-identity", type=int, default=50)
+    parser.add_argument("--images", type=positive_int, default=200_000)
+    parser.add_argument("--per-identity", type=positive_int, default=50)
     args = parser.parse_args()
     image = encode_jpeg(np.zeros((8, 8, 3), np.uint8))
     labels = np.arange(args.images) // args.per_identity
@@ -71,4 +73,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
