@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.synthetic.writer import synthesize
+from arguments import integer, positive_int, processes, run_main
 
 FILES = ("train.rec", "train.idx", "val.bin", "test.rec", "test.idx")
 
@@ -27,6 +27,8 @@ def timed_run(out: Path, size: int, workers: int, identities: int, per_identity:
 
     With one worker everything runs in this process, so the CPU-second rate is the single-core throughput
     even on a machine busy with other work."""
+    from pipeline.synthetic.writer import synthesize  # torch: after the arguments
+
     started, cpu_started = time.perf_counter(), time.process_time()
     summary = synthesize(out, identities=identities, images_per_identity=per_identity, size=size, seed=0,
                          difficulty=0.5, val_identities=20, val_pairs=200, test_identities=20,
@@ -37,9 +39,9 @@ def timed_run(out: Path, size: int, workers: int, identities: int, per_identity:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--identities", type=int, default=100)
-    parser.add_argument("--images-per-identity", type=int, default=10)
-    parser.add_argument("--workers", type=int, default=max(2, os.cpu_count() or 2))
+    parser.add_argument("--identities", type=integer(2), default=100)
+    parser.add_argument("--images-per-identity", type=positive_int, default=10)
+    parser.add_argument("--workers", type=processes(), default=max(2, os.cpu_count() or 2))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -63,4 +65,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
