@@ -6,7 +6,7 @@ later on nor a NaN in the result.
   naming the option): `integer(...)` (`positive_int`, `non_negative_int`, `image_side`), `number(...)`
   (`positive_float`), `int_list(...)`, `names(...)` (a comma-separated subset of known names), `existing_file`,
   `folder_with(...)` (`existing_folder`), `processes(...)` / `threads(...)` (bounded by this machine, as the
-  pipeline's worker and thread options are), `device`, `architecture(...)`;
+  pipeline's worker and thread options are), `torch_device`, `architecture(...)`;
 - `parse_later`: one of those for an option whose allowed values are known only after parsing (read from a file);
 - `load_json` / `load_json_lines`: a file an option names, read after parsing, whose faults are `parser.error`s;
 - `run_main(main)`: a script's entry point, with the pipeline's own one-line errors (a `PipelineError`, an OSError
@@ -14,7 +14,7 @@ later on nor a NaN in the result.
   `interrupted` with exit code 130, as `pipeline` does.
 
 Free of torch and of the pipeline's heavy modules, so that a script can check its arguments before it imports
-them (`device` and `architecture` import torch when they are called).
+them (`torch_device` and `architecture` import torch when they are called).
 """
 from __future__ import annotations
 
@@ -199,7 +199,7 @@ def threads(minimum: int = 1) -> Callable[[str], int]:
     return _machine_bound(threads_bound, minimum)
 
 
-def device(text: str):
+def torch_device(text: str):
     """auto, cpu, cuda or cuda:N, resolved to a torch.device that this machine has (pipeline's resolve_device)."""
     from pipeline.machine.devices import resolve_device
 

@@ -27,22 +27,29 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from pipeline.cache.build import ExtractionConfig, build_teacher_cache
-from pipeline.cache.worker import prepare_teacher, preprocess_views
-from pipeline.formats.source import open_face_source
-from pipeline.formats.jpeg import encode_jpeg
-from pipeline.formats.recordio import write_face_recordio
-from pipeline.models import get_model
-from pipeline.models.loading import load_embedder
-from pipeline.models.model_file import save_model
+from arguments import architecture, image_side, non_negative_int, positive_float, positive_int, run_main, torch_device
+
+from pipeline.machine.resources import require_memory
+
+# torch and the pipeline's torch modules are imported where they are used: after the arguments are checked
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.cache.build import ExtractionConfig
+
+# bytes per pixel that the run holds for every image: the decoded uint8 image and its two float32 views
+HELD_BYTES_PER_PIXEL = 3 + 2 * 3 * 4
 
 
 def synthetic_rec(folder: Path, images: int, size: int, seed: int = 0) -> None:
     """Random face-sized JPEGs (smooth colour field + noise, so they compress like photos, not like noise)."""
+    from pipeline.formats.jpeg import encode_jpeg
+    from pipeline.formats.recordio import write_face_recordio
+
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     items = []
@@ -56,6 +63,8 @@ def synthetic_rec(folder: Path, images: int, size: int, seed: int = 0) -> None:
 
 def forward_rate(teacher, batches: list[torch.Tensor]) -> float:
     """Images per second of the bare teacher forward over pre-normalised [images; flips] batches."""
+    import torch
+
     device = torch.device(teacher.device)
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
     started = time.perf_counter()
@@ -67,6 +76,8 @@ def forward_rate(teacher, batches: list[torch.Tensor]) -> float:
 
 
 def end_to_end_rate(cfg: ExtractionConfig, teacher, images: int) -> float:
+    from pipeline.cache.build import build_teacher_cache
+
     cfg.out.unlink(missing_ok=True)
     started = time.perf_counter()
     build_teacher_cache(cfg, teacher=teacher, log=lambda message: None)
@@ -97,17 +108,27 @@ def spread(values: list[float]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="r18")
-    parser.add_argument("--width", type=float, default=0.5)
-    parser.add_argument("--size", type=int, default=112)
-    parser.add_argument("--images", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--shard-size", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1, help="discarded repeats before the timed ones")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--arch", type=architecture(), default="r18")
+    parser.add_argument("--width", type=positive_float, default=0.5)
+    parser.add_argument("--size", type=image_side, default=112)
+    parser.add_argument("--images", type=positive_int, default=1024)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--shard-size", type=positive_int, default=256)
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--warmup", type=non_negative_int, default=1, help="discarded repeats before the timed ones")
+    parser.add_argument("--device", type=torch_device, default="auto")
     args = parser.parse_args()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    require_memory(f"--images {args.images} at --size {args.size}", args.images * args.size**2 * HELD_BYTES_PER_PIXEL)
+    device = str(args.device)
+
+    import torch
+
+    from pipeline.cache.build import ExtractionConfig
+    from pipeline.cache.worker import prepare_teacher, preprocess_views
+    from pipeline.formats.source import open_face_source
+    from pipeline.models import get_model
+    from pipeline.models.loading import load_embedder
+    from pipeline.models.model_file import save_model
 
     work = Path(tempfile.mkdtemp(prefix="ekd-bench-extract-"))
     try:
@@ -151,4 +172,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
