@@ -20,25 +20,24 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from pipeline.machine.devices import resolve_device
-from pipeline.evaluation.alignment import reference_points, similarity_transforms
-from pipeline.evaluation.ijb import pair_scores, template_features
-from pipeline.evaluation.ijb_features import AlignedCrops
-from pipeline.evaluation.metrics import Roc
-from pipeline.formats.ijb import IjbMeta, IjbPaths, read_ijb
-from pipeline.models import get_model
-from pipeline.models.loading import Embedder
-from pipeline.models.preprocess import forward_views, prepare_teacher
-from pipeline.synthetic.ijb import write_ijb_set
+from arguments import architecture, positive_int, run_main, torch_device
+
+# torch and the pipeline's torch modules are imported where they are used: after the arguments are checked
+if TYPE_CHECKING:
+    import torch
 
 IJBC = {"images": 469_375, "templates": 23_124, "pairs": 15_658_489, "genuine": 19_557}
 
 
 def align_rate(folder: Path) -> tuple[float, list[np.ndarray]]:
+    from pipeline.evaluation.alignment import reference_points, similarity_transforms
+    from pipeline.evaluation.ijb_features import AlignedCrops
+    from pipeline.formats.ijb import IjbPaths, read_ijb
+
     paths = IjbPaths(folder / "IJBC", "IJBC")
     meta = read_ijb(paths.folder, "IJBC")
     matrices, _ = similarity_transforms(meta.landmarks, reference_points(112))
@@ -49,6 +48,10 @@ def align_rate(folder: Path) -> tuple[float, list[np.ndarray]]:
 
 
 def forward_rate(arch: str, device: torch.device, aligned: list[np.ndarray], batch: int) -> float:
+    from pipeline.models import get_model
+    from pipeline.models.loading import Embedder
+    from pipeline.models.preprocess import forward_views, prepare_teacher
+
     model = get_model(arch, input_size=112).to(device).eval()
     embedder = prepare_teacher(Embedder(model, kind="bench", name=arch, dim=model.num_features, input_size=112,
                                         device=device, fingerprint="", path=Path(arch), module=model))
@@ -60,6 +63,10 @@ def forward_rate(arch: str, device: torch.device, aligned: list[np.ndarray], bat
 
 
 def scoring_seconds(dim: int = 512) -> dict[str, float]:
+    from pipeline.evaluation.ijb import pair_scores, template_features
+    from pipeline.evaluation.metrics import Roc
+    from pipeline.formats.ijb import IjbMeta
+
     rng = np.random.default_rng(0)
     n, t, p = IJBC["images"], IJBC["templates"], IJBC["pairs"]
     templates = rng.integers(0, t, n)
@@ -77,23 +84,29 @@ def scoring_seconds(dim: int = 512) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default="r100")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--images", type=int, default=32, help="images per timed forward batch")
-    parser.add_argument("--workers", type=int, default=8, help="DataLoader workers assumed for the estimate")
+    parser.add_argument("--arch", type=architecture(), default="r100")
+    parser.add_argument("--device", type=torch_device, default="cpu")
+    parser.add_argument("--images", type=positive_int, default=32, help="images per timed forward batch")
+    parser.add_argument("--workers", type=positive_int, default=8,
+                        help="DataLoader workers assumed for the estimate (none is started)")
     args = parser.parse_args()
+
+    import torch
+
+    from pipeline.synthetic.ijb import write_ijb_set
+
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         write_ijb_set(tmp, seed=0, size=112, difficulty=0.5, identities=4, templates=4)
         align, aligned = align_rate(Path(tmp))
-    forward = forward_rate(args.arch, resolve_device(args.device), aligned, args.images)
+    forward = forward_rate(args.arch, args.device, aligned, args.images)
     scoring = scoring_seconds()
     images_per_s = min(forward, align * args.workers)
     estimate = IJBC["images"] / images_per_s + sum(scoring.values())
-    print(json.dumps({"arch": args.arch, "device": args.device, "align_per_s": round(align, 1),
+    print(json.dumps({"arch": args.arch, "device": str(args.device), "align_per_s": round(align, 1),
                       "forward_per_s": round(forward, 2), **{k: round(v, 1) for k, v in scoring.items()},
                       "workers": args.workers, "ijbc_estimate_s": round(estimate), "ijbc": IJBC}))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
