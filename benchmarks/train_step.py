@@ -36,24 +36,28 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from pipeline.machine.devices import resolve_device
-from pipeline.losses.ekd import DEFAULT_ANCHORS, EKDLoss
-from pipeline.losses.rank import order_statistic_thresholds
-from pipeline.models import get_model
-from pipeline.models.loading import Embedder
-from pipeline.training.config import TrainConfig
-from pipeline.training.distill import Distillation
-from pipeline.training.sampling.balanced import BalancedBatchSampler
-from pipeline.training.step import TrainStep
+from arguments import architecture, image_side, integer, non_negative_int, positive_int, run_main, threads, torch_device
+
+from pipeline.machine.resources import require_memory
+
+# torch and the pipeline's torch modules are imported where they are used: after the arguments are checked
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.losses.ekd import EKDLoss
+    from pipeline.models.loading import Embedder
+    from pipeline.training.distill import Distillation
+    from pipeline.training.step import TrainStep
 
 DIM = 512
 TARGETS = {"ekd_cached_over_plain": 1.15, "ekd_cached_over_online": 0.25}
+# bytes that building the (rows, 2, DIM) targets holds per row at its peak (float32 views, their stack and its
+# scaled copy), and per margin-head row of each of the four students (weight, gradient, momentum)
+TARGET_BYTES_PER_ROW, HEAD_BYTES_PER_CLASS = 28 * DIM, 4 * 3 * 4 * DIM
 
 
 @dataclass
@@ -83,6 +87,8 @@ class OnlineTeacher:
         self.teacher = teacher
 
     def __call__(self, images, indices, flips, device) -> torch.Tensor:
+        import torch
+
         # TrainStep looks targets up outside its autocast block; an online teacher in an AMP run uses it too
         autocast = torch.autocast("cuda", dtype=torch.float16) if images.is_cuda else contextlib.nullcontext()
         with autocast:
@@ -91,6 +97,8 @@ class OnlineTeacher:
 
 def clustered_targets(labels: np.ndarray, seed: int) -> torch.Tensor:
     """(N, 2, DIM) float16 raw 'teacher' embeddings: identity centre + per-image noise, flip = small change."""
+    import torch
+
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((labels.max() + 1, DIM), dtype=np.float32)
     original = centres[labels] + rng.standard_normal((labels.size, DIM), dtype=np.float32)
@@ -100,6 +108,12 @@ def clustered_targets(labels: np.ndarray, seed: int) -> torch.Tensor:
 
 def teacher_thresholds(targets: torch.Tensor, labels: np.ndarray, sample: int = 4096) -> list[float]:
     """Exact thresholds over the negative pairs of a sample of the targets (stand-in for thresholds.json)."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.losses.ekd import DEFAULT_ANCHORS
+    from pipeline.losses.rank import order_statistic_thresholds
+
     rows = torch.arange(min(sample, targets.shape[0]))
     t = F.normalize(targets[rows, 0].float(), dim=1)
     i, j = torch.triu_indices(rows.numel(), rows.numel(), offset=1)
@@ -109,6 +123,11 @@ def teacher_thresholds(targets: torch.Tensor, labels: np.ndarray, sample: int = 
 
 
 def make_variant(name: str, args, num_classes: int, device: torch.device, distill: Distillation | None) -> Variant:
+    import torch
+
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.step import TrainStep
+
     cfg = TrainConfig(arch=args.student, arch_kwargs={"input_size": args.size, "num_features": DIM}, lr=0.01,
                       epochs=1, seed=args.seed)
     torch.manual_seed(args.seed)  # every variant starts from the same student
@@ -120,6 +139,11 @@ def make_variant(name: str, args, num_classes: int, device: torch.device, distil
 
 def ekd_loss(mode: str, thresholds: list[float], queue: int, device: torch.device, seed: int) -> EKDLoss:
     """EKD as train-student builds it; global mode's queue prefilled, as it is after the first steps."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.losses.ekd import EKDLoss
+
     if mode == "reference":
         return EKDLoss(mode="reference").to(device)
     loss = EKDLoss(mode="global", teacher_thresholds=thresholds, queue_size=queue).to(device)
@@ -130,6 +154,8 @@ def ekd_loss(mode: str, thresholds: list[float], queue: int, device: torch.devic
 
 
 def make_batches(sampler, labels: np.ndarray, args, device: torch.device) -> list[Batch]:
+    import torch
+
     g = torch.Generator().manual_seed(args.seed)
     out = []
     for indices in sampler:
@@ -143,6 +169,8 @@ def make_batches(sampler, labels: np.ndarray, args, device: torch.device) -> lis
 
 
 def timed(function: Callable[[], None], device: torch.device) -> float:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()
@@ -154,6 +182,8 @@ def timed(function: Callable[[], None], device: torch.device) -> float:
 
 def loss_alone(loss: EKDLoss, batch: Batch, targets: torch.Tensor, device: torch.device) -> Callable[[], None]:
     """EKD's own cost: the loss and its backward on a leaf (B, DIM) embedding tensor."""
+    import torch
+
     def run():
         emb = torch.randn(batch.labels.shape[0], DIM, device=device, requires_grad=True)
         t = targets[batch.indices, batch.flips.long()].to(device).float()
@@ -163,23 +193,35 @@ def loss_alone(loss: EKDLoss, batch: Batch, targets: torch.Tensor, device: torch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--student", default="mbf")
-    parser.add_argument("--teacher", default="r50")
-    parser.add_argument("--size", type=int, default=112)
-    parser.add_argument("--batch", type=int, default=128, help="global batch: half general, half balanced")
-    parser.add_argument("--classes", type=int, default=2000, help="identities (margin head rows)")
-    parser.add_argument("--rows", type=int, default=100_000, help="training images (cache rows)")
-    parser.add_argument("--queue", type=int, default=65536, help="EKD global mode queue (train-student default)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default); 1 is "
+    parser.add_argument("--student", type=architecture(), default="mbf")
+    parser.add_argument("--teacher", type=architecture(), default="r50")
+    parser.add_argument("--size", type=image_side, default=112)
+    parser.add_argument("--batch", type=integer(8, multiple=8), default=128,
+                        help="global batch: half general, half balanced (4 images per identity)")
+    parser.add_argument("--classes", type=integer(2), default=2000, help="identities (margin head rows)")
+    parser.add_argument("--rows", type=positive_int, default=100_000, help="training images (cache rows)")
+    parser.add_argument("--queue", type=positive_int, default=65536,
+                        help="EKD global mode queue (train-student default)")
+    parser.add_argument("--warmup", type=non_negative_int, default=1)
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--device", type=torch_device, default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--threads", type=threads(0), default=0, help="torch threads (0 = torch's default); 1 is "
                         "steadier on a machine shared with other jobs")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     args = parser.parse_args()
+    require_memory(f"--rows {args.rows} with --classes {args.classes}",
+                   args.rows * TARGET_BYTES_PER_ROW + args.classes * HEAD_BYTES_PER_CLASS)
+
+    import torch
+
+    from pipeline.models import get_model
+    from pipeline.models.loading import Embedder
+    from pipeline.training.distill import Distillation
+    from pipeline.training.sampling.balanced import BalancedBatchSampler
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = args.device
 
     labels = np.sort(np.random.default_rng(args.seed).integers(0, args.classes, args.rows)).astype(np.int64)
     targets = clustered_targets(labels, args.seed)
@@ -250,4 +292,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
