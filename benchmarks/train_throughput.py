@@ -28,23 +28,27 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch.utils.data import DataLoader
+from arguments import (architecture, image_side, integer, positive_float, positive_int, processes, run_main,
+                       torch_device)
 
-from pipeline.machine.devices import resolve_device
-from pipeline.formats.recordio import FaceRecordIO
-from pipeline.synthetic.writer import synthesize
-from pipeline.training.config import TrainConfig
-from pipeline.training.loop import train
-from pipeline.training.step import TrainStep
-from pipeline.training.data import FaceDataset, FlipAugment, collate
-from pipeline.training.loop import run_epoch
-from pipeline.training.sampling.shuffled import ShuffledBatchSampler
+from pipeline.machine.resources import require_memory
+
+# torch and the pipeline's torch modules are imported where they are used: after the arguments are checked
+if TYPE_CHECKING:
+    from pipeline.training.config import TrainConfig
+
+PER_IDENTITY = 8  # training images per identity
+# bytes held per pixel of a training image: preloaded (uint8 RGB) and, in every epoch's premade batches, float32
+PRELOADED_BYTES_PER_PIXEL, PREMADE_BYTES_PER_PIXEL = 3, 3 * 4
 
 
 def premade_batches(source, cfg: TrainConfig, epoch: int) -> list[tuple]:
     """The exact batches `train` draws in `epoch`, decoded and collated up front."""
+    from pipeline.training.data import FaceDataset, FlipAugment, collate
+    from pipeline.training.sampling.shuffled import ShuffledBatchSampler
+
     dataset = FaceDataset(source, preload=True)
     sampler = FlipAugment(ShuffledBatchSampler(len(dataset), cfg.batch_size, cfg.seed), seed=cfg.seed)
     sampler.set_epoch(epoch)
@@ -54,6 +58,12 @@ def premade_batches(source, cfg: TrainConfig, epoch: int) -> list[tuple]:
 def in_memory_rates(cfg: TrainConfig, num_classes: int, epochs: list[list[tuple]]) -> list[float]:
     """Images per second of each epoch of the training step alone, built as `train` builds it, over
     premade batches."""
+    import torch
+
+    from pipeline.machine.devices import resolve_device
+    from pipeline.training.loop import run_epoch
+    from pipeline.training.step import TrainStep
+
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     trainer = TrainStep(cfg, num_classes, len(epochs[0]), device)
@@ -70,6 +80,8 @@ def in_memory_rates(cfg: TrainConfig, num_classes: int, epochs: list[list[tuple]
 
 def data_path_rates(cfg: TrainConfig, source) -> tuple[list[float], float]:
     """(images/s of each epoch as `train` measures it, images/s over the whole `train` call)."""
+    from pipeline.training.loop import train
+
     shutil.rmtree(cfg.out_dir, ignore_errors=True)
     started = time.perf_counter()
     summary = train(cfg, source, source.num_classes)
@@ -86,6 +98,11 @@ def pooled_rate(rates: list[float], images_per_epoch: int) -> float:
 def loader_rate(cfg: TrainConfig, source) -> float:
     """Images per second of the data path alone (read + decode + flip + normalise + collate, no model):
     the headroom the loader has over the training step."""
+    from torch.utils.data import DataLoader
+
+    from pipeline.training.data import FaceDataset, FlipAugment, collate
+    from pipeline.training.sampling.shuffled import ShuffledBatchSampler
+
     sampler = FlipAugment(ShuffledBatchSampler(len(source), cfg.batch_size, cfg.seed), seed=cfg.seed)
     loader = DataLoader(FaceDataset(source), batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate)
     started = time.perf_counter()
@@ -95,27 +112,38 @@ def loader_rate(cfg: TrainConfig, source) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="mbf")
-    parser.add_argument("--width", type=float, default=0.5)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--images", type=int, default=384, help="training images (8 per identity)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=3, help="at least 2: the first is reported apart")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--arch", type=architecture(), default="mbf")
+    parser.add_argument("--width", type=positive_float, default=0.5)
+    parser.add_argument("--size", type=image_side, default=64)
+    parser.add_argument("--images", type=integer(2 * PER_IDENTITY), default=384,
+                        help=f"training images ({PER_IDENTITY} per identity, at least 2 identities)")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--epochs", type=integer(2), default=3, help="at least 2: the first is reported apart")
+    parser.add_argument("--workers", type=processes(0), default=2)
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--device", type=torch_device, default="auto")
     args = parser.parse_args()
-    if args.epochs < 2:
-        parser.error("--epochs must be at least 2 (the first epoch is reported apart)")
+    identities = args.images // PER_IDENTITY
+    if args.batch_size > identities * PER_IDENTITY:
+        parser.error(f"--batch-size {args.batch_size}: more than the {identities * PER_IDENTITY} training images "
+                     f"(--images {args.images}): no full batch to train on")
+    require_memory(f"--images {args.images} at --size {args.size} over --epochs {args.epochs}", args.images
+                   * args.size**2 * (PRELOADED_BYTES_PER_PIXEL + args.epochs * PREMADE_BYTES_PER_PIXEL))
+
+    import torch
+
+    from pipeline.formats.recordio import FaceRecordIO
+    from pipeline.synthetic.writer import synthesize
+    from pipeline.training.config import TrainConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
-        synthesize(data, identities=max(1, args.images // 8), images_per_identity=8, size=args.size,
+        synthesize(data, identities=identities, images_per_identity=PER_IDENTITY, size=args.size,
                    val_identities=20, val_pairs=20, test_identities=2, test_images_per_identity=2)
         source = FaceRecordIO(data)
         cfg = TrainConfig(out_dir=Path(tmp) / "run", arch=args.arch, batch_size=args.batch_size,
                           arch_kwargs={"input_size": args.size, "width": args.width, "num_features": 128},
-                          epochs=args.epochs, workers=args.workers, device=args.device, resume=False)
+                          epochs=args.epochs, workers=args.workers, device=str(args.device), resume=False)
         epochs = [premade_batches(source, cfg, epoch) for epoch in range(args.epochs)]
         in_memory_rates(cfg, source.num_classes, [epochs[0][:2]])  # warm-up: first-call kernel set-up
         runs = {"memory": [], "data": [], "wall": [], "loader": []}
@@ -144,9 +172,9 @@ def main() -> None:
         "data_path_epoch_rates": [[round(x, 1) for x in r] for r in runs["data"]],
         "arch": args.arch, "width": args.width, "size": args.size, "images": len(source),
         "batch_size": args.batch_size, "epochs": args.epochs, "workers": args.workers, "repeats": args.repeats,
-        "device": str(resolve_device(args.device)), "torch_threads": torch.get_num_threads(),
+        "device": str(args.device), "torch_threads": torch.get_num_threads(),
     }))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
