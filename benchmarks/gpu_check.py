@@ -15,6 +15,11 @@ falls back to another path (never a silent CPU fallback), 2 when there is no CUD
    AMP: plain step, EKD on cached targets, EKD with an r50 teacher run online (also in fp16 autocast); ratios
    cached/plain and cached/online (median over rounds of the within-round ratio), checking that the student's
    and the teacher's convolutions run in fp16 on channels-last tensors.
+4. split head (`SplitMarginHead`, pipeline/training/split_head.py) under NCCL: a one-process NCCL group on the
+   GPU (gloo in the CPU dry run), Glint360K's 360,232 classes x 512, batch 256: its loss, embedding gradient
+   and head gradient against the replicated `MarginHead` in strict fp32 (relative differences, bounded), its
+   loss under AMP (fp32, finite, near the fp32 loss), and forward + backward times of both (median). At world
+   size 1 the all-gathers are skipped (ddp.py); the cross-rank all-reduces run on NCCL.
 Peak GPU memory (torch's allocator; faiss allocates outside it) of every part; for the training steps, the
 peak during each variant's steps (the other variants' resident weights included).
 
@@ -37,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks, run by path
 
@@ -47,6 +53,7 @@ from pipeline.cache.build import ExtractionConfig, build_teacher_cache  # noqa: 
 from pipeline.cache.format import TeacherCache  # noqa: E402
 from pipeline.cache.worker import prepare_teacher, preprocess_views  # noqa: E402
 from pipeline.formats.source import open_face_source  # noqa: E402
+from pipeline.losses.margin import MarginHead  # noqa: E402
 from pipeline.models import get_model  # noqa: E402
 from pipeline.models.loading import Embedder, load_embedder  # noqa: E402
 from pipeline.models.model_file import save_model  # noqa: E402
@@ -54,18 +61,20 @@ from pipeline.search.backends import knn_kind  # noqa: E402
 from pipeline.search.pools import build_pools  # noqa: E402
 from pipeline.training.distill import Distillation  # noqa: E402
 from pipeline.training.sampling.balanced import BalancedBatchSampler  # noqa: E402
+from pipeline.training.split_head import SplitMarginHead  # noqa: E402
 
 # Sizes: the GPU check, and the CPU dry run (--tiny), which runs the same code at toy sizes.
 SIZES = {
     "full": {"teacher": "r50", "teacher_width": 1.0, "size": 112, "images": 4096,
              "extract_batch": 256, "repeats": 3, "rows": 20000, "classes": 2000, "dim": 512, "batch": 256,
-             "train_rows": 100_000, "train_classes": 2000, "queue": 65536, "rounds": 6},
+             "train_rows": 100_000, "train_classes": 2000, "queue": 65536, "rounds": 6, "head_classes": 360_232},
     "tiny": {"teacher": "r18", "teacher_width": 0.125, "size": 32, "images": 64,
              "extract_batch": 16, "repeats": 1, "rows": 600, "classes": 60, "dim": 64, "batch": 16,
-             "train_rows": 2000, "train_classes": 100, "queue": 256, "rounds": 2},
+             "train_rows": 2000, "train_classes": 100, "queue": 256, "rounds": 2, "head_classes": 1001},
 }
 BOUNDS = {"extraction_max_relative_difference": 2e-2, "thresholds_max_abs_difference": 1e-6,
-          "neighbour_sims_max_abs_difference": 1e-5}
+          "neighbour_sims_max_abs_difference": 1e-5, "split_head_max_relative_difference": 1e-5,
+          "split_head_amp_loss_relative_difference": 2e-2}
 
 
 class CheckFailed(RuntimeError):
@@ -288,12 +297,79 @@ def train_step_check(sizes: dict, device: torch.device) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------------ split head
+@contextmanager
+def one_process_group(device: torch.device, work: Path):
+    """A process group of this process alone: NCCL on CUDA, gloo for the CPU dry run; its backend."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    require(not dist.is_initialized(), "split head: a process group is already initialised")
+    if device.type == "cuda":
+        torch.cuda.set_device(torch.cuda.current_device() if device.index is None else device.index)
+    dist.init_process_group(backend, init_method=f"file://{work / 'split-head-rendezvous'}", rank=0, world_size=1)
+    try:
+        yield dist.get_backend()
+    finally:
+        dist.destroy_process_group()
+
+
+def relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).norm() / want.double().norm())
+
+
+def head_pass(head, embeddings: torch.Tensor, labels: torch.Tensor, amp: bool = False):
+    """Loss, embedding gradient and head gradient of one forward + backward (gradients reset first)."""
+    head.weight.grad = None
+    x = embeddings.clone().requires_grad_()
+    with torch.autocast(embeddings.device.type, dtype=torch.float16, enabled=amp):
+        loss = head(x, labels)
+    loss.backward()
+    return loss.detach(), x.grad, head.weight.grad
+
+
+def split_head_check(sizes: dict, device: torch.device, work: Path) -> dict:
+    classes, dim, batch = sizes["head_classes"], sizes["dim"], sizes["batch"]
+    out: dict = {"classes": classes, "dim": dim, "batch": batch, "world_size": 1}
+    with measured(device, out), one_process_group(device, work) as backend:
+        require(backend == ("nccl" if device.type == "cuda" else "gloo"), f"split head: backend {backend}")
+        out["backend"] = backend
+        heads = {}
+        for name, kind in (("replicated", MarginHead), ("split", SplitMarginHead)):
+            torch.manual_seed(0)
+            heads[name] = kind(classes, dim).to(device)
+        require(torch.equal(heads["split"].weight, heads["replicated"].weight),
+                "split head: its rows are not the replicated head's at world size 1")
+        g = torch.Generator().manual_seed(0)
+        embeddings = torch.randn(batch, dim, generator=g).to(device)
+        labels = torch.randint(0, classes, (batch,), generator=g).to(device)
+        with strict_fp32():
+            passes = {name: head_pass(head, embeddings, labels) for name, head in heads.items()}
+        differences = {f"{part}_relative_difference": relative(passes["split"][i], passes["replicated"][i])
+                       for i, part in enumerate(("loss", "embedding_gradient", "head_gradient"))}
+        out["fp32_split_vs_replicated"] = differences
+        for name, value in differences.items():
+            require(value <= BOUNDS["split_head_max_relative_difference"],
+                    f"split head: {name} {value:.3g} against the replicated head under {backend}")
+        amp = device.type == "cuda"
+        loss = head_pass(heads["split"], embeddings, labels, amp=amp)[0]
+        out["amp_loss"] = {"amp": amp, "dtype": str(loss.dtype), "relative_to_fp32": relative(loss, passes["split"][0])}
+        require(loss.dtype == torch.float32 and bool(torch.isfinite(loss)), f"split head: AMP loss {loss}")
+        require(out["amp_loss"]["relative_to_fp32"] <= BOUNDS["split_head_amp_loss_relative_difference"],
+                f"split head: AMP loss {float(loss):.6g} against fp32 {float(passes['split'][0]):.6g}")
+        seconds: dict = {name: [] for name in heads}
+        for _ in range(sizes["rounds"]):
+            for name, head in heads.items():
+                seconds[name].append(step_bench.timed(lambda: head_pass(head, embeddings, labels, amp=amp), device))
+        out["median_forward_backward_s"] = {k: round(statistics.median(v[1:] or v), 4) for k, v in seconds.items()}
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ main
 def parse(argv=None) -> Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda (the check) or cpu (with --tiny: a dry run)")
     parser.add_argument("--tiny", action="store_true", help="toy sizes: checks the code paths, measures nothing")
-    parser.add_argument("--parts", default="extraction,pools,train_step", help="comma-separated parts to run")
+    parser.add_argument("--parts", default="extraction,pools,train_step,split_head",
+                        help="comma-separated parts to run")
     return parser.parse_args(argv)
 
 
@@ -316,7 +392,8 @@ def main(argv=None) -> int:
         return 2
     device = torch.device(args.device)
     sizes = SIZES["tiny" if args.tiny else "full"]
-    parts = {"extraction": extraction_check, "pools": pools_check, "train_step": train_step_check}
+    parts = {"extraction": extraction_check, "pools": pools_check, "train_step": train_step_check,
+             "split_head": split_head_check}
     chosen = [p for p in args.parts.split(",") if p]
     unknown = set(chosen) - set(parts)
     if unknown:
@@ -333,7 +410,7 @@ def main(argv=None) -> int:
     try:
         for name in chosen:
             try:
-                report[name] = (parts[name](sizes, device, work) if name == "extraction"
+                report[name] = (parts[name](sizes, device, work) if name in ("extraction", "split_head")
                                 else parts[name](sizes, device))
             except CheckFailed as error:
                 print(f"gpu_check: FAILED: {error}", file=sys.stderr)
