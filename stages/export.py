@@ -11,6 +11,7 @@ from pipeline.storage.io import atomic_path
 from pipeline.models.loading import export_onnx, load_embedder
 from pipeline.models.model_file import load_model
 from pipeline.models.finite import check_finite_weights
+from pipeline.models.onnx_metadata import model_metadata
 from pipeline.models.parity import check_tolerance, relative_difference
 
 
@@ -20,13 +21,16 @@ def command(
     tolerance: Annotated[float, typer.Option("--tolerance", help="Largest allowed relative embedding difference "
                                              "|torch - onnxruntime| / |torch| (L2, per embedding).")] = 1e-4,
 ):
-    """Export a trained model to ONNX (NCHW RGB, (x-127.5)/127.5, raw embeddings) and verify it."""
+    """Export a trained model to ONNX (NCHW RGB, (x-127.5)/127.5, raw embeddings) and verify it.
+
+    The file's metadata_props record that preprocessing (colour order, normalisation, input size, the optional
+    flip-sum, the output), since runtimes see only the graph."""
     check_tolerance("--tolerance", tolerance)
     net, meta = load_model(model)
     check_finite_weights(net, model)
     size = int(meta["arch_kwargs"].get("input_size", 112))
     with atomic_path(onnx, suffix=".onnx") as tmp:  # removed whatever fails: export, onnxruntime, parity
-        export_onnx(net, tmp, size)
+        export_onnx(net, tmp, size, metadata=model_metadata(net, meta["arch"], size))
         difference = relative_difference(net, load_embedder(tmp), size, onnx)
         if difference > tolerance:
             raise PipelineError(f"{onnx}: onnxruntime differs from torch by {difference:.2e} (relative) > "

@@ -26,6 +26,7 @@ from pipeline.errors import DataError, PipelineError
 from pipeline.storage.io import atomic_path
 from pipeline.models import MODEL_NAMES, count_parameters, get_model
 from pipeline.models.iresnet import IRESNET_LAYERS
+from pipeline.models.onnx_metadata import write_metadata
 from pipeline.models.model_file import (
     is_pipeline_checkpoint,
     load_state_dict_strict,
@@ -352,8 +353,9 @@ def load_embedder(path: str | os.PathLike, arch: str | None = None, device: str 
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: int = DEFAULT_INPUT_SIZE,
-                opset: int = 17) -> Path:
-    """Export a backbone to ONNX (input `input` (B, 3, S, S), output `embedding` (B, D), dynamic batch)."""
+                opset: int = 17, metadata: dict[str, str] | None = None) -> Path:
+    """Export a backbone to ONNX (input `input` (B, 3, S, S), output `embedding` (B, D), dynamic batch), with
+    `metadata` (e.g. onnx_metadata.preprocessing_metadata) as the file's metadata_props."""
     was_training = model.training
     device = next(model.parameters()).device
     model.eval()
@@ -366,6 +368,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: int = DEF
                 input_names=["input"], output_names=["embedding"], opset_version=opset, dynamo=False,
                 dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}},
             )
+            if metadata:
+                write_metadata(tmp, metadata)
     finally:
         model.train(was_training)
     return Path(path)

@@ -15,6 +15,8 @@ from pipeline.errors import DataError
 from pipeline.models import get_model
 from pipeline.models.loading import export_onnx
 from pipeline.models.model_file import load_model, save_model
+from pipeline.models.onnx_metadata import read_preprocessing
+from pipeline.models.preprocess import to_tensor
 
 SIZE = 32
 MODELS = {
@@ -62,18 +64,49 @@ def test_onnx_embeddings_equal_torch(tmp_path, arch, cli):
         assert np.abs(expected).max() > 1e-2  # not a degenerate all-zero comparison
 
 
+@pytest.mark.parametrize("arch", MODELS)
+def test_onnx_metadata_records_the_preprocessing(tmp_path, arch, cli):
+    """Read with the onnx package alone (as another runtime would): the recorded normalisation, applied to
+    0..255 RGB pixels, gives the input the graph computes the torch model's embedding from."""
+    import json
+
+    import onnx
+
+    model_path = make_run(tmp_path, arch)
+    onnx_path = tmp_path / "x.onnx"
+    assert cli("export", "--model", model_path, "--onnx", onnx_path).exit_code == 0
+    props = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
+    assert props["input_color"] == "RGB" and props["input_layout"] == "NCHW"
+    assert props["input_size"] == f"{SIZE}x{SIZE}"
+    assert props["input_normalisation"] == "(x - 127.5) / 127.5 on 0..255 pixels"
+    assert props["embedding_size"] == str(MODELS[arch]["num_features"]) and props["arch"] == arch
+    assert "flip" in props["flip_sum"] and "not L2-normalised" in props["output"]
+    described = json.loads(props["preprocessing"])
+    assert (described["size"], described["color"], described["layout"]) == (SIZE, "RGB", "NCHW")
+
+    pixels = np.random.default_rng(5).integers(0, 256, size=(3, SIZE, SIZE, 3)).astype(np.float32)
+    images = ((pixels - described["pixel_mean"]) / described["pixel_std"]).transpose(0, 3, 1, 2).copy()
+    net, _ = load_model(model_path)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: images})[0]
+    with torch.no_grad():
+        expected = net(to_tensor(pixels.astype(np.uint8))).numpy()  # the project's own preprocessing
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    assert read_preprocessing(onnx_path) == described
+
+
 def test_failed_parity_writes_nothing(tmp_path, monkeypatch, cli):
     """An ONNX graph that does not compute the model (here: from perturbed weights) is refused."""
     model_path = make_run(tmp_path, "mbf")
     onnx_path = tmp_path / "x.onnx"
     onnx_path.write_bytes(b"previous export")
 
-    def export_perturbed(net, path, size):
+    def export_perturbed(net, path, size, metadata=None):
         wrong = copy.deepcopy(net)
         with torch.no_grad():
             for param in wrong.parameters():
                 param.mul_(1.05)
-        return export_onnx(wrong, path, size)
+        return export_onnx(wrong, path, size, metadata=metadata)
 
     monkeypatch.setattr(export_stage, "export_onnx", export_perturbed)
     result = cli("export", "--model", model_path, "--onnx", onnx_path)
