@@ -41,8 +41,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline.losses.margin import MarginHead
-from pipeline.training.split_head import SplitMarginHead, row_range
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # arguments.py, also when imported from elsewhere
+from arguments import non_negative_int, positive_int, processes, threads  # noqa: E402
+
+from pipeline.losses.margin import MarginHead  # noqa: E402
+from pipeline.training.split_head import SplitMarginHead, row_range  # noqa: E402
 
 FLOAT, LABEL = 4, 8  # bytes of an fp32 value (rows, embeddings, sums) and of an int64 label
 SGD = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
@@ -335,37 +338,20 @@ def report(opts: dict, runs: list[dict], seconds: float) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ main
-def at_least(minimum: int):
-    """An argparse type: an integer >= `minimum` (one-line error otherwise)."""
-    def value(text: str) -> int:
-        try:
-            number = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if number < minimum:
-            raise argparse.ArgumentTypeError(f"{number} must be at least {minimum}")
-        return number
-    return value
-
-
-positive, non_negative = at_least(1), at_least(0)
-
-
 def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="split_head.py", description=__doc__.splitlines()[0])
-    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")  # one line, no usage
-    parser.add_argument("--classes", type=positive, default=DATASETS["Glint360K"])
-    parser.add_argument("--dim", type=positive, default=512, help="embedding size")
-    parser.add_argument("--ranks", type=positive, default=4, help="gloo processes")
-    parser.add_argument("--batch", type=positive, default=128, help="samples per rank and step")
-    parser.add_argument("--steps", type=positive, default=3, help="timed steps of each head")
-    parser.add_argument("--warmup", type=non_negative, default=1, help="untimed steps before them")
-    parser.add_argument("--threads", type=positive, default=1, help="torch threads per rank")
-    parser.add_argument("--replicated-full-ranks", type=positive, default=1,
+    parser.add_argument("--classes", type=positive_int, default=DATASETS["Glint360K"])
+    parser.add_argument("--dim", type=positive_int, default=512, help="embedding size")
+    parser.add_argument("--ranks", type=processes(1), default=4, help="gloo processes")
+    parser.add_argument("--batch", type=positive_int, default=128, help="samples per rank and step")
+    parser.add_argument("--steps", type=positive_int, default=3, help="timed steps of each head")
+    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed steps before them")
+    parser.add_argument("--threads", type=threads(1), default=1, help="torch threads per rank")
+    parser.add_argument("--replicated-full-ranks", type=positive_int, default=1,
                         help="ranks that run the whole replicated step (the others only its all-reduce)")
-    parser.add_argument("--memory-classes", type=positive, default=DATASETS["WebFace42M"],
+    parser.add_argument("--memory-classes", type=positive_int, default=DATASETS["WebFace42M"],
                         help="classes of the memory-only figure")
-    parser.add_argument("--memory-ranks", type=positive, default=8, help="ranks of memory-only and --table")
+    parser.add_argument("--memory-ranks", type=positive_int, default=8, help="ranks of memory-only and --table")
     parser.add_argument("--table", action="store_true",
                         help="print the per-GPU table (DATASETS at --memory-ranks, --dim, --batch) and exit")
     args = parser.parse_args(argv)
