@@ -44,15 +44,19 @@ def _bounded(value: float, minimum: float | None, maximum: float | None, above: 
         raise _bad(value, f"must be <= {maximum}")
 
 
+def _converted(text: str, convert: Callable[[str], float], what: str) -> float:
+    try:
+        return convert(text)
+    except ValueError:
+        raise _bad(repr(text), f"not {what}") from None
+
+
 def integer(minimum: int | None = None, maximum: int | None = None, multiple: int | None = None
             ) -> Callable[[str], int]:
     """A whole number in [minimum, maximum] (either open when None), a multiple of `multiple` if given."""
 
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise _bad(repr(text), "not an integer") from None
+        value = _converted(text, int, "an integer")
         _bounded(value, minimum, maximum)
         if multiple and value % multiple:
             raise _bad(value, f"must be a multiple of {multiple}")
@@ -66,10 +70,7 @@ def number(minimum: float | None = None, maximum: float | None = None, above: fl
     """A finite number in [minimum, maximum], and > `above` if given."""
 
     def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise _bad(repr(text), "not a number") from None
+        value = _converted(text, float, "a number")
         if not math.isfinite(value):
             raise _bad(text, "must be a finite number")
         _bounded(value, minimum, maximum, above)
