@@ -7,34 +7,25 @@ shorter loops write nothing. PIPELINE_PROGRESS_SECONDS=0 switches the lines off.
 """
 from __future__ import annotations
 
-import os
 import re
 import sys
 import time
 
 from tqdm import tqdm
 
-from pipeline.errors import PipelineError
+from pipeline.settings import EnvironmentVariable
 
 SECONDS_VARIABLE = "PIPELINE_PROGRESS_SECONDS"
 DEFAULT_SECONDS = 60.0
+PROGRESS_SECONDS = EnvironmentVariable(SECONDS_VARIABLE, DEFAULT_SECONDS, "seconds between progress lines; 0 "
+                                       "switches them off")
 KNOWN_TOTAL = "{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f}%), {rate_fmt}, {elapsed} elapsed, ETA {remaining}{postfix}"
 UNKNOWN_TOTAL = "{desc}: {n_fmt} {unit}, {rate_fmt}, {elapsed} elapsed{postfix}"
 
 
 def line_interval() -> float:
     """Seconds between two progress lines when stderr is not a terminal (0: no lines)."""
-    text = os.environ.get(SECONDS_VARIABLE, "").strip()
-    if not text:
-        return DEFAULT_SECONDS
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = float("nan")
-    if not seconds >= 0:
-        raise PipelineError(f"{SECONDS_VARIABLE}={text!r}: must be a number of seconds >= 0 (0 switches the "
-                            "progress lines off)")
-    return seconds
+    return PROGRESS_SECONDS.value()
 
 
 def progress_bar(iterable=None, *, show: bool = True, **options) -> tqdm:

@@ -112,3 +112,33 @@ def _check_number(field: dataclasses.Field, value: float) -> None:
         raise PipelineError(f"{name} {value}: must be > {meta['above']}")
     if meta.get("max") is not None and value > meta["max"]:
         raise PipelineError(f"{name} {value}: must be <= {meta['max']}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvironmentVariable:
+    """A number the pipeline reads from the environment, declared like a setting: default, range, help.
+
+    Read when used (not at import), so a bad value is one line naming the variable, not a traceback."""
+
+    name: str
+    default: float
+    help: str
+    min: float = 0.0
+    max: float = math.inf
+    integer: bool = False
+
+    def value(self) -> float:
+        import os
+
+        text = os.environ.get(self.name, "").strip()
+        if not text:
+            return self.default
+        try:
+            number = int(text) if self.integer else float(text)
+        except ValueError:
+            number = math.nan
+        if not self.min <= number <= self.max:  # NaN fails too
+            kind = "an integer" if self.integer else "a number"
+            upper = "" if math.isinf(self.max) else f" and <= {self.max:g}"
+            raise PipelineError(f"{self.name}={text!r}: must be {kind} >= {self.min:g}{upper} ({self.help})")
+        return number

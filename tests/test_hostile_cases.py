@@ -14,7 +14,7 @@ import resource
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +39,10 @@ def _limits() -> None:  # preexec_fn: runs in the child, before python starts
 _UID = psutil.Process().uids().real
 
 
-def guarded(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """`python -m pipeline ARGS` under the memory and process limits."""
-    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], env=environment(), cwd=cwd,
+def guarded(*args, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m pipeline ARGS` under the memory and process limits (`env` added to the environment)."""
+    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], env={**environment(), **(env or {})},
+                          cwd=cwd,
                           capture_output=True, text=True, timeout=240, preexec_fn=_limits)
 
 
@@ -62,6 +63,7 @@ class Case:
     fragment: str  # in the single error line (or, for exit code 0, in stderr)
     unchanged: tuple = ()  # world paths that must keep their bytes
     absent: tuple = ()  # paths (under the case's folder) that must not exist afterwards
+    env: dict = field(default_factory=dict)  # environment variables of the case
 
 
 TRAIN = ("--arch", "mbf", "--width", 0.125, "--embedding-size", 16, "--epochs", 1, "--batch-size", 8,
@@ -106,6 +108,24 @@ CASES = {
     "convert-cache --out DIR": Case(
         ("convert-cache", "{cache}", "--out", "{case}"), 2, "is a directory; give the file to write",
         unchanged=("cache",)),
+    "evaluate-ijb --workers 100000": Case(
+        ("evaluate-ijb", "--model", "{teacher}", "--ijb", "{case}/IJBC", "--target", "IJBC", "--out", "{case}/ijb",
+         "--workers", 100000), 2, "--workers 100000: more processes", absent=("ijb",)),
+    "PIPELINE_SCAN_CHECKPOINT_S=-5": Case(
+        ("build-pools", "--cache", "{cache}", "--out", "{case}/pools"), 2,
+        "PIPELINE_SCAN_CHECKPOINT_S='-5': must be a number >= 0", unchanged=("cache",), absent=("pools",),
+        env={"PIPELINE_SCAN_CHECKPOINT_S": "-5"}),
+    "PIPELINE_SCAN_CHECKPOINT_S=soon": Case(
+        ("build-pools", "--cache", "{cache}", "--out", "{case}/pools"), 2,
+        "PIPELINE_SCAN_CHECKPOINT_S='soon': must be a number", absent=("pools",),
+        env={"PIPELINE_SCAN_CHECKPOINT_S": "soon"}),
+    "PIPELINE_PROGRESS_SECONDS=nan": Case(
+        ("build-pools", "--cache", "{cache}", "--out", "{case}/pools"), 2,
+        "PIPELINE_PROGRESS_SECONDS='nan': must be a number >= 0", absent=("pools/pools.h5",),
+        env={"PIPELINE_PROGRESS_SECONDS": "nan"}),
+    "LOCAL_RANK=abc": Case(
+        ("evaluate", "--model", "{teacher}", "--data", "{data}", "--out", "{case}/eval", "--device", "auto"), 2,
+        "LOCAL_RANK='abc': must be an integer >= 0 and <= 1023", absent=("eval",), env={"LOCAL_RANK": "abc"}),
     "export --onnx DIR": Case(
         ("export", "--model", "{teacher}", "--onnx", "{case}"), 2, "is a directory; give the file to write",
         unchanged=("teacher",)),
@@ -131,7 +151,7 @@ def _filled(args, world, case_dir) -> list[str]:
 def test_hostile_case(name, world, tmp_path):
     case = CASES[name]
     before = digests(world[k] for k in case.unchanged)
-    done = guarded(*_filled(case.args, world, tmp_path))
+    done = guarded(*_filled(case.args, world, tmp_path), env=case.env)
     output = done.stdout + done.stderr
     assert done.returncode == case.code, output[-3000:]
     assert "Traceback" not in output, output[-3000:]

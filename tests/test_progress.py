@@ -103,7 +103,7 @@ def test_hidden_and_switched_off(log, monkeypatch):
 @pytest.mark.parametrize("value", ["soon", "-1", "nan"])
 def test_bad_interval_is_one_line(log, monkeypatch, value):
     monkeypatch.setenv(SECONDS_VARIABLE, value)
-    with pytest.raises(PipelineError, match=f"{SECONDS_VARIABLE}='{value}': must be a number of seconds"):
+    with pytest.raises(PipelineError, match=f"{SECONDS_VARIABLE}='{value}': must be a number >= 0 \\(seconds between"):
         progress_bar(range(3), desc="x")
 
 

@@ -1,13 +1,16 @@
 """Where torch work runs: one resolver for every `--device` option."""
 from __future__ import annotations
 
-import os
 import re
 
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.settings import setting
+from pipeline.settings import EnvironmentVariable, setting
+
+# torchrun's: which of this machine's GPUs the process drives
+LOCAL_RANK = EnvironmentVariable("LOCAL_RANK", 0, "this process's GPU on its machine, set by torchrun", max=1023,
+                                 integer=True)
 
 DEVICE_HELP = "auto (CUDA when available, else CPU), cpu, cuda or cuda:N."
 _DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -34,7 +37,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
         return device
     text = str(device)
     if text == "auto":
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_rank = LOCAL_RANK.value()
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if text == "cpu":
         return torch.device("cpu")

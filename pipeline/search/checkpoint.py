@@ -27,19 +27,21 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import note
+from pipeline.settings import EnvironmentVariable
 from pipeline.storage.io import atomic_path
 
 DIGEST = "digest"  # sha256 of every other array: a damaged or edited file is never resumed from
 
-# seconds between saves (each writes the windows' histograms, up to ~200 MB); PIPELINE_SCAN_CHECKPOINT_S overrides
-DEFAULT_EVERY_S = float(os.environ.get("PIPELINE_SCAN_CHECKPOINT_S", 120))
+# seconds between saves (each writes the windows' histograms, up to ~200 MB)
+SAVE_SECONDS = EnvironmentVariable("PIPELINE_SCAN_CHECKPOINT_S", 120.0, "seconds between two saves of "
+                                   "build-pools' scan checkpoint; 0 saves after every block", max=86400.0)
 
 
 class ScanCheckpoint:
     def __init__(self, path: str | os.PathLike, identity: dict, every_s: float | None = None):
         self.path = Path(path)
         self.identity = identity
-        self.every_s = DEFAULT_EVERY_S if every_s is None else float(every_s)
+        self.every_s = SAVE_SECONDS.value() if every_s is None else float(every_s)
         self._key = ""
         self._last = 0.0
         self.resumed_at: dict[str, int] = {}  # scan name -> block it resumed at (for messages and tests)

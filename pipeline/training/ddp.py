@@ -24,6 +24,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from pipeline.machine.devices import LOCAL_RANK
+
 
 def is_distributed() -> bool:
     """True when a torch.distributed process group is initialised."""
@@ -54,7 +56,7 @@ def init_from_env(backend: str | None = None) -> bool:
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(LOCAL_RANK.value())
     dist.init_process_group(backend=backend, init_method="env://")
     return True
 
