@@ -162,19 +162,32 @@ def test_hostile_case(name, world, tmp_path):
         assert not (tmp_path / path).exists(), path
 
 
-def test_a_finished_model_of_other_settings_is_never_replaced_without_checkpoint(world, tmp_path):
+# (command, its options, a changed option, the difference the refusal names)
+FINISHED_RUNS = {
+    "train-teacher": (("train-teacher", "--data", "{data}", *TRAIN, "--workers", 0), ("--lr", 0.05), "lr 0.1 -> 0.05"),
+    "train-student": (("train-student", "--name", "s", "--data", "{data}", "--cache", "{cache}", *TRAIN, "--workers",
+                       0, "--embedding-size", 32, "--kd", "l2", "--sampler", "random"), ("--l2-weight", 3),
+                      f"l2_weight {KDConfig().l2_weight} -> 3.0"),
+}
+
+
+@pytest.mark.parametrize("command", FINISHED_RUNS)
+def test_a_finished_model_of_other_settings_is_never_replaced_without_checkpoint(world, tmp_path, command):
+    args, changed, difference = FINISHED_RUNS[command]
     run = tmp_path / "run"
-    first = guarded("train-teacher", "--data", world["data"], "--out", run, *TRAIN, "--workers", 0)
+    base = [*_filled(args, world, tmp_path), "--out", run]
+    first = guarded(*base)
     assert first.returncode == 0, first.stderr[-3000:]
     (run / "checkpoint.pt").unlink()
     model = (run / "model.pt").read_bytes()
-    again = guarded("train-teacher", "--data", world["data"], "--out", run, *TRAIN, "--workers", 0, "--lr", 0.05)
+    again = guarded(*base, *changed)
     assert again.returncode == 2, again.stderr[-3000:]
     line = again.stderr.strip().splitlines()[-1]
-    assert "the finished model was written with different settings: lr 0.1 -> 0.05" in line and "--no-resume" in line
+    assert f"the finished model was written with different settings: {difference}" in line, line
+    assert "--no-resume" in line
     assert (run / "model.pt").read_bytes() == model
-    same = guarded("train-teacher", "--data", world["data"], "--out", run, *TRAIN, "--workers", 0)
-    assert same.returncode == 0 and "training already finished" in same.stdout
+    same = guarded(*base)
+    assert same.returncode == 0 and "training already finished" in same.stdout, same.stdout + same.stderr[-2000:]
     assert (run / "model.pt").read_bytes() == model
 
 
