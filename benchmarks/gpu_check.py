@@ -42,18 +42,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks, run by path
 
 import extract as extract_bench  # noqa: E402
+from gpu_common import CheckFailed, measured, require, strict_fp32  # noqa: E402
+from gpu_split_head import split_head_check  # noqa: E402
 import train_step as step_bench  # noqa: E402
 
 from pipeline.cache.build import ExtractionConfig, build_teacher_cache  # noqa: E402
 from pipeline.cache.format import TeacherCache  # noqa: E402
 from pipeline.cache.worker import prepare_teacher, preprocess_views  # noqa: E402
 from pipeline.formats.source import open_face_source  # noqa: E402
-from pipeline.losses.margin import MarginHead  # noqa: E402
 from pipeline.models import get_model  # noqa: E402
 from pipeline.models.loading import Embedder, load_embedder  # noqa: E402
 from pipeline.models.model_file import save_model  # noqa: E402
@@ -61,7 +61,6 @@ from pipeline.search.backends import knn_kind  # noqa: E402
 from pipeline.search.pools import build_pools  # noqa: E402
 from pipeline.training.distill import Distillation  # noqa: E402
 from pipeline.training.sampling.balanced import BalancedBatchSampler  # noqa: E402
-from pipeline.training.split_head import SplitMarginHead  # noqa: E402
 
 # Sizes: the GPU check, and the CPU dry run (--tiny), which runs the same code at toy sizes.
 SIZES = {
@@ -73,32 +72,7 @@ SIZES = {
              "train_rows": 2000, "train_classes": 100, "queue": 256, "rounds": 2, "head_classes": 1001},
 }
 BOUNDS = {"extraction_max_relative_difference": 2e-2, "thresholds_max_abs_difference": 1e-6,
-          "neighbour_sims_max_abs_difference": 1e-5, "split_head_max_relative_difference": 1e-5,
-          "split_head_amp_loss_relative_difference": 2e-2}
-
-
-class CheckFailed(RuntimeError):
-    """A CUDA path is broken or is not the one asked for."""
-
-
-def require(condition: bool, message: str) -> None:
-    if not condition:
-        raise CheckFailed(message)
-
-
-@contextmanager
-def measured(device: torch.device, into: dict):
-    """Seconds and peak GPU memory (GiB, torch allocator) of the block, stored in `into`."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    started = time.perf_counter()
-    yield
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    into["seconds"] = round(time.perf_counter() - started, 1)
-    into["peak_gpu_memory_gib"] = (round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-                                   if device.type == "cuda" else None)
+          "neighbour_sims_max_abs_difference": 1e-5}
 
 
 @contextmanager
@@ -120,17 +94,6 @@ def require_gpu_kernels(seen: list, device: torch.device, what: str) -> None:
         bad = {s for s in seen if s != (torch.float16, True)}
         require(not bad, f"{what}: convolutions ran as {sorted(map(str, bad))}, expected fp16 autocast on "
                          "channels-last tensors")
-
-
-@contextmanager
-def strict_fp32():
-    """No TF32 in matmuls or convolutions: a real float32 reference."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 # ------------------------------------------------------------------------------------------------ extraction
@@ -294,72 +257,6 @@ def train_step_check(sizes: dict, device: torch.device) -> dict:
                ekd_cached_over_plain=ratio("ekd_cached", "plain"),
                ekd_cached_over_online=ratio("ekd_cached", "ekd_online"),
                peak_gpu_memory_gib=peaks if device.type == "cuda" else None)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ split head
-@contextmanager
-def one_process_group(device: torch.device, work: Path):
-    """A process group of this process alone: NCCL on CUDA, gloo for the CPU dry run; its backend."""
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    require(not dist.is_initialized(), "split head: a process group is already initialised")
-    if device.type == "cuda":
-        torch.cuda.set_device(torch.cuda.current_device() if device.index is None else device.index)
-    dist.init_process_group(backend, init_method=f"file://{work / 'split-head-rendezvous'}", rank=0, world_size=1)
-    try:
-        yield dist.get_backend()
-    finally:
-        dist.destroy_process_group()
-
-
-def relative(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.double() - want.double()).norm() / want.double().norm())
-
-
-def head_pass(head, embeddings: torch.Tensor, labels: torch.Tensor, amp: bool = False):
-    """Loss, embedding gradient and head gradient of one forward + backward (gradients reset first)."""
-    head.weight.grad = None
-    x = embeddings.clone().requires_grad_()
-    with torch.autocast(embeddings.device.type, dtype=torch.float16, enabled=amp):
-        loss = head(x, labels)
-    loss.backward()
-    return loss.detach(), x.grad, head.weight.grad
-
-
-def split_head_check(sizes: dict, device: torch.device, work: Path) -> dict:
-    classes, dim, batch = sizes["head_classes"], sizes["dim"], sizes["batch"]
-    out: dict = {"classes": classes, "dim": dim, "batch": batch, "world_size": 1}
-    with measured(device, out), one_process_group(device, work) as backend:
-        require(backend == ("nccl" if device.type == "cuda" else "gloo"), f"split head: backend {backend}")
-        out["backend"] = backend
-        heads = {}
-        for name, kind in (("replicated", MarginHead), ("split", SplitMarginHead)):
-            torch.manual_seed(0)
-            heads[name] = kind(classes, dim).to(device)
-        require(torch.equal(heads["split"].weight, heads["replicated"].weight),
-                "split head: its rows are not the replicated head's at world size 1")
-        g = torch.Generator().manual_seed(0)
-        embeddings = torch.randn(batch, dim, generator=g).to(device)
-        labels = torch.randint(0, classes, (batch,), generator=g).to(device)
-        with strict_fp32():
-            passes = {name: head_pass(head, embeddings, labels) for name, head in heads.items()}
-        differences = {f"{part}_relative_difference": relative(passes["split"][i], passes["replicated"][i])
-                       for i, part in enumerate(("loss", "embedding_gradient", "head_gradient"))}
-        out["fp32_split_vs_replicated"] = differences
-        for name, value in differences.items():
-            require(value <= BOUNDS["split_head_max_relative_difference"],
-                    f"split head: {name} {value:.3g} against the replicated head under {backend}")
-        amp = device.type == "cuda"
-        loss = head_pass(heads["split"], embeddings, labels, amp=amp)[0]
-        out["amp_loss"] = {"amp": amp, "dtype": str(loss.dtype), "relative_to_fp32": relative(loss, passes["split"][0])}
-        require(loss.dtype == torch.float32 and bool(torch.isfinite(loss)), f"split head: AMP loss {loss}")
-        require(out["amp_loss"]["relative_to_fp32"] <= BOUNDS["split_head_amp_loss_relative_difference"],
-                f"split head: AMP loss {float(loss):.6g} against fp32 {float(passes['split'][0]):.6g}")
-        seconds: dict = {name: [] for name in heads}
-        for _ in range(sizes["rounds"]):
-            for name, head in heads.items():
-                seconds[name].append(step_bench.timed(lambda: head_pass(head, embeddings, labels, amp=amp), device))
-        out["median_forward_backward_s"] = {k: round(statistics.median(v[1:] or v), 4) for k, v in seconds.items()}
     return out
 
 

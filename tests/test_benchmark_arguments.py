@@ -203,7 +203,7 @@ def error_lines(stderr: str) -> list[str]:
 
 def test_every_script_has_rows():
     scripts = {p.stem for p in (ROOT / "benchmarks").glob("*.py")}
-    others = {"arguments", "scale_probes", "scale_runner",  # no command line of their own
+    others = {"arguments", "gpu_common", "gpu_split_head", "scale_probes", "scale_runner",  # no command line
               "gpu_check", "split_head", "frontier", "frontier_report"}  # checked by their own tests
     assert scripts - others == {row.script for row in ROWS.values()}
 
