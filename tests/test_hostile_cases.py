@@ -105,6 +105,14 @@ CASES = {
     "--ekd-temperature 1e-320": Case(
         ("train-student", "--name", "s", "--data", "{data}", "--cache", "{cache}", "--out", "{case}/run", "--kd", "ekd",
          "--ekd-temperature", "1e-320"), 2, "--ekd-temperature 1e-320: must be >= 0.0001", absent=("run",)),
+    "train-student --ekd-queue-size 1e12": Case(
+        ("train-student", "--name", "s", "--data", "{data}", "--cache", "{cache}", "--out", "{case}/run", "--pools",
+         "{pools}", "--kd", "l2+ekd", "--sampler", "random", "--embedding-size", 32, *TRAIN[:4], "--workers", 0, "--ekd-queue-size",
+         1_000_000_000_000), 2, "--ekd-queue-size 1000000000000: the queue's labels: needs", absent=("run/model.pt",)),
+    "train-student --batch-size 1e9": Case(
+        ("train-student", "--name", "s", "--data", "{data}", "--cache", "{cache}", "--out", "{case}/run", "--kd", "l2",
+         "--sampler", "balanced", "--embedding-size", 32, *TRAIN[:4], "--workers", 0, "--batch-size", 1_000_000_000), 2,
+        "--batch-size 1000000000: a batch of 1000000000 images of 32x32 (at least): needs", absent=("run/model.pt",)),
     "convert-cache --out DIR": Case(
         ("convert-cache", "{cache}", "--out", "{case}"), 2, "is a directory; give the file to write",
         unchanged=("cache",)),
@@ -139,7 +147,9 @@ def world(tmp_path_factory) -> dict[str, Path]:
     bigprop = shutil.copytree(made["data"], root / "bigprop")
     (bigprop / "property").write_text("2000000000,32,32\n")  # the labels only go to 3
     (root / "random.bin").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
-    return {**made, "bigprop": bigprop, "random_bin": root / "random.bin"}
+    pools = guarded("build-pools", "--cache", made["cache"], "--out", root / "pools", "--hard-pairs", 50)
+    assert pools.returncode == 0, pools.stderr[-3000:]
+    return {**made, "bigprop": bigprop, "random_bin": root / "random.bin", "pools": root / "pools"}
 
 
 def _filled(args, world, case_dir) -> list[str]:

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from pipeline.errors import PipelineError
 from pipeline.fpr import ANCHORS, fpr_key
 from pipeline.losses.base import DistillMethod, Need
+from pipeline.machine.resources import require_memory
 from pipeline.losses.rank import (
     check_anchors,
     check_kd_inputs,
@@ -89,6 +90,7 @@ class EmbeddingQueue(nn.Module):
         if size < 1:
             raise PipelineError(f"EKD queue size must be >= 1, got {size}")
         self.size = int(size)
+        require_memory(f"--ekd-queue-size {self.size}: the queue's labels", 8 * self.size)
         self.register_buffer("embeddings", torch.zeros(self.size, dim) if dim else torch.zeros(0, 0))
         self.register_buffer("labels", torch.full((self.size,), -1, dtype=torch.int64))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.int64))
@@ -103,6 +105,10 @@ class EmbeddingQueue(nn.Module):
     def push(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         """Append a batch, overwriting the oldest rows once full."""
         if self.embeddings.numel() == 0:
+            # the queue, and a step's batch x queue similarities with their soft ranks and gradients
+            dim, batch = embeddings.shape[1], embeddings.shape[0]
+            require_memory(f"--ekd-queue-size {self.size}: a queue of {self.size} x {dim} embeddings and {batch} x "
+                           f"{self.size} similarities per step", 4 * self.size * (dim + 3 * batch))
             self.embeddings = torch.zeros(self.size, embeddings.shape[1], dtype=embeddings.dtype,
                                           device=embeddings.device)
         if embeddings.shape[1] != self.embeddings.shape[1]:

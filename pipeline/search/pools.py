@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import DataError, PipelineError
+from pipeline.machine.resources import require_memory
 from pipeline.progress import progress_bar
 from pipeline.storage.hdf5 import write_hdf5
 from pipeline.storage.io import write_text_atomic
@@ -129,6 +130,14 @@ def read_normalised(source, rows: np.ndarray, views: tuple[int, ...], progress: 
         yield start, chunk / norms[..., None]
 
 
+def scan_memory(classes: int, rows: int, dim: int, block_rows: int, hard_pairs: int) -> int:
+    """Bytes build_pools holds at its peak: the class sums (float64), the rows' embeddings, three blocks of
+    similarities and the kept hard pairs (two int64 indices and a float32 similarity, twice while selecting)."""
+    block = min(block_rows, rows)
+    pairs = min(hard_pairs, rows * (rows - 1) // 2)
+    return 8 * classes * dim + 4 * rows * dim + 3 * 4 * block * block + 2 * 20 * pairs
+
+
 def build_pools(emb_views, labels: np.ndarray | None = None, num_classes: int | None = None,
                 config: PoolsConfig | None = None, threshold_view: str = "original", fprs=DEFAULT_FPRS,
                 pilot_rows: int = 4096, progress: bool = False, checkpoint=None, **settings) -> PoolResults:
@@ -166,6 +175,8 @@ def build_pools(emb_views, labels: np.ndarray | None = None, num_classes: int | 
     for start, chunk in read_normalised(source, every, wanted, progress):
         if emb is None:
             dim = chunk.shape[-1]
+            require_memory(f"{source.path}: build-pools of {pair_rows.size} rows x {dim} (--block-rows {block_rows}, "
+                           f"--hard-pairs {m})", scan_memory(num_classes, pair_rows.size, dim, block_rows, m))
             sums = np.zeros((num_classes, dim), np.float64)
             emb = np.empty((pair_rows.size, dim), np.float32)
         part = labels[start : start + chunk.shape[0]]

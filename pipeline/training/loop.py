@@ -96,6 +96,10 @@ def _train(cfg, out, device, source, num_classes, distill, batch_sampler_factory
     if batch_sampler_factory is None and cfg.batch_size * world > len(dataset):
         raise PipelineError(f"--batch-size {cfg.batch_size} x {world} processes: more than the {len(dataset)} images "
                             "of the training data (one batch is drawn without repeats)")
+    if dataset.image_size is not None:  # a lower bound: the decoded batch, its float copy and the flip view
+        height, width = dataset.image_size
+        require_memory(f"--batch-size {cfg.batch_size}: a batch of {cfg.batch_size} images of {width}x{height} "
+                       "(at least)", cfg.batch_size * height * width * 3 * (1 + 4 + 4))
     index_batches = (
         batch_sampler_factory(world, rank)
         if batch_sampler_factory is not None

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from pipeline.cache.contract import contract_attrs
 from pipeline.cache.format import TeacherCache
-from pipeline.errors import DataError
+from pipeline.errors import DataError, PipelineError
 from pipeline.search.pool_files import DATASETS, load_pools, load_thresholds
 from pipeline.search.pools import build_pools, write_pools
 from stages.build_pools import COMMANDS
@@ -209,3 +209,21 @@ def test_stage_writes_pools_from_a_cache(tmp_path):
     thresholds = load_thresholds(out / "thresholds.json")
     for key, value in ref["thresholds"].items():
         assert abs(thresholds[key] - value) <= 1e-6
+
+
+def test_the_scan_memory_is_checked_before_allocating(monkeypatch):
+    """Refused with one line naming --block-rows and --hard-pairs when the peak would not fit: class sums
+    (32 x 16 float64), embeddings (240 x 16 float32), three 70 x 70 float32 blocks, 150 pairs of 20 B twice."""
+    import pipeline.machine.resources as resources
+
+    views, labels = views_data()
+    peak = 8 * 32 * 16 + 4 * 240 * 16 + 3 * 4 * 70 * 70 + 2 * 20 * 150
+    monkeypatch.setattr(resources, "available_memory", lambda: peak - 1)
+    with pytest.raises(PipelineError, match=r"build-pools of 240 rows x 16 \(--block-rows 70, --hard-pairs 150\): "
+                                            r"needs 82\.3 KiB"):
+        build_pools(views, labels, 32, neighbours=5, hard_pairs=150, block_rows=70, pilot_rows=32)
+    monkeypatch.setattr(resources, "available_memory", lambda: peak)
+    build_pools(views, labels, 32, neighbours=5, hard_pairs=150, block_rows=70, pilot_rows=32)
+    # a block larger than the data is only as large as the data
+    monkeypatch.setattr(resources, "available_memory", lambda: 8 * 32 * 16 + 4 * 240 * 16 + 12 * 240**2 + 40 * 150)
+    build_pools(views, labels, 32, neighbours=5, hard_pairs=150, block_rows=10**6, pilot_rows=32)
