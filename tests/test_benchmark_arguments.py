@@ -111,6 +111,9 @@ ROWS = {
     # pools.py
     "pools --n 10": Row("pools", ("--n", "10"), "argument --n: 10: must be >= 32"),
     "pools --n 10**10": Row("pools", ("--n", str(10**10)), "--n 10000000000 with --dim 512: needs"),
+    # 17 GB for the exact check's n x n arrays: more than the children's 6 GiB address space
+    "pools --n 30000 (exact check)": Row("pools", ("--n", "30000", "--dim", "8"),
+                                         "--n 30000 with --dim 8 (and the exact check, n <= 30000): needs"),
     "pools --dim 0": Row("pools", ("--dim", "0"), "argument --dim: 0: must be >= 1"),
     "pools --per-identity 0": Row("pools", ("--per-identity", "0"), "argument --per-identity: 0: must be >= 1"),
     "pools --block-rows 0": Row("pools", ("--block-rows", "0"), "argument --block-rows: 0: must be >= 1"),
