@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -39,7 +38,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
 from frontier_report import plot, summarise  # noqa: E402
-from quality import pipeline, run  # noqa: E402
+from quality import ChildFailed, pipeline, run  # noqa: E402
 
 from pipeline.models import BackboneShape  # noqa: E402
 from pipeline.training.config import TrainConfig  # noqa: E402
@@ -192,9 +191,8 @@ class Sweep:
                            "--seed", job.seed)
         try:
             self._run_job(job, out, command)
-        except subprocess.CalledProcessError as error:
-            raise SweepError(f"{job.key}: {error.cmd[3]} exited with {error.returncode}; its log: {out / 'log.txt'}"
-                             ) from None
+        except ChildFailed as error:
+            raise SweepError(f"{job.key}: {error}") from None
         entry = {"key": job.key, **vars(job), "options": resolved_options(self.params, job), "teacher": self.teacher,
                  "run": str(out), "monitor": final_monitor(out), **self.complexity(job)}
         if job.phase == "test":

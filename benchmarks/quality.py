@@ -41,9 +41,14 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # arguments.py, also when imported from elsewhere
 from arguments import int_list, names, parse_later, positive_float, positive_int, processes, run_main  # noqa: E402
 
+from pipeline.errors import PipelineError  # noqa: E402
 from pipeline.evaluation.compare import gap_closed, mean_and_se, paired  # noqa: E402
 
 FPRS = ("1e-3", "1e-4", "1e-5")
+
+
+class ChildFailed(PipelineError):
+    """A pipeline command run by a benchmark failed; its log says why."""
 
 
 def run(command: list[str], log: Path, threads: int | None) -> None:
@@ -53,7 +58,9 @@ def run(command: list[str], log: Path, threads: int | None) -> None:
     print("$ " + " ".join(command), file=sys.stderr, flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as handle:
-        subprocess.run(command, check=True, stdout=handle, stderr=subprocess.STDOUT, env=env)
+        done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+    if done.returncode != 0:  # one line naming the command and its log, not a traceback
+        raise ChildFailed(f"{command[3]} exited with {done.returncode}; its log: {log}")
 
 
 def pipeline(*args) -> list[str]:

@@ -39,3 +39,11 @@ def test_more_steps_multiply_the_steps_and_keep_the_warmup(quality, steps):
     assert got["--epochs"] * images * scale == steps * section["epochs"] * images
     assert got["--warmup-epochs"] * images * scale == pytest.approx(section["warmup_epochs"] * images)
     assert options(quality.schedule(section, 1, steps))["--epochs"] == steps * section["epochs"]
+
+
+def test_a_failed_pipeline_command_is_one_line_naming_its_log(quality, tmp_path):
+    log = tmp_path / "run" / "log.txt"
+    with pytest.raises(quality.ChildFailed) as failure:
+        quality.run(quality.pipeline("evaluate", "--model", tmp_path / "missing.pt"), log, 1)
+    assert str(failure.value) == f"evaluate exited with 2; its log: {log}"
+    assert "Missing option" in log.read_text()  # the command's own error is in its log
