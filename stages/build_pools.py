@@ -1,14 +1,15 @@
 """`pipeline build-pools`: identity neighbours, hardest negative pairs and the teacher's exact global FPR
-thresholds from the teacher cache, into `pools.h5` and `thresholds.json`."""
+thresholds from the teacher cache (or an ensemble of caches: `--cache` repeated), into `pools.h5` and
+`thresholds.json`."""
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
-from pipeline.cache.format import TeacherCache
+from pipeline.cache.ensemble import TeacherEnsemble, parse_weights
 from pipeline.storage.io import output_lock
 from pipeline.search.checkpoint import ScanCheckpoint
 from pipeline.search.pools import PoolsConfig, build_pools, describe, write_pools
@@ -19,19 +20,25 @@ SCAN_STATE = "pools.scan.npz"  # the running pair scan's position and state (rem
 
 
 def build_pools_command(
-    cache: Annotated[Path, typer.Option("--cache", help="Teacher cache (HDF5) written by extract-teacher.")],
+    cache: Annotated[list[Path], typer.Option("--cache", help="Teacher cache (HDF5) written by extract-teacher; "
+                                              "repeat it for an ensemble of caches of the same training set "
+                                              "(similarity: the weighted mean of the members' cosines).")],
     out: Annotated[Path, typer.Option("--out", help="Folder for pools.h5 and thresholds.json.")],
     cfg: PoolsConfig,
+    cache_weights: Annotated[Optional[str], typer.Option(
+        "--cache-weights", help="Ensemble member weights, one per --cache, e.g. 1,2 (finite, > 0; default "
+                                "equal).")] = None,
 ) -> None:
     """Build identity-neighbour and hard-negative pools and the teacher's exact FPR thresholds."""
     started = time.perf_counter()
     with output_lock(out):  # one build per folder; stale temporaries of killed builds go first
-        source = TeacherCache.open(cache)
+        source = TeacherEnsemble.open(cache, parse_weights(cache_weights, len(cache)))  # one cache: that cache
         # the pair scans save their position every few minutes: a killed build continues where it stopped, if
         # every identity setting of PoolsConfig (declared there) and the cache are the same
         checkpoint = ScanCheckpoint(out / SCAN_STATE, {"cache": source.fingerprint, **identity(cfg)})
         try:
             results = build_pools(source, config=cfg, progress=True, checkpoint=checkpoint)
+            results.attrs.update(source.pool_attrs())  # the members of an ensemble
         finally:
             source.close()
         pools_path, thresholds_path = write_pools(out, results)
