@@ -32,7 +32,8 @@ def build_pools_command(
     """Build identity-neighbour and hard-negative pools and the teacher's exact FPR thresholds."""
     started = time.perf_counter()
     with output_lock(out):  # one build per folder; stale temporaries of killed builds go first
-        source = TeacherEnsemble.open(cache, parse_weights(cache_weights, len(cache)))  # one cache: that cache
+        caches = [cache] if isinstance(cache, (str, Path)) else list(cache)  # a call from Python may give one path
+        source = TeacherEnsemble.open(caches, parse_weights(cache_weights, len(caches)))  # one cache: that cache
         # the pair scans save their position every few minutes: a killed build continues where it stopped, if
         # every identity setting of PoolsConfig (declared there) and the cache are the same
         checkpoint = ScanCheckpoint(out / SCAN_STATE, {"cache": source.fingerprint, **identity(cfg)})
