@@ -14,6 +14,7 @@ import dataclasses
 import enum
 import json
 import math
+import os
 import typing
 from typing import Any
 
@@ -128,8 +129,6 @@ class EnvironmentVariable:
     integer: bool = False
 
     def value(self) -> float:
-        import os
-
         text = os.environ.get(self.name, "").strip()
         if not text:
             return self.default

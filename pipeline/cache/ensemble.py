@@ -35,23 +35,22 @@ def parse_weights(text: str | None, count: int, option: str = "--cache-weights")
         weights = [float(part) for part in parts]
     except ValueError:
         raise PipelineError(f"{option} {text}: not a comma-separated list of numbers") from None
-    if len(weights) != count:
-        raise PipelineError(f"{option} {text}: {len(weights)} weight(s) for {count} cache(s); give one per --cache")
-    bad = [part for part, w in zip(parts, weights) if not (math.isfinite(w) and w > 0)]
-    if bad:
-        raise PipelineError(f"{option} {text}: {bad[0]} is not a finite number > 0")
-    return weights
+    return _checked_weights(weights, count, f"{option} {text}", parts)
 
 
-def _checked_weights(weights: Sequence[float] | None, count: int) -> list[float]:
+def _checked_weights(weights: Sequence[float] | None, count: int, what: str = "ensemble weights",
+                     written: Sequence[str] | None = None) -> list[float]:
+    """The weights as floats (equal for None), one per cache, each finite and > 0; PipelineError naming `what`
+    and the first bad weight as `written` (the user's text) or as its repr."""
     if weights is None:
         return [1.0] * count
     weights = [float(w) for w in weights]
     if len(weights) != count:
-        raise PipelineError(f"ensemble weights: {len(weights)} weight(s) for {count} cache(s)")
-    bad = [w for w in weights if not (math.isfinite(w) and w > 0)]
+        raise PipelineError(f"{what}: {len(weights)} weight(s) for {count} cache(s); give one per --cache")
+    shown = list(written) if written is not None else [repr(w) for w in weights]
+    bad = [text for text, w in zip(shown, weights) if not (math.isfinite(w) and w > 0)]
     if bad:
-        raise PipelineError(f"ensemble weights: {bad[0]!r} is not a finite number > 0")
+        raise PipelineError(f"{what}: {bad[0]} is not a finite number > 0")
     return weights
 
 
@@ -178,8 +177,9 @@ class TeacherEnsemble:
             norms = np.linalg.norm(chunk, axis=-1, keepdims=True)
             bad = ~(np.isfinite(chunk).all(axis=-1) & (norms[..., 0] > 0)).all(axis=1)
             if bad.any():
-                row = int(rows[np.flatnonzero(bad)[0]])
-                what = "contains NaN or inf" if not np.isfinite(member.embeddings([row], views)).all() else "is all zeros"
+                first = int(np.flatnonzero(bad)[0])
+                row = int(rows[first])
+                what = "contains NaN or inf" if not np.isfinite(chunk[first]).all() else "is all zeros"
                 raise DataError(f"{member.path}: embedding row {row} (key {int(member.keys[row])}) {what}")
             parts.append(chunk * (scale / norms))
         return np.concatenate(parts, axis=-1).astype(np.float32, copy=False)
