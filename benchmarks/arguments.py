@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from pipeline.cli import INTERRUPTED, _os_error_line
+from pipeline.cli import INTERRUPTED, os_error_line
 from pipeline.errors import PipelineError
 from pipeline.machine.resources import processes_bound, threads_bound
 
@@ -273,7 +273,7 @@ def run_main(main: Callable[[], object]) -> None:
     except MemoryError as error:  # an allocation sized by an argument that no check above caught
         fail(f"out of memory: {error}")
     except OSError as error:
-        line = _os_error_line(error)
+        line = os_error_line(error)
         if line is None:  # not about a file: a bug, which keeps its traceback
             raise
         fail(line)

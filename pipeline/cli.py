@@ -112,7 +112,7 @@ def _with_parser(info):
     return info
 
 
-def _os_error_line(error: OSError) -> str | None:
+def os_error_line(error: OSError) -> str | None:
     """One line for an OSError about a file (None for others: those are bugs and keep their traceback)."""
     from pipeline.storage.io import disk_full_error, is_disk_full
 
@@ -136,7 +136,7 @@ def _one_line_errors(function):
         except PipelineError as error:
             message = str(error)
         except OSError as error:
-            message = _os_error_line(error)
+            message = os_error_line(error)
             if message is None:
                 raise
         print(f"error: {' '.join(message.split())}", file=sys.stderr)
