@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from pipeline.cache.ensemble import parse_weights
 from pipeline.errors import PipelineError
 from pipeline.formats.source import open_face_source
 from pipeline.losses.config import KDConfig
@@ -21,7 +22,14 @@ from stages.train_teacher import Data, print_summary, run_config
 def train_student(
     data: Data,
     name: Annotated[str, typer.Option("--name", help="Student name; the run folder defaults to data/students/NAME.")],
-    cache: Annotated[Optional[Path], typer.Option("--cache", help="Teacher cache from extract-teacher (needed unless --kd none).")] = None,
+    cache: Annotated[Optional[list[Path]], typer.Option(
+        "--cache", help="Teacher cache from extract-teacher (needed unless --kd none). Repeat it to distil from an "
+                        "ensemble of caches of the same training set, scored by their mean cosine (build-pools on "
+                        "the same --cache list); feature terms then compare through a learned map to the "
+                        "ensemble's size, used only in training.")] = None,
+    cache_weights: Annotated[Optional[str], typer.Option(
+        "--cache-weights", help="Ensemble member weights, one per --cache, e.g. 1,2 (finite, > 0; default equal): "
+                                "the ensemble's similarity is the weighted mean of the members' cosines.")] = None,
     pools: Annotated[Optional[Path], typer.Option("--pools", help="Folder with pools.h5 and thresholds.json from build-pools.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default data/students/NAME).")] = None,
     *,
@@ -36,7 +44,9 @@ def train_student(
     out = out or Path("data/students") / name
     source = open_face_source(data)
     cfg = run_config(train_cfg, shape, out, source)
-    summary = run_student(cfg, source, kd, sampling, cache=cache, pools=pools)
+    caches = list(cache or [])
+    summary = run_student(cfg, source, kd, sampling, cache=caches, pools=pools,
+                          cache_weights=parse_weights(cache_weights, len(caches)))
     print_summary(out, summary)
 
 

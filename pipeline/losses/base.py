@@ -41,6 +41,9 @@ class DistillMethod(nn.Module):
     settings: ClassVar[type]              # the settings mixin (a dataclass) of this method's options
     weight_field: ClassVar[str | None] = None  # the settings field holding a term's weight; None for head methods
     in_head: ClassVar[bool] = False
+    # compares student and teacher coordinate by coordinate (feature L2, cosine), so a teacher of another
+    # embedding size is compared through training/targets.py's StudentProjection
+    same_dim: ClassVar[bool] = False
 
     @classmethod
     def needs(cls, config) -> set[str]:

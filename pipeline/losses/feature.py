@@ -57,7 +57,7 @@ class L2Settings:
 class FeatureL2Loss(EmbeddingKDLoss):
     """Mean over the batch of the squared distance between L2-normalised embeddings (summed over dims)."""
 
-    name, settings, weight_field = "l2", L2Settings, "l2_weight"
+    name, settings, weight_field, same_dim = "l2", L2Settings, "l2_weight", True
 
     def _loss(self, s, t):
         check_same_dim(s, t, self.name)
@@ -72,7 +72,7 @@ class CosineSettings:
 class CosineLoss(EmbeddingKDLoss):
     """Mean over the batch of 1 - cos(student, teacher)."""
 
-    name, settings, weight_field = "cosine", CosineSettings, "cosine_weight"
+    name, settings, weight_field, same_dim = "cosine", CosineSettings, "cosine_weight", True
 
     def _loss(self, s, t):
         check_same_dim(s, t, self.name)

@@ -2,7 +2,8 @@
 
 Targets come from a lookup called with the batch (`targets(images, indices, flips, device)`); the pipeline
 uses `CachedTargets`, the (N, views, D) teacher cache looked up by sample index in the view matching each
-sample's flip. Under DDP the KD terms see the batch gathered over all ranks (see ddp.py for the gradient).
+sample's flip, or `EnsembleTargets` for several caches (training/targets.py, with the projection that feature
+terms use when the teacher's embedding size is not the student's). Under DDP the KD terms see the batch gathered over all ranks (see ddp.py for the gradient).
 
 A distillation has one or more terms (e.g. feature L2 + EKD), each with a weight used in one of two ways:
 - scale "weight": the term's loss is multiplied by the weight;
@@ -28,19 +29,9 @@ from pipeline.errors import PipelineError
 from pipeline.losses.base import CentreMethod
 from pipeline.losses.config import KDScale
 from pipeline.training import ddp
+from pipeline.training.targets import CachedTargets, StudentProjection
 
 TargetLookup = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.device], torch.Tensor]
-
-
-class CachedTargets:
-    """The cached teacher embedding of each sample, in the view that matches the sample's flip."""
-
-    def __init__(self, table: torch.Tensor):
-        self.table = table  # (N, views, D), any float dtype; one view means flips share it
-
-    def __call__(self, images, indices: torch.Tensor, flips: torch.Tensor, device) -> torch.Tensor:
-        views = flips.long() if self.table.shape[1] > 1 else torch.zeros_like(flips, dtype=torch.long)
-        return self.table[indices, views].to(device, non_blocking=True).float()
 
 
 @dataclass
@@ -91,6 +82,7 @@ class Distillation:
     warmup_epochs: float = 0.0
     balance: GradientBalance | None = None
     head: CentreMethod | None = None
+    projection: StudentProjection | None = None  # for same_dim terms when the teacher's size differs
     last: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -110,7 +102,8 @@ class Distillation:
     def modules(self) -> list[nn.Module]:
         """Everything with state to train, move to the device and checkpoint (losses, the balance)."""
         return ([t.loss for t in self.terms] + ([self.balance] if self.balance is not None else [])
-                + ([self.head] if self.head is not None else []))
+                + ([self.head] if self.head is not None else [])
+                + ([self.projection] if self.projection is not None else []))
 
     @torch.no_grad()
     def update_centres(self, centres: torch.Tensor, embeddings: torch.Tensor, targets: torch.Tensor,
@@ -128,9 +121,27 @@ class Distillation:
         self.head.update_centres(centres, student, teacher, labels)
 
     def term_losses(self, embeddings: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor) -> list:
-        """Each term's unit-weight loss on the batch gathered over all ranks (scaled for exact DDP gradients)."""
-        student, teacher, labels = ddp.gather_kd_inputs(embeddings, targets, labels)
-        return [ddp.scale_for_ddp(term.loss(student.float(), teacher, labels)) for term in self.terms]
+        """Each term's unit-weight loss on the batch gathered over all ranks (scaled for exact DDP gradients);
+        a same_dim term sees the student through the projection when there is one (applied before the gather,
+        to this rank's own embeddings)."""
+        gathered = {}
+
+        def inputs(projected: bool):
+            if projected not in gathered:
+                student = self.projection(embeddings) if projected else embeddings
+                gathered[projected] = ddp.gather_kd_inputs(student, targets, labels)
+            return gathered[projected]
+
+        losses = []
+        for term in self.terms:
+            student, teacher, gathered_labels = inputs(self.projection is not None and getattr(term.loss, "same_dim", False))
+            losses.append(ddp.scale_for_ddp(term.loss(student.float(), teacher, gathered_labels)))
+        return losses
+
+    def after_backward(self) -> None:
+        """What the KD modules need between backward and the optimiser step (the projection's DDP average)."""
+        if self.projection is not None:
+            self.projection.average_gradients()
 
     def combine(self, losses: list[torch.Tensor], embeddings: torch.Tensor, margin_loss: torch.Tensor,
                 step: int, steps_per_epoch: int, measure: bool) -> torch.Tensor:

@@ -123,6 +123,8 @@ class TrainStep:
             raise FloatingPointError(f"non-finite loss {loss.item()}")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if self.distill is not None:
+            self.distill.after_backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()

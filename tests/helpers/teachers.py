@@ -1,4 +1,5 @@
-"""Teachers for the tests: a tiny r18 saved as a pipeline checkpoint, a linear model whose embeddings a test
+"""Teachers for the tests: a tiny r18 saved as a pipeline checkpoint (random, or with the data's BatchNorm
+statistics), a linear model whose embeddings a test
 can recompute by hand, a teacher wrapper that fails on purpose, and a log function for the teacher-cache
 extraction that prints nothing."""
 from __future__ import annotations
@@ -22,6 +23,28 @@ def make_teacher(path: Path, seed: int = 0, **overrides) -> Path:
     model = get_model("r18", **kwargs).eval()
     save_model(path, model, "r18", kwargs)
     return path
+
+
+def make_spread_teacher(path: Path, source, seed: int = 1, **overrides) -> Path:
+    """A tiny random r18 (TEACHER_KWARGS, then `overrides`) whose BatchNorm statistics are those of the data,
+    saved as a pipeline checkpoint.
+
+    A freshly initialised net in eval mode maps every face close to one direction (cosines ~0.9), which would
+    make EKD's rank targets the same for every pair and a test of them blind to the targets.
+    """
+    from pipeline.models.preprocess import to_tensor
+
+    kwargs = {**TEACHER_KWARGS, **overrides}
+    torch.manual_seed(seed)
+    model = get_model("r18", **kwargs)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average over the calibration pass
+    images = torch.stack([to_tensor(source.decode(i)) for i in range(len(source))])
+    with torch.no_grad():
+        model.train()(images)
+    return save_model(path, model.eval(), "r18", kwargs)
 
 
 class Projection(nn.Module):

@@ -185,3 +185,35 @@ def run_centre_case(rank: int = 0, world: int = 1) -> dict:
                 p -= 0.5 * p.grad
     return {"losses": losses, "grads": grads, "state": {"centres": head.weight.clone()}}
 
+
+
+def run_projection_case(rank: int = 0, world: int = 1) -> dict:
+    """Feature L2 through `StudentProjection` to a teacher twice the student's size, plus RKD on the raw
+    student, via `Distillation.term_losses` and `after_backward`, on a linear student: this rank's slice of
+    each global batch; returns losses, the student's and the projection's gradients per step, and the map."""
+    from pipeline.training.targets import StudentProjection
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(KD_IN_DIM, KD_EMB_DIM).double()
+    projection = StudentProjection(KD_EMB_DIM, 2 * KD_EMB_DIM).double()
+    terms = [KDTerm("l2", build_kd_loss("l2")), KDTerm("rkd", build_kd_loss("rkd"))]
+    distill = Distillation(targets=torch.zeros(1, 1, 2 * KD_EMB_DIM), terms=terms, projection=projection)
+    net = DistributedDataParallel(model) if world > 1 else model
+    rows = slice(rank * KD_GLOBAL_BATCH // world, (rank + 1) * KD_GLOBAL_BATCH // world)
+    losses, grads = [], []
+    for step in range(KD_STEPS):
+        x, _, labels = _kd_batch(step)
+        teacher = torch.randn(KD_GLOBAL_BATCH, 2 * KD_EMB_DIM, generator=torch.Generator().manual_seed(step),
+                              dtype=torch.float64)
+        loss = sum(distill.term_losses(net(x[rows]), teacher[rows], labels[rows]))
+        model.zero_grad()
+        projection.zero_grad()
+        loss.backward()
+        distill.after_backward()
+        parameters = [*model.parameters(), *projection.parameters()]
+        losses.append(loss.item())
+        grads.append([p.grad.detach().clone() for p in parameters])
+        with torch.no_grad():
+            for p in parameters:
+                p -= 0.5 * p.grad
+    return {"losses": losses, "grads": grads, "state": {"projection": projection.linear.weight.detach().clone()}}

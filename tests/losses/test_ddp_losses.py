@@ -1,10 +1,10 @@
-"""Under 2-process gloo DDP, gathered KD losses (and AdaDistill's centre update) give the single-process loss,
-gradients and state exactly."""
+"""Under 2-process gloo DDP, gathered KD losses (and AdaDistill's centre update, and the learned projection of
+feature terms to a teacher of another size) give the single-process loss, gradients and state exactly."""
 
 import pytest
 import torch
 from helpers.processes import spawn_gloo
-from helpers.training import KD_LOSS_CASES, run_centre_case, run_kd_loss_case
+from helpers.training import KD_LOSS_CASES, run_centre_case, run_kd_loss_case, run_projection_case
 from workers import ddp_kd_losses
 
 from pipeline.training import ddp
@@ -20,8 +20,11 @@ def _spawn(world: int, tmp_path) -> list[dict]:
 
 def test_ddp_kd_losses_equal_single_process_on_concatenated_batch(tmp_path):
     ranks = _spawn(2, tmp_path)
-    for name in [*KD_LOSS_CASES, "adadistill"]:  # adadistill: every rank's centres follow the global batch
-        single = run_centre_case() if name == "adadistill" else run_kd_loss_case(name)
+    # adadistill: every rank's centres follow the global batch; projected-l2: the learned map to a teacher of
+    # another size gets the gradient of the global batch on every rank (DDP does not own it)
+    special = {"adadistill": run_centre_case, "projected-l2": run_projection_case}
+    for name in [*KD_LOSS_CASES, *special]:
+        single = special[name]() if name in special else run_kd_loss_case(name)
         assert any(g.abs().max() > 1e-3 for step in single["grads"] for g in step), name  # non-trivial
         for result in ranks:
             ddp = result[name]

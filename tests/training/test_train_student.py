@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.data import write_gradient_faces
-from helpers.teachers import TEACHER_KWARGS, make_teacher, quiet
+from helpers.teachers import TEACHER_KWARGS, make_spread_teacher, make_teacher, quiet
 
 from pipeline.cache.build import ExtractionConfig, build_teacher_cache
 from pipeline.cache.format import TeacherCache
@@ -27,8 +27,7 @@ from pipeline.losses.ekd import DEFAULT_ANCHORS
 from pipeline.losses.registry import build_kd_loss
 from pipeline.models import get_model
 from pipeline.models.loading import load_embedder
-from pipeline.models.model_file import load_model, safe_torch_load, save_model
-from pipeline.models.preprocess import to_tensor
+from pipeline.models.model_file import load_model, safe_torch_load
 from pipeline.search.pool_files import load_pools
 from pipeline.training.config import TrainConfig
 from pipeline.training.data import FlipAugment
@@ -48,24 +47,6 @@ FLOAT16_TOLERANCE = 4e-3  # targets rounded to float16 (relative error ~5e-4), a
 CONTROL_MINIMUM = 5 * FLOAT16_TOLERANCE  # the wrong targets must differ far more than any tolerance
 # Measured on the CPU build: float32 0.0 (bit-identical), float16 2.5e-4 (l2) / 6.2e-4 (ekd), swapped views
 # 4.6e-2 / 5.0e-2.
-
-
-def make_spread_teacher(path, source):
-    """A tiny random r18 whose BatchNorm statistics are those of the data, saved as a pipeline checkpoint.
-
-    A freshly initialised net in eval mode maps every face close to one direction (cosines ~0.9), which would
-    make EKD's rank targets the same for every pair and the equivalence test blind to the targets.
-    """
-    torch.manual_seed(1)
-    model = get_model("r18", **TEACHER_KWARGS)
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None  # cumulative average over the calibration pass
-    images = torch.stack([to_tensor(source.decode(i)) for i in range(len(source))])
-    with torch.no_grad():
-        model.train()(images)
-    return save_model(path, model.eval(), "r18", TEACHER_KWARGS)
 
 
 class CountingTeacher:
@@ -310,12 +291,14 @@ def test_cli_refuses_pools_of_another_teacher(world, pipeline_run, monkeypatch, 
     (["--kd", "ekd", "--sampler", "random"], "--kd ekd needs --cache"),
     (["--kd", "ekd", "--ekd-mode", "global", "--sampler", "random", "--cache", "CACHE"], "needs --pools"),
     (["--kd", "none", "--sampler", "neighbours"], "--sampler neighbours needs --pools"),
-    (["--kd", "l2", "--sampler", "random", "--cache", "CACHE", "--embedding-size", "16"], "32-d but the student"),
+    (["--kd", "adadistill", "--sampler", "random", "--cache", "CACHE", "--pools", "POOLS", "--embedding-size", "16"],
+     "32-d, the student's 16-d; --kd adadistill moves the student's class centres"),
+    (["--kd", "ekd", "--sampler", "random", "--cache", "CACHE", "--cache-weights", "1,2"], "2 weight(s) for 1 cache"),
     (["--kd", "ekd", "--sampler", "random", "--cache", "MISSING"], "teacher cache not found"),
     (["--kd", "fitnet", "--sampler", "random"], "--kd 'fitnet': 'fitnet' is not a method"),
 ])
 def test_cli_bad_inputs_are_clear_errors(world, pipeline_run, no_teacher, extra, message, cli):
-    paths = {"CACHE": pipeline_run["cache"], "MISSING": pipeline_run["root"] / "missing.h5"}
+    paths = {"CACHE": pipeline_run["cache"], "POOLS": pipeline_run["pools"], "MISSING": pipeline_run["root"] / "missing.h5"}
     out = pipeline_run["root"] / "refused"
     result = cli(*student_args(world, out, *[paths.get(a, a) for a in extra]))
     assert result.exit_code == 2, result.output

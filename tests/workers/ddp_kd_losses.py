@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from helpers.training import KD_LOSS_CASES, run_centre_case, run_kd_loss_case
+from helpers.training import KD_LOSS_CASES, run_centre_case, run_kd_loss_case, run_projection_case
 
 
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -14,6 +14,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     try:
         results = {name: run_kd_loss_case(name, rank, world) for name in KD_LOSS_CASES}
         results["adadistill"] = run_centre_case(rank, world)
+        results["projected-l2"] = run_projection_case(rank, world)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
