@@ -24,34 +24,7 @@ import numpy as np
 
 from pipeline.cache.format import TeacherCache
 from pipeline.errors import DataError, PipelineError
-
-
-def parse_weights(text: str | None, count: int, option: str = "--cache-weights") -> list[float] | None:
-    """`1,2,0.5` as floats, one per cache (None: equal weights); PipelineError naming the option."""
-    if text is None or not str(text).strip():
-        return None
-    parts = [part.strip() for part in str(text).split(",")]
-    try:
-        weights = [float(part) for part in parts]
-    except ValueError:
-        raise PipelineError(f"{option} {text}: not a comma-separated list of numbers") from None
-    return _checked_weights(weights, count, f"{option} {text}", parts)
-
-
-def _checked_weights(weights: Sequence[float] | None, count: int, what: str = "ensemble weights",
-                     written: Sequence[str] | None = None) -> list[float]:
-    """The weights as floats (equal for None), one per cache, each finite and > 0; PipelineError naming `what`
-    and the first bad weight as `written` (the user's text) or as its repr."""
-    if weights is None:
-        return [1.0] * count
-    weights = [float(w) for w in weights]
-    if len(weights) != count:
-        raise PipelineError(f"{what}: {len(weights)} weight(s) for {count} cache(s); give one per --cache")
-    shown = list(written) if written is not None else [repr(w) for w in weights]
-    bad = [text for text, w in zip(shown, weights) if not (math.isfinite(w) and w > 0)]
-    if bad:
-        raise PipelineError(f"{what}: {bad[0]} is not a finite number > 0")
-    return weights
+from pipeline.models.ensemble import _checked_weights, parse_weights  # noqa: F401 (parse_weights: re-exported)
 
 
 def same_training_set(first: TeacherCache, other: TeacherCache) -> None:

@@ -6,7 +6,10 @@
   frames are one media), then L2-normalised; a pair's score is the dot product of its two template features;
 - TPR at FPR 1e-6 .. 1e-1 read off the ROC with insightface's convention (sklearn's roc_curve with its
   intermediate points dropped, the point of nearest FPR, ties to the higher TPR) or exactly (`exact`: the
-  best TPR at FPR <= target), see `metrics.Roc.tpr_at`.
+  best TPR at FPR <= target), see `metrics.Roc.tpr_at`;
+- an ensemble of models (`models.ensemble`): every member pooled as above, its template features normalised
+  member by member and concatenated times sqrt(share), so a pair's score is the weighted mean of the
+  members' scores.
 
 Alignment and features: `alignment.py`, `ijb_features.py`. At IJB-C scale (469k images, 23k templates,
 15.7M pairs) everything after the forward passes is vectorised and memory-bounded: image features are read
@@ -38,6 +41,7 @@ from pipeline.fpr import FPR_LEVELS, fpr_key
 from pipeline.progress import progress_bar
 from pipeline.storage.io import atomic_path, output_lock, write_text_atomic
 from pipeline.machine.resources import processes_bound
+from pipeline.models.ensemble import Blocks, member_blocks, unit_blocks
 from pipeline.settings import check, setting
 
 IJB_FPRS = tuple(sorted(FPR_LEVELS))  # 1e-6 .. 1e-1, the columns of the insightface IJB table
@@ -70,11 +74,13 @@ def mode_name(flip: bool, norm_score: bool, detector_score: bool) -> str:
 
 
 def image_features(views: np.ndarray, faceness: np.ndarray, flip: bool, norm_score: bool,
-                   detector_score: bool) -> np.ndarray:
-    """(n, D) float32 image features from (n, 2, D) raw embeddings (crop, mirror) and faceness scores."""
+                   detector_score: bool, blocks: Blocks | None = None) -> np.ndarray:
+    """(n, D) float32 image features from (n, 2, D) raw embeddings (crop, mirror) and faceness scores; an
+    ensemble's (`blocks`, `models.ensemble.member_blocks`) normalised member by member for N0."""
     feats = views[:, 0] + views[:, 1] if flip else views[:, 0].copy()
     if not norm_score:
-        feats = feats / np.sqrt(np.sum(feats**2, -1, keepdims=True))
+        feats = (feats / np.sqrt(np.sum(feats**2, -1, keepdims=True)) if blocks is None
+                 else unit_blocks(feats, blocks).astype(np.float32))
     if detector_score:
         feats = feats * np.asarray(faceness, np.float32)[:, None]
     return feats
@@ -89,20 +95,22 @@ def media_weights(templates: np.ndarray, medias: np.ndarray) -> tuple[np.ndarray
 
 
 def template_features(blocks, meta: IjbMeta, flip: bool = True, norm_score: bool = True,
-                      detector_score: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                      detector_score: bool = True, members: Blocks | None = None) -> tuple[np.ndarray, np.ndarray]:
     """`(unique template ids, (T, D) float64 L2-normalised template features)` from `(start, views)` blocks of
-    image features in row order (`ijb_features.read_features`)."""
+    image features in row order (`ijb_features.read_features`). An ensemble's features (`members`: its
+    `member_blocks`) are pooled member by member and each member's template feature L2-normalised times
+    sqrt(its share) (`unit_blocks`): a pair's score is the weighted mean of the members' template cosines."""
     unique, template_index, weights = media_weights(meta.templates, meta.medias)
     sums = None
     for start, views in blocks:
         stop = start + len(views)
-        feats = image_features(views, meta.faceness[start:stop], flip, norm_score, detector_score)
+        feats = image_features(views, meta.faceness[start:stop], flip, norm_score, detector_score, members)
         if sums is None:
             sums = np.zeros((unique.size, feats.shape[1]), np.float64)
         np.add.at(sums, template_index[start:stop], feats.astype(np.float64) * weights[start:stop, None])
     if sums is None:
         raise PipelineError("IJB: no image features to pool")
-    return unique, l2_normalize(sums)
+    return unique, (l2_normalize(sums) if members is None else unit_blocks(sums, members))
 
 
 def pair_scores(unique: np.ndarray, features: np.ndarray, pairs: np.ndarray,
@@ -176,7 +184,7 @@ def _evaluate(embedder, paths: IjbPaths, files: dict[str, Path], cfg: IjbConfig,
     if not reused:
         extract_features(embedder, paths, meta, files["features"], key, batch_size, cfg.workers)
     unique, features = template_features(read_features(files["features"]), meta, flip, cfg.norm_score,
-                                         cfg.detector_score)
+                                         cfg.detector_score, member_blocks(embedder))
     scores = pair_scores(unique, features, meta.pairs)
     metrics, roc = verification_metrics(scores, meta.labels, method)
     positive = int(np.count_nonzero(meta.labels))

@@ -3,8 +3,9 @@ horizontal flip in batches, and kept in `RUN/<target>_features.h5` so that re-sc
 not run the model again.
 
 The feature file holds `features` (N, 2, D) float32 raw embeddings (views: aligned crop, its mirror image),
-row i being line i of the landmarks file, and the key it was computed for: the model file's sha256, the
-input side, the alignment, and the image set (sha256 of the landmarks file plus every crop's name, size and
+row i being line i of the landmarks file, and the key it was computed for: the model file's sha256 (an
+ensemble's: a sha256 of all its members' in order, `models.ensemble`; its features are the members' raw
+features side by side, whatever the weights), the input side, the alignment, and the image set (sha256 of the landmarks file plus every crop's name, size and
 modification time). A file with another key is recomputed, never reused; `complete` is its last attribute
 and it is written to a temporary name and renamed.
 """

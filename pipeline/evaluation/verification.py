@@ -2,7 +2,8 @@
 
 `embed` is any callable mapping a float32 NCHW batch normalised as `(x/255 - 0.5) / 0.5` (on the CPU) to
 (B, D) embeddings (a `pipeline.models.loading.Embedder` moves it to its device). Images are embedded with
-their horizontal flips (flip TTA); the two embeddings are summed before L2 normalisation.
+their horizontal flips (flip TTA); the two embeddings are summed before L2 normalisation (an ensemble's,
+`models.ensemble`, member by member: a score is then the weighted mean of the members' cosines).
 
 - `.bin` files: insightface's 10-fold verification accuracy (`metrics.verification_accuracy`).
 - `test.rec`: every pair i < j of the test images is scored (cosine), positive when the identities match;
@@ -36,6 +37,7 @@ from pipeline.fpr import TEST_FPRS, fpr_key
 from pipeline.progress import progress_bar
 from pipeline.storage.io import write_text_atomic
 from pipeline.models import Arch
+from pipeline.models.ensemble import Blocks, member_blocks, unit_blocks
 from pipeline.settings import check, setting
 
 DEFAULT_FPRS = TEST_FPRS
@@ -94,16 +96,20 @@ def embed_images(
     return np.concatenate(outputs), (np.concatenate(flipped) if flip else None)
 
 
-def fuse_flips(embeddings: np.ndarray, flipped: np.ndarray | None) -> np.ndarray:
-    """Flip-sum (when flips are given) then L2-normalise, as float32 rows."""
+def fuse_flips(embeddings: np.ndarray, flipped: np.ndarray | None, blocks: Blocks | None = None) -> np.ndarray:
+    """Flip-sum (when flips are given) then L2-normalise, as float32 rows; an ensemble's raw rows (`blocks`,
+    `models.ensemble.member_blocks`) member by member, each times sqrt(its share) (`unit_blocks`)."""
     total = embeddings if flipped is None else embeddings.astype(np.float64) + flipped
-    return l2_normalize(total).astype(np.float32)
+    return (l2_normalize(total) if blocks is None else unit_blocks(total, blocks)).astype(np.float32)
 
 
 def evaluate_bin(embed: Embed, path: str | os.PathLike, batch_size: int = 64, flip: bool = True, folds: int = 10) -> dict:
     """Verification accuracy on one insightface `.bin` (`verification_accuracy`'s dict plus `pairs`)."""
     images, issame = load_verification_bin(path)
     emb, flipped = embed_images(embed, images, batch_size, flip, source=str(path))
+    blocks = member_blocks(embed)
+    if blocks is not None:  # an ensemble: its members' flips fused and normalised block by block first
+        emb, flipped = fuse_flips(emb, flipped, blocks), None
     result = verification_accuracy(emb, issame, folds=folds, flipped=flipped)
     result["pairs"] = int(len(issame))
     return result
@@ -151,14 +157,15 @@ def evaluate_identities(
     fprs: Sequence[float] = DEFAULT_FPRS,
     method: str = "nearest",
     roc_points: int = 2000,
+    blocks: Blocks | None = None,
 ) -> tuple[dict, dict]:
     """All-pairs 1:1 verification on a labelled set: `(metrics, roc)`.
 
     `metrics` has `tpr@fpr=<f>` for each target (`metrics.tpr_at_fpr` with `method`), the image, identity
     and pair counts, and each TPR's standard error and resolution (`uncertainty.readout_uncertainty`); `roc` is `{"fpr", "tpr", "threshold"}` lists, at most ~`roc_points` points log-spaced in
-    FPR."""
+    FPR. `blocks`: an ensemble's member blocks (`fuse_flips`)."""
     labels = np.asarray(labels).reshape(-1)
-    positive, negative = all_pairs_scores(fuse_flips(embeddings, flipped), labels)
+    positive, negative = all_pairs_scores(fuse_flips(embeddings, flipped, blocks), labels)
     roc = Roc.from_pos_neg(positive, negative)
     tprs = roc.tpr_at(fprs, method)
     metrics = {f"tpr@fpr={fpr_key(f)}": tpr for f, tpr in tprs.items()}
@@ -245,7 +252,8 @@ def evaluate_folder(
         path = data_dir / f"{identities}.rec"
         records = FaceRecordIO(path, require_property=False)
         emb, flipped = embed_images(embed, _DecodedRecords(records), batch_size, flip, source=str(path))
-        metrics[identities], metrics["roc"] = evaluate_identities(emb, records.labels, flipped, fprs, method, roc_points)
+        metrics[identities], metrics["roc"] = evaluate_identities(emb, records.labels, flipped, fprs, method, roc_points,
+                                                                  member_blocks(embed))
     return metrics
 
 

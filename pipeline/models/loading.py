@@ -5,6 +5,7 @@ Supported files: an arcface_torch state dict (.pt/.pth, optionally with a DDP `m
 architecture is inferred from the keys and shapes), this project's own model.pt (model_file.py), a
 TorchScript archive, and an ONNX model (insightface model-zoo convention, run with onnxruntime). Every
 Embedder maps a float32 NCHW batch normalised as (x/255 - 0.5) / 0.5 to (B, D) float32 raw embeddings.
+`load_ensemble` loads several files as one `models.ensemble.EmbedderEnsemble` (scored by the mean cosine).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from torch import nn
 from pipeline.errors import DataError, PipelineError
 from pipeline.storage.io import atomic_path
 from pipeline.models import MODEL_NAMES, count_parameters, get_model
+from pipeline.models.ensemble import EmbedderEnsemble, _checked_weights
+from pipeline.models.finite import check_finite_embedder
 from pipeline.models.iresnet import IRESNET_LAYERS
 from pipeline.models.onnx_metadata import write_metadata
 from pipeline.models.model_file import (
@@ -350,6 +353,19 @@ def load_embedder(path: str | os.PathLike, arch: str | None = None, device: str 
         return _embedder_from_module(model, "checkpoint", meta["arch"], meta["arch_kwargs"], path, device,
                                     fingerprint)
     return _load_state_dict(obj, path, arch, device, fingerprint, arch_kwargs)
+
+
+def load_ensemble(paths: list[str | os.PathLike], weights: list[float] | None = None, arch: str | None = None,
+                  device: str | torch.device = "cpu", per: str = "--model", **arch_kwargs: Any) -> EmbedderEnsemble:
+    """Every model file loaded with `load_embedder(path, arch, device, **arch_kwargs)` and refused on NaN/inf
+    weights (`finite.check_finite_embedder`: NaN weights give NaN metrics that look like a result), as one
+    `models.ensemble.EmbedderEnsemble` (one path: that model). The weights are checked before any file is read."""
+    _checked_weights(weights, len(paths), per=per)
+    members = []
+    for path in paths:
+        members.append(load_embedder(path, arch=arch, device=device, **arch_kwargs))
+        check_finite_embedder(members[-1])
+    return EmbedderEnsemble(members, weights, per=per)
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: int = DEFAULT_INPUT_SIZE,
