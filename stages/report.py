@@ -15,8 +15,11 @@ from stages import options
 
 
 def command(
-    teacher: Annotated[Path, typer.Option("--teacher", help="The teacher's evaluation folder (metrics.json, roc.csv).")],
-    students: Annotated[Path, typer.Option("--students", help="Folder of student runs: every sub-folder with metrics.json.")],
+    teacher: Annotated[Path, typer.Option("--teacher", help="The teacher's evaluation folder (metrics.json, roc.csv); "
+                                          "an ensemble's (evaluate --model A --model B) is the reference line, "
+                                          "labelled with its members.")],
+    students: Annotated[Path, typer.Option("--students", help="Folder of student runs: every sub-folder with metrics.json "
+                                            "(an ensemble's is a row of role 'ensemble', labelled with its members).")],
     out: Annotated[Path, typer.Option("--out", help="Report folder: report.md, roc.png, summary.json.")],
     baseline: Annotated[str, typer.Option("--baseline", help="Name of the no-KD student the gap is measured from "
                                           "('' for a report without 'gap closed' columns).")] = "baseline",

@@ -1,6 +1,8 @@
 """The teacher-vs-students report: one table, the ROC plot, and the FPR thresholds side by side, read from
 the evaluation folders (metrics.json, roc.csv) that `evaluate` writes, plus an IJB table for every
-`<target>.json` that `evaluate-ijb` wrote there."""
+`<target>.json` that `evaluate-ijb` wrote there. A folder that `evaluate --model A --model B` wrote (an
+ensemble scored by the mean of its members' cosines) is labelled with its members: as the teacher it is the
+reference line; among the students its role is "ensemble" (a reference row, no gain over the baseline)."""
 from __future__ import annotations
 
 import json
@@ -38,13 +40,23 @@ class ModelResult:
     """What the report shows of one evaluated model."""
 
     name: str
-    role: str  # "teacher", "baseline" or "student"
+    role: str  # "teacher", "baseline", "student" or "ensemble" (an ensemble's folder among the students)
     params: int | None
     accuracy: dict[str, float]  # verification .bin name -> 10-fold accuracy
     test: Readout  # "1e-4" -> TPR on the test set, its standard error, whether the test pairs resolve 1e-4
     thresholds: dict[str, float] = field(default_factory=dict)  # "1e-4" -> score threshold on the test set
     roc: tuple[list[float], list[float]] | None = None
     ijb: dict[str, dict] = field(default_factory=dict)  # "ijbc" -> that run's <target>.json (evaluate-ijb)
+    members: list[str] = field(default_factory=list)  # an ensemble's members, e.g. ["teacher/model.pt", ...]
+
+    @property
+    def label(self) -> str:
+        """The row's name: "ekd (student)"; an ensemble's names its members: "teacher (ensemble of r100/model.pt +
+        r50/model.pt)", "ens (ensemble of ...)" among the students, "l2 (baseline: ensemble of ...)"."""
+        if not self.members:
+            return f"{self.name} ({self.role})"
+        role = "" if self.role in ("ensemble", self.name) else f"{self.role}: "
+        return f"{self.name} ({role}ensemble of {' + '.join(self.members)})"
 
     def ijb_readout(self, target: str) -> Readout:
         """The IJB `target`'s TPR at each FPR with standard errors and resolution (`_read_ijb` fills them in)."""
@@ -74,7 +86,25 @@ def load_result(run: Path, name: str, role: str) -> ModelResult:
     if params is not None:
         params = number(metrics_path, "model.params", params, 0, integer=True)
     ijb = {target: _read_ijb(run / f"{target}.json") for target in IJB_TARGETS if (run / f"{target}.json").is_file()}
-    return ModelResult(name, role, params, accuracy, Readout(tpr, se, resolved), thresholds, roc, ijb)
+    members = _ensemble_members(metrics_path, _section(metrics_path, metrics, "model"))
+    role = "ensemble" if members and role == "student" else role
+    return ModelResult(name, role, params, accuracy, Readout(tpr, se, resolved), thresholds, roc, ijb, members)
+
+
+def _ensemble_members(path: Path, model: dict) -> list[str]:
+    """An ensemble's members as `folder/file` (with their weights when unequal); [] for one model."""
+    if model.get("kind") != "ensemble":
+        return []
+    members = model.get("members")
+    if not isinstance(members, list) or not members or not all(isinstance(m, dict) for m in members):
+        raise DataError(f"{path}: model.members of an ensemble is not a list of its members")
+    names = [Path(str(m.get("path", m.get("name", "?")))) for m in members]
+    names = [f"{p.parent.name}/{p.name}" if p.parent.name else p.name for p in names]
+    weights = [m.get("weight") for m in members]
+    if len(set(map(str, weights))) > 1:
+        names = [f"{name} x{weight:g}" if isinstance(weight, (int, float)) else name
+                 for name, weight in zip(names, weights)]
+    return names
 
 
 def _section(path: Path, document: dict, key: str) -> dict:
@@ -152,7 +182,7 @@ def markdown_table(results: list[ModelResult]) -> str:
         blockers = gap_blockers(REPORT_FPRS, [r.test for r in results], teacher.test, baseline.test)
     lines = _header(header)
     for r in results:
-        row = [f"{r.name} ({r.role})", _fmt(r.params / 1e6, 3) if r.params else "–"]
+        row = [r.label, _fmt(r.params / 1e6, 3) if r.params else "–"]
         row += [_fmt(r.accuracy.get(b)) for b in bins] + [tpr_cell(r.test, f) for f in REPORT_FPRS]
         if teacher and baseline:
             row += [gap_cell(r.test, f, teacher.test, baseline.test, blockers) for f in REPORT_FPRS]
@@ -178,7 +208,7 @@ def ijb_table(results: list[ModelResult], target: str) -> str:
                                 readouts[baseline.name])
     lines = _header(header)
     for r in rows:
-        row = [f"{r.name} ({r.role})"] + [tpr_cell(readouts[r.name], f) for f in IJB_FPRS]
+        row = [r.label] + [tpr_cell(readouts[r.name], f) for f in IJB_FPRS]
         if teacher and baseline:
             row += [gap_cell(readouts[r.name], f, readouts[teacher.name], readouts[baseline.name], blockers)
                     for f in REPORT_FPRS]
@@ -209,7 +239,7 @@ def test_vs_ijb_table(results: list[ModelResult], target: str) -> str:
         column("test", [r.test for r in rows], f), column(name, [r.ijb_readout(target) for r in rows], f))]
     lines = _header(header)
     for r in rows:
-        lines.append(_row([f"{r.name} ({r.role})"] + [cell for f in REPORT_FPRS for cell in (
+        lines.append(_row([r.label] + [cell for f in REPORT_FPRS for cell in (
             tpr_cell(r.test, f), tpr_cell(r.ijb_readout(target), f))]))
     for r in (rows if baseline else []):
         if r.role == "student":
@@ -244,7 +274,7 @@ def plot_roc(results: list[ModelResult], path: Path) -> None:
         fpr, tpr = r.roc
         points = [(f, t) for f, t in zip(fpr, tpr) if f > 0]
         if points:
-            axis.plot(*zip(*points), label=f"{r.name} ({r.role})", linewidth=2 if r.role == "teacher" else 1.3)
+            axis.plot(*zip(*points), label=r.label, linewidth=2 if r.role == "teacher" else 1.3)
     axis.set_xscale("log")
     axis.set_xlim(1e-6, 1)
     axis.set_xlabel("false positive rate (test, all pairs)")
