@@ -148,6 +148,7 @@ ROWS = {
     "train_step --batch 12": Row("train_step", ("--batch", "12"), "argument --batch: 12: must be a multiple of 8"),
     "train_step --classes 1": Row("train_step", ("--classes", "1"), "argument --classes: 1: must be >= 2"),
     "train_step --rows 0": Row("train_step", ("--rows", "0"), "argument --rows: 0: must be >= 1"),
+    "train_step --teachers 1": Row("train_step", ("--teachers", "1"), "argument --teachers: 1: must be >= 2"),
     "train_step --queue 0": Row("train_step", ("--queue", "0"), "argument --queue: 0: must be >= 1"),
     "train_step --warmup -1": Row("train_step", ("--warmup", "-1"), "argument --warmup: -1: must be >= 0"),
     "train_step --repeats 0": Row("train_step", ("--repeats", "0"), "argument --repeats: 0: must be >= 1"),
