@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.cache.ensemble import TeacherEnsemble, parse_weights
+from pipeline.cache.ensemble import TeacherEnsemble
+from pipeline.weights import parse_weights
 from pipeline.storage.io import output_lock
 from pipeline.search.checkpoint import ScanCheckpoint
 from pipeline.search.pools import PoolsConfig, build_pools, describe, write_pools

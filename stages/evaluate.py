@@ -15,7 +15,7 @@ from pipeline.evaluation.verification import (
     evaluate_folder,
     write_metrics,
 )
-from pipeline.models.ensemble import parse_weights
+from pipeline.weights import parse_weights
 from pipeline.models.loading import load_ensemble
 from stages import options
 

@@ -11,7 +11,7 @@ import typer
 from pipeline.machine.devices import resolve_device
 from pipeline.evaluation.ijb import IjbConfig, evaluate_ijb
 from pipeline.evaluation.verification import EvalConfig
-from pipeline.models.ensemble import parse_weights
+from pipeline.weights import parse_weights
 from pipeline.models.loading import load_ensemble
 from stages import options
 

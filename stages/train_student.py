@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.cache.ensemble import parse_weights
+from pipeline.weights import parse_weights
 from pipeline.errors import PipelineError
 from pipeline.formats.source import open_face_source
 from pipeline.losses.config import KDConfig

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LEAVES = {"errors", "storage", "settings", "fpr", "progress", "machine", "formats", "models", "losses"}
+LEAVES = {"errors", "storage", "settings", "fpr", "weights", "progress", "machine", "formats", "models", "losses"}
 LAYERS = {"synthetic": 1, "cache": 1, "search": 1, "evaluation": 1, "training": 2}  # leaves are layer 0
 
 

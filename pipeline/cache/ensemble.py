@@ -24,7 +24,7 @@ import numpy as np
 
 from pipeline.cache.format import TeacherCache
 from pipeline.errors import DataError, PipelineError
-from pipeline.models.ensemble import _checked_weights, parse_weights  # noqa: F401 (parse_weights: re-exported)
+from pipeline.weights import checked_weights
 
 
 def same_training_set(first: TeacherCache, other: TeacherCache) -> None:
@@ -64,7 +64,7 @@ class TeacherEnsemble:
         if not members:
             raise PipelineError("an ensemble needs at least one teacher cache")
         self.members = list(members)
-        self.weights = _checked_weights(weights, len(self.members))
+        self.weights = checked_weights(weights, len(self.members))
         total = sum(self.weights)
         self.shares = [w / total for w in self.weights]
         self._scales = [np.float32(math.sqrt(s)) for s in self.shares]
@@ -77,7 +77,7 @@ class TeacherEnsemble:
     def open(cls, paths: Sequence[str | os.PathLike], weights: Sequence[float] | None = None,
              verify: bool = True) -> "TeacherEnsemble":
         """Open every cache with `TeacherCache.open` (validated) and check them against each other."""
-        _checked_weights(weights, len(paths))  # before reading any file
+        checked_weights(weights, len(paths))  # before reading any file
         return cls([TeacherCache.open(path, verify=verify) for path in paths], weights)
 
     # ------------------------------------------------------------------ metadata

@@ -22,9 +22,7 @@ line naming the models). An ensemble of one model is that model: the same raw em
 description, so the same metrics bytes.
 
 `models.loading.load_ensemble(paths, weights, ...)` loads every member (each refused on NaN/inf weights) and
-wraps them. Here too: the one parser and check of ensemble weights (`parse_weights`, `_checked_weights`),
-which the teacher-cache ensemble (cache/ensemble.py, `--cache-weights`) uses; so this module imports no
-model loader (build-pools and train-student import it through cache/ensemble.py).
+wraps them. Weights are parsed and checked by pipeline/weights.py, like the teacher-cache ensemble's.
 """
 from __future__ import annotations
 
@@ -38,37 +36,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import PipelineError
-
-
-def parse_weights(text: str | None, count: int, option: str = "--cache-weights",
-                  per: str = "--cache") -> list[float] | None:
-    """`1,2,0.5` as floats, one per member (None: equal weights); PipelineError naming `option`."""
-    if text is None or not str(text).strip():
-        return None
-    parts = [part.strip() for part in str(text).split(",")]
-    try:
-        weights = [float(part) for part in parts]
-    except ValueError:
-        raise PipelineError(f"{option} {text}: not a comma-separated list of numbers") from None
-    return _checked_weights(weights, count, f"{option} {text}", parts, per)
-
-
-def _checked_weights(weights: Sequence[float] | None, count: int, what: str = "ensemble weights",
-                     written: Sequence[str] | None = None, per: str = "--cache") -> list[float]:
-    """The weights as floats (equal for None), one per member (one per `per` option: --cache, --model), each
-    finite and > 0; PipelineError naming `what` and the first bad weight as `written` (the user's text) or
-    as its repr."""
-    if weights is None:
-        return [1.0] * count
-    weights = [float(w) for w in weights]
-    if len(weights) != count:
-        raise PipelineError(f"{what}: {len(weights)} weight(s) for {count} {per.lstrip('-')}(s); give one per "
-                            f"{per}")
-    shown = list(written) if written is not None else [repr(w) for w in weights]
-    bad = [text for text, w in zip(shown, weights) if not (math.isfinite(w) and w > 0)]
-    if bad:
-        raise PipelineError(f"{what}: {bad[0]} is not a finite number > 0")
-    return weights
+from pipeline.weights import checked_weights
 
 
 Blocks = list[tuple[int, int, float]]  # (first column, end column, share) of each member
@@ -106,7 +74,7 @@ class EmbedderEnsemble:
         if not members:
             raise PipelineError("an ensemble needs at least one model")
         self.members = list(members)
-        self.weights = _checked_weights(weights, len(self.members), per=per)
+        self.weights = checked_weights(weights, len(self.members), per=per)
         total = sum(self.weights)
         self.shares = [w / total for w in self.weights]
         sizes = {int(m.input_size) for m in self.members}

@@ -26,7 +26,8 @@ from torch import nn
 from pipeline.errors import DataError, PipelineError
 from pipeline.storage.io import atomic_path
 from pipeline.models import MODEL_NAMES, count_parameters, get_model
-from pipeline.models.ensemble import EmbedderEnsemble, _checked_weights
+from pipeline.models.ensemble import EmbedderEnsemble
+from pipeline.weights import checked_weights
 from pipeline.models.finite import check_finite_embedder
 from pipeline.models.iresnet import IRESNET_LAYERS
 from pipeline.models.onnx_metadata import write_metadata
@@ -360,7 +361,7 @@ def load_ensemble(paths: list[str | os.PathLike], weights: list[float] | None = 
     """Every model file loaded with `load_embedder(path, arch, device, **arch_kwargs)` and refused on NaN/inf
     weights (`finite.check_finite_embedder`: NaN weights give NaN metrics that look like a result), as one
     `models.ensemble.EmbedderEnsemble` (one path: that model). The weights are checked before any file is read."""
-    _checked_weights(weights, len(paths), per=per)
+    checked_weights(weights, len(paths), per=per)
     members = []
     for path in paths:
         members.append(load_embedder(path, arch=arch, device=device, **arch_kwargs))

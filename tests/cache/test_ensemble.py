@@ -11,7 +11,8 @@ import typer
 from typer.testing import CliRunner
 
 from pipeline.cache.contract import contract_attrs
-from pipeline.cache.ensemble import TeacherEnsemble, parse_weights
+from pipeline.cache.ensemble import TeacherEnsemble
+from pipeline.weights import parse_weights
 from pipeline.cache.format import TeacherCache
 from pipeline.errors import DataError, PipelineError
 from pipeline.search.pool_files import load_pools, load_thresholds

@@ -11,7 +11,8 @@ from helpers.ensemble import mean_cosines, save_projection
 
 from pipeline.errors import PipelineError
 from pipeline.evaluation.verification import embed_images, fuse_flips
-from pipeline.models.ensemble import EmbedderEnsemble, member_blocks, parse_weights
+from pipeline.models.ensemble import EmbedderEnsemble, member_blocks
+from pipeline.weights import parse_weights
 from pipeline.models.loading import load_embedder, load_ensemble
 
 SIZE = 16
