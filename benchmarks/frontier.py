@@ -136,6 +136,11 @@ def teacher_paths(params: dict, pinned: Path | None) -> dict[str, Path]:
             "pools": Path(params["pools"]["out"]), "metrics": Path(params["teacher"]["eval_dir"]) / "metrics.json"}
 
 
+def cache_options(cache: Path | list[Path]) -> list:
+    """train-student's --cache options: one cache, or every member of an ensemble of caches."""
+    return [a for c in (cache if isinstance(cache, list) else [cache]) for a in ("--cache", c)]
+
+
 def pin_teacher(paths: dict[str, Path], folder: Path) -> None:
     """Copy the teacher's files into `folder` (each through a temporary name, so a half copy never looks whole)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -186,9 +191,9 @@ class Sweep:
         out = self.work / job.size / job.method / job.schedule / f"seed{job.seed}"
         began, reused = time.time(), (out / "model.pt").is_file()  # a finished run only gets its ledger line
         command = pipeline("train-student", *[a for s in job.sections() for a in ("--params", f"params.yaml:{s}")],
-                           "--data", self.paths["data"], "--name", job.method, "--out", out, "--cache",
-                           self.paths["cache"], "--pools", self.paths["pools"], "--monitor", self.paths["data"],
-                           "--seed", job.seed)
+                           "--data", self.paths["data"], "--name", job.method, "--out", out,
+                           *cache_options(self.paths["cache"]), "--pools", self.paths["pools"], "--monitor",
+                           self.paths["data"], "--seed", job.seed)
         try:
             self._run_job(job, out, command)
         except ChildFailed as error:
@@ -198,7 +203,9 @@ class Sweep:
         if job.phase == "test":
             test = json.loads((out / "eval" / "metrics.json").read_text())["test"]
             entry["test"] = {k: v for k, v in test.items() if k.startswith("tpr@fpr=")}
-            entry["fidelity"] = self.fidelity(out / "model.pt")
+            fidelity = self.fidelity(out / "model.pt")
+            if fidelity is not None:
+                entry["fidelity"] = fidelity
         entry["wall_s"] = round(time.time() - began, 1)
         with self.lock:
             with open(self.ledger_path, "a") as handle:
@@ -233,9 +240,13 @@ class Sweep:
         model = get_model(arch, width=shape["width"], num_features=shape["embedding_size"], input_size=size)
         return complexity(model, size)
 
-    def fidelity(self, model: Path) -> dict:
-        """Cosine to the teacher on the training and test images (fidelity.py's figures and image sets)."""
+    def fidelity(self, model: Path) -> dict | None:
+        """Cosine to the teacher on the training and test images (fidelity.py's figures and image sets); None
+        for a teacher without one model file (an ensemble of caches)."""
         import fidelity
+
+        if self.paths.get("teacher") is None:
+            return None
 
         with self.lock:  # the images and the teacher's embeddings once per sweep
             if self._fidelity is None:

@@ -143,6 +143,8 @@ ROWS = {
     # ijb.py
     "ijb --images 0": Row("ijb", ("--images", "0"), "argument --images: 0: must be >= 1"),
     "ijb --workers 0": Row("ijb", ("--workers", "0"), "argument --workers: 0: must be >= 1"),
+    # ensemble.py
+    "ensemble --parallel 0": Row("ensemble", ("--parallel", "0"), "argument --parallel: 0: must be >= 1"),
     # train_step.py
     "train_step --size 8": Row("train_step", ("--size", "8"), "argument --size: 8: must be >= 16"),
     "train_step --batch 12": Row("train_step", ("--batch", "12"), "argument --batch: 12: must be a multiple of 8"),
