@@ -226,7 +226,8 @@ def train_step_check(sizes: dict, device: torch.device) -> dict:
     online = step_bench.OnlineTeacher(teacher)
 
     def kd(source):
-        return Distillation(loss=step_bench.ekd_loss("global", thresholds, sizes["queue"], device, 0), targets=source)
+        return Distillation(loss=step_bench.ekd_loss("global", thresholds, sizes["queue"], device, 0, args.batch),
+                            targets=source)
 
     variants = [step_bench.make_variant("plain", args, sizes["train_classes"], device, None),
                 step_bench.make_variant("ekd_cached", args, sizes["train_classes"], device, kd(targets)),

@@ -156,7 +156,8 @@ def make_variant(name: str, args, num_classes: int, device: torch.device, distil
     return Variant(name, trainer)
 
 
-def ekd_loss(mode: str, thresholds: list[float], queue: int, device: torch.device, seed: int) -> EKDLoss:
+def ekd_loss(mode: str, thresholds: list[float], queue: int, device: torch.device, seed: int,
+             batch: int) -> EKDLoss:
     """EKD as train-student builds it; global mode's queue prefilled, as it is after the first steps."""
     import torch
     import torch.nn.functional as F
@@ -167,8 +168,10 @@ def ekd_loss(mode: str, thresholds: list[float], queue: int, device: torch.devic
         return EKDLoss(mode="reference").to(device)
     loss = EKDLoss(mode="global", teacher_thresholds=thresholds, queue_size=queue).to(device)
     g = torch.Generator().manual_seed(seed)
-    loss.queue.push(F.normalize(torch.randn(queue, DIM, generator=g), dim=1).to(device),
-                    torch.randint(0, 10**6, (queue,), generator=g).to(device))
+    embeddings = F.normalize(torch.randn(queue, DIM, generator=g), dim=1).to(device)
+    labels = torch.randint(0, 10**6, (queue,), generator=g).to(device)
+    for start in range(0, queue, batch):  # step-sized pushes, as training fills it (the first sizes its check)
+        loss.queue.push(embeddings[start:start + batch], labels[start:start + batch])
     return loss
 
 
@@ -264,12 +267,12 @@ def main() -> None:
     members = [targets] + [clustered_targets(labels, args.seed + k) for k in range(1, args.teachers)]
 
     def kd(mode, **source):
-        return Distillation(loss=ekd_loss(mode, thresholds, args.queue, device, args.seed), **source)
+        return Distillation(loss=ekd_loss(mode, thresholds, args.queue, device, args.seed, args.batch), **source)
 
     def recipe(source, teacher_dim: int):
         """l2 + EKD global as train-student's default builds them; l2 through the map for an ensemble."""
         terms = [KDTerm("l2", FeatureL2Loss()), KDTerm("ekd", ekd_loss("global", thresholds, args.queue, device,
-                                                                        args.seed))]
+                                                                        args.seed, args.batch))]
         projection = StudentProjection(DIM, teacher_dim) if teacher_dim != DIM else None
         return Distillation(terms=terms, projection=projection, **source)
 
@@ -287,7 +290,8 @@ def main() -> None:
         make_variant("recipe_online_ensemble", args, args.classes, device,
                      recipe({"targets": online}, DIM * args.teachers)),
     ]
-    parts_losses = {mode: ekd_loss(mode, thresholds, args.queue, device, args.seed) for mode in ("global", "reference")}
+    parts_losses = {mode: ekd_loss(mode, thresholds, args.queue, device, args.seed, args.batch)
+                    for mode in ("global", "reference")}
     seconds: dict[str, list[float]] = {}
     for r, batch in enumerate(batches):
         jobs = [(v.name, lambda v=v: v.step(batch)) for v in variants]
