@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -200,12 +201,20 @@ def test_dvc_repro_real_data_mode(tmp_path):
     params["data"]["dir"] = str(real)
     params["teacher"]["checkpoint"] = str(tmp_path / "backbone.pth")
     params["students"] = {k: params["students"][k] for k in ("baseline", "ekd")}
+    # an ensemble: a second teacher of another size, extracted by its own stage, listed with the first
+    second = get_model("r18", input_size=16, width=0.125, num_features=16)
+    torch.save(second.state_dict(), tmp_path / "second.pth")
+    params["extra_teachers"] = {"second": {"checkpoint": str(tmp_path / "second.pth")}}
+    params["teachers"]["cache"] = [params["extract"]["out"], "data/cache/second.h5"]
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     log = _dvc(work, "repro")
     assert "synthesize" not in log and "train-teacher" not in log and "evaluate-ijb" not in log
-    for stage in ("extract-teacher", "build-pools", "train-student@ekd", "evaluate-teacher", "report"):
+    for stage in ("extract-teacher", "extract-extra-teacher@second", "build-pools", "train-student@ekd",
+                  "evaluate-teacher", "report"):
         assert f"Running stage '{stage}'" in log
+    with h5py.File(work / "data/pools/pools.h5", "r") as pools:
+        assert json.loads(pools.attrs["caches"]) == ["data/cache/teacher.h5", "data/cache/second.h5"]
     metrics = json.loads((work / "results/teacher/metrics.json").read_text())
     assert 0.0 <= metrics["lfw"]["accuracy"] <= 1.0 and "test" not in metrics
     assert metrics["model"] == {"kind": "state_dict", "name": "r18", "params": sum(
