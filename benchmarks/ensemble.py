@@ -9,8 +9,9 @@ the command a user would type and each skipped when its output exists:
 1. every member not pinned: `pipeline train-teacher`, then `extract-teacher` into its own cache;
 2. every member, and the ensemble (`pipeline evaluate --model A --model B ...`, mean cosine), on test.rec;
 3. `pipeline build-pools --cache A --cache B ...`: the ensemble's thresholds, centres, neighbours, hard pairs;
-4. the students, through benchmarks/frontier.py's sweep (its ledger, its resume): from the best member (the
-   frontier's own runs and ledger when that member is the frontier's pinned teacher) and from the ensemble.
+4. the students, through benchmarks/frontier.py's sweep (a ledger, resume): from the best member (reusing the
+   frontier ledger's finished runs of the same jobs when that member is the frontier's pinned teacher; new runs
+   go to this script's ledgers, never the frontier's) and from the ensemble.
 
 The best member is the one with the highest test TPR@1e-4: the teachers are compared on test.rec, and no
 student choice is made from it other than which single teacher a student is compared with (the question asked).
@@ -33,7 +34,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
 from arguments import positive_int, run_main  # noqa: E402
-from frontier import PINNED, Job, Sweep, SweepError, resolved_options  # noqa: E402
+from frontier import PINNED, Job, Sweep, SweepError, read_ledger, resolved_options  # noqa: E402
 from frontier_report import FPRS  # noqa: E402
 from quality import pipeline, run  # noqa: E402
 
@@ -100,8 +101,8 @@ def main() -> None:
     parser.add_argument("--ledger", default="results/ensemble/runs.jsonl",
                         help="one JSON line per finished ensemble-student run")
     parser.add_argument("--frontier-ledger", default="results/frontier/runs.jsonl",
-                        help="the frontier's ledger: students of the pinned frontier teacher are taken from it")
-    parser.add_argument("--frontier-work", default="benchmarks/out/frontier")
+                        help="the frontier's ledger: its finished runs of the same jobs from the same (pinned) "
+                             "teacher are reused, and nothing is written to it")
     parser.add_argument("--parallel", type=positive_int, default=1, help="runs at a time (one torch thread each)")
     parser.add_argument("--teachers-only", action="store_true", help="steps 1-2 only: members and their ensemble")
     args = parser.parse_args()
@@ -122,6 +123,13 @@ def main() -> None:
     if not args.teachers_only:
         summary["students"] = distil(args, params, spec, members, best, data, work)
     print(json.dumps(summary))
+
+
+def reuse(sweep: Sweep, ledger: Path, jobs: list[Job]) -> None:
+    """The finished runs of `jobs` in another ledger (the frontier's), read into `sweep` (never written there);
+    the sweep's own pending check still skips only those of the same options and teacher."""
+    keys = {j.key for j in jobs}
+    sweep.entries.update({k: e for k, e in read_ledger(ledger).items() if k in keys and k not in sweep.entries})
 
 
 def distil(args, params: dict, spec: dict, members: dict, best: str, data: Path, work: Path) -> dict:
@@ -145,9 +153,10 @@ def distil(args, params: dict, spec: dict, members: dict, best: str, data: Path,
     if not frontier_teacher and not (single_paths["pools"] / "pools.h5").is_file():
         run(pipeline("build-pools", "--params", "params.yaml:pools", "--cache", single_paths["cache"], "--out",
                      single_paths["pools"]), work / "log.txt", 1 if args.parallel > 1 else 2)
-    single = Sweep(params, single_paths, Path(args.frontier_work) if frontier_teacher else work / f"students-{best}",
-                   Path(args.frontier_ledger) if frontier_teacher else Path(args.ledger).with_name(f"{best}.jsonl"),
+    single = Sweep(params, single_paths, work / f"students-{best}", Path(args.ledger).with_name(f"{best}.jsonl"),
                    args.parallel, cache_identity(single_paths["cache"]))
+    if frontier_teacher:
+        reuse(single, Path(args.frontier_ledger), jobs)
     mixed = Sweep(params, {"data": data, "teacher": None, "cache": caches, "pools": pools}, work / "students",
                   Path(args.ledger), args.parallel, identity)
     Path(args.ledger).parent.mkdir(parents=True, exist_ok=True)

@@ -103,3 +103,32 @@ def test_ensemble_against_its_best_member_by_hand(ensemble):
     entries = {j.key: {"seed": j.seed, "test": {f"tpr@fpr={f}": 0.1 * j.seed for f in ("1e-3", "1e-4", "1e-5")}}
                for j in jobs[:2]}
     assert ensemble.student_summary(entries, jobs)["1e-4"] == {1: pytest.approx(0.1), 2: pytest.approx(0.2)}
+
+
+def test_the_frontier_runs_of_the_same_jobs_and_teacher_are_reused_and_the_frontier_ledger_untouched(
+        ensemble, tmp_path, monkeypatch):
+    import frontier
+
+    runs = Recorder()
+    monkeypatch.setattr(frontier, "run", runs)
+    monkeypatch.setattr(frontier.Sweep, "complexity", lambda self, job: {"parameters": 1, "macs": 2})
+    monkeypatch.setattr(frontier.Sweep, "fidelity", lambda self, model: {})
+    params = {"student": {"epochs": 16}, "frontier": {"sizes": {"s": {"arch": "mbf"}}, "methods": {"ekd": {}},
+                                                      "schedules": {"e16": {"epochs": 16}}}}
+    jobs = [frontier.Job("test", "s", "ekd", "e16", seed) for seed in (1, 2)]
+    paths = {"data": "d", "teacher": "t", "cache": "c", "pools": "p"}
+    theirs = frontier.Sweep(params, paths, tmp_path / "frontier", tmp_path / "frontier.jsonl", 1, "pinned")
+    theirs.run_all(jobs[:1])
+    before = (tmp_path / "frontier.jsonl").read_text()
+    mine = frontier.Sweep(params, paths, tmp_path / "mine", tmp_path / "mine.jsonl", 1, "pinned")
+    ensemble.reuse(mine, tmp_path / "frontier.jsonl", jobs)
+    runs.commands.clear()
+    mine.run_all(jobs)
+    trained = [c for c in runs.commands if c[0] == "train-student"]
+    assert len(trained) == 1 and "seed2" in trained[0][trained[0].index("--out") + 1]  # seed 1 was reused
+    assert (tmp_path / "frontier.jsonl").read_text() == before
+    other = frontier.Sweep(params, paths, tmp_path / "other", tmp_path / "other.jsonl", 1, "another-teacher")
+    ensemble.reuse(other, tmp_path / "frontier.jsonl", jobs)
+    runs.commands.clear()
+    other.run_all(jobs)
+    assert len([c for c in runs.commands if c[0] == "train-student"]) == 2  # another teacher: nothing reused
