@@ -34,7 +34,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
 from arguments import positive_int, run_main  # noqa: E402
-from frontier import PINNED, Job, Sweep, SweepError, read_ledger, resolved_options  # noqa: E402
+from frontier import PINNED, Job, Sweep, SweepError, cache_identity, read_ledger, resolved_options  # noqa: E402
 from frontier_report import FPRS  # noqa: E402
 from quality import pipeline, run  # noqa: E402
 
@@ -121,7 +121,7 @@ def main() -> None:
     summary = {"benchmark": "ensemble", "members": tests, "ensemble": ensemble, "best_member": best,
                "ensemble_vs_best": versus(ensemble, tests[best])}
     if not args.teachers_only:
-        summary["students"] = distil(args, params, spec, members, best, data, work)
+        summary["students"] = distil(args, params, spec, members, best, data, work, threads)
     print(json.dumps(summary))
 
 
@@ -132,33 +132,31 @@ def reuse(sweep: Sweep, ledger: Path, jobs: list[Job]) -> None:
     sweep.entries.update({k: e for k, e in read_ledger(ledger).items() if k in keys and k not in sweep.entries})
 
 
-def distil(args, params: dict, spec: dict, members: dict, best: str, data: Path, work: Path) -> dict:
+def built_pools(caches: list[Path], out: Path, log: Path, threads: int) -> Path:
+    """The pools folder of one cache or an ensemble of caches, built once (`pipeline build-pools`)."""
+    if not (out / "pools.h5").is_file():
+        run(pipeline("build-pools", "--params", "params.yaml:pools", *[a for c in caches for a in ("--cache", c)],
+                     "--out", out), log, threads)
+    return out
+
+
+def distil(args, params: dict, spec: dict, members: dict, best: str, data: Path, work: Path,
+           threads: int) -> dict:
     """Step 3 and 4: the ensemble's pools, then the students of both teachers; their paired summary."""
     caches = [p["cache"] for p in members.values()]
-    pools = work / "pools"
-    if not (pools / "pools.h5").is_file():
-        run(pipeline("build-pools", "--params", "params.yaml:pools", *[a for c in caches for a in ("--cache", c)],
-                     "--out", pools), work / "log.txt", 1 if args.parallel > 1 else 2)
-    from frontier import cache_identity
-    from pipeline.cache.ensemble import TeacherEnsemble
-
-    opened = TeacherEnsemble.open(caches, verify=False)
-    identity = f"{opened.teacher_fingerprint}/{opened.dataset_fingerprint}"
-    opened.close()
+    pools = built_pools(caches, work / "pools", work / "log.txt", threads)
     jobs = [Job("test", size, spec["method"], spec["schedule"], seed) for size in spec["sizes"]
             for seed in spec["seeds"]]
     frontier_teacher = "pinned" in spec["members"][best]
     single_paths = {"data": data, "teacher": members[best]["teacher"], "cache": members[best]["cache"],
-                    "pools": (members[best]["pinned"] / PINNED["pools"]) if frontier_teacher else work / f"pools-{best}"}
-    if not frontier_teacher and not (single_paths["pools"] / "pools.h5").is_file():
-        run(pipeline("build-pools", "--params", "params.yaml:pools", "--cache", single_paths["cache"], "--out",
-                     single_paths["pools"]), work / "log.txt", 1 if args.parallel > 1 else 2)
+                    "pools": (members[best]["pinned"] / PINNED["pools"]) if frontier_teacher
+                    else built_pools([members[best]["cache"]], work / f"pools-{best}", work / "log.txt", threads)}
     single = Sweep(params, single_paths, work / f"students-{best}", Path(args.ledger).with_name(f"{best}.jsonl"),
                    args.parallel, cache_identity(single_paths["cache"]))
     if frontier_teacher:
         reuse(single, Path(args.frontier_ledger), jobs)
     mixed = Sweep(params, {"data": data, "teacher": None, "cache": caches, "pools": pools}, work / "students",
-                  Path(args.ledger), args.parallel, identity)
+                  Path(args.ledger), args.parallel, cache_identity(caches))
     Path(args.ledger).parent.mkdir(parents=True, exist_ok=True)
     try:
         single.run_all(jobs)

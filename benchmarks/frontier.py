@@ -114,11 +114,21 @@ def choose_schedules(entries: dict[str, dict], size: str, method: str, schedules
     return schedules[max(range(len(schedules)), key=lambda i: (scores[i], -i))]
 
 
-def cache_identity(cache: Path) -> str:
-    """The teacher and dataset fingerprints of the cache every run distils from (a new teacher: new runs)."""
+def cache_identity(cache: Path | list[Path]) -> str:
+    """The teacher and dataset fingerprints of the cache every run distils from (a new teacher: new runs); of
+    an ensemble for a list of several caches (pipeline.cache.ensemble's, every member and its weight)."""
+    caches = cache if isinstance(cache, list) else [cache]
+    if len(caches) > 1:
+        from pipeline.cache.ensemble import TeacherEnsemble
+
+        ensemble = TeacherEnsemble.open(caches, verify=False)
+        try:
+            return f"{ensemble.teacher_fingerprint}/{ensemble.dataset_fingerprint}"
+        finally:
+            ensemble.close()
     import h5py
 
-    with h5py.File(cache, "r") as handle:
+    with h5py.File(caches[0], "r") as handle:
         return f"{handle.attrs['teacher_fingerprint']}/{handle.attrs['dataset_fingerprint']}"
 
 

@@ -3,7 +3,8 @@
 Targets come from a lookup called with the batch (`targets(images, indices, flips, device)`); the pipeline
 uses `CachedTargets`, the (N, views, D) teacher cache looked up by sample index in the view matching each
 sample's flip, or `EnsembleTargets` for several caches (training/targets.py, with the projection that feature
-terms use when the teacher's embedding size is not the student's). Under DDP the KD terms see the batch gathered over all ranks (see ddp.py for the gradient).
+terms use when the teacher's embedding size is not the student's). Under DDP the KD terms see the batch
+gathered over all ranks (see ddp.py for the gradient).
 
 A distillation has one or more terms (e.g. feature L2 + EKD), each with a weight used in one of two ways:
 - scale "weight": the term's loss is multiplied by the weight;
@@ -134,7 +135,8 @@ class Distillation:
 
         losses = []
         for term in self.terms:
-            student, teacher, gathered_labels = inputs(self.projection is not None and getattr(term.loss, "same_dim", False))
+            projected = self.projection is not None and getattr(term.loss, "same_dim", False)
+            student, teacher, gathered_labels = inputs(projected)
             losses.append(ddp.scale_for_ddp(term.loss(student.float(), teacher, gathered_labels)))
         return losses
 
